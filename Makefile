@@ -1,0 +1,29 @@
+# `make run` runs the embedded default job; `make test` runs the test suite.
+# Both create .venv on first use. torch comes from the pinned 2.14.1 / 0.29.1 pair.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/digits_lt.yaml
+OUT ?= runs/digits_lt
+
+.PHONY: run test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/ray-lt train $(CONFIG) --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check ray_lt jobs tests bench
+
+clean:
+	rm -rf $(VENV) runs

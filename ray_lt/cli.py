@@ -1,0 +1,58 @@
+"""``ray-lt`` command line: ``ray-lt <command> CONFIG --out DIR [--set key.path=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from ray_lt import workflow
+from ray_lt.config import Config, load_config
+from ray_lt.errors import RayLTError
+
+COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
+    "train": (workflow.train, "train the classifier on the real data and evaluate it"),
+}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False) -> None:
+    """CONFIG, --out and --set, shared by the console script and the job entry points."""
+    if config_flag:
+        parser.add_argument("--config", required=True, help="YAML config file")
+    else:
+        parser.add_argument("config", help="YAML config file")
+    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY.PATH=VALUE", help="override any config key")
+
+
+def run_command(name: str, args: argparse.Namespace) -> int:
+    """Load the config, run the command; bad input ends with a one-paragraph error, exit 2."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+        COMMANDS[name][0](cfg, args.out)
+    except RayLTError as err:
+        print(f"ray-lt {name}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ray-lt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        add_run_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return run_command(args.command, args)
+
+
+def job_main(name: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/<name>.py``: the same command with ``--config CONFIG``."""
+    parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=COMMANDS[name][1])
+    add_run_arguments(parser, config_flag=True)
+    return run_command(name, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Typed, validated run configs: the single source of truth for every default.
+
+A config is a YAML file plus dotted ``--set key.path=value`` overrides. Unknown or mistyped keys
+are rejected with the key's full path before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ray_lt.errors import ConfigError
+
+DIGITS_PER_CLASS_MIN = 174  # the rarest digit in scikit-learn's bundled set has 174 images
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DigitsLTData(Strict):
+    """scikit-learn's handwritten digits made long-tailed: n_c = max_per_class * IF^(-c/(C-1))."""
+
+    kind: Literal["digits_lt"]
+    num_classes: Literal[10] = 10
+    image_size: int = Field(16, ge=8, le=64)
+    channels: Literal[1, 3] = 1
+    imbalance_factor: float = Field(50.0, ge=1.0)
+    max_per_class: int = Field(100, ge=1)
+    val_per_class: int = Field(20, ge=1)
+    test_per_class: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _fits_in_digits(self) -> DigitsLTData:
+        need = self.max_per_class + self.val_per_class + self.test_per_class
+        if need > DIGITS_PER_CLASS_MIN:
+            raise ValueError(
+                f"max_per_class + val_per_class + test_per_class = {need}, but the rarest digit "
+                f"has only {DIGITS_PER_CLASS_MIN} images"
+            )
+        return self
+
+
+class DigitsGroupsData(Strict):
+    """Digits drawn on coloured backgrounds (contexts): each class has a majority context and
+    some class x context groups are empty in training, as in NICO++; val/test groups balanced."""
+
+    kind: Literal["digits_groups"]
+    num_classes: Literal[10] = 10
+    image_size: int = Field(16, ge=8, le=64)
+    channels: Literal[3] = 3
+    context_names: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    train_per_class: int = Field(100, ge=1)
+    majority_fraction: float = Field(0.85, gt=0.0, le=1.0)
+    empty_groups_per_class: int = Field(1, ge=0)
+    val_per_group: int = Field(5, ge=1)
+    test_per_group: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DigitsGroupsData:
+        n_ctx = len(self.context_names)
+        if n_ctx < 2:
+            raise ValueError("context_names needs at least two contexts")
+        if self.empty_groups_per_class > n_ctx - 1:
+            raise ValueError(
+                f"empty_groups_per_class={self.empty_groups_per_class} leaves no training context"
+                f" for a class with {n_ctx} contexts"
+            )
+        need = self.train_per_class + (self.val_per_group + self.test_per_group) * n_ctx
+        if need > DIGITS_PER_CLASS_MIN:
+            raise ValueError(
+                f"train_per_class + (val_per_group + test_per_group) * contexts = {need}, but the "
+                f"rarest digit has only {DIGITS_PER_CLASS_MIN} images"
+            )
+        return self
+
+
+class ListFileData(Strict):
+    """ImageNet-LT / Places-LT: a root folder and split files of ``relative/path label`` lines."""
+
+    kind: Literal["imagenet_lt", "places_lt"]
+    root: Path
+    num_classes: int = Field(ge=2)
+    train_list: str | None = None
+    val_list: str | None = None
+    test_list: str | None = None
+    class_names_file: Path | None = None
+    image_size: int = Field(224, ge=8)
+    channels: Literal[3] = 3
+    verify_images: bool = True
+
+    def list_name(self, split: str) -> str:
+        """The split file's name: the configured one, else the real data set's own name."""
+        explicit = getattr(self, f"{split}_list")
+        prefix = {"imagenet_lt": "ImageNet_LT", "places_lt": "Places_LT"}[self.kind]
+        return explicit or f"{prefix}_{split}.txt"
+
+
+class NicoData(Strict):
+    """NICO++: a root folder plus ``metadata.csv`` with ``filename,split,y,a`` columns."""
+
+    kind: Literal["nico_pp"]
+    root: Path
+    metadata: str = "metadata.csv"
+    num_classes: int = Field(60, ge=2)
+    context_names: list[str] = Field(
+        default_factory=lambda: ["autumn", "dim", "grass", "outdoor", "rock", "water"]
+    )
+    class_names_file: Path | None = None
+    image_size: int = Field(224, ge=8)
+    channels: Literal[3] = 3
+    verify_images: bool = True
+
+
+DatasetConfig = Annotated[
+    DigitsLTData | DigitsGroupsData | ListFileData | NicoData, Field(discriminator="kind")
+]
+
+
+class ModelConfig(Strict):
+    """The classifier, built by name from ``ray_lt.train.models``."""
+
+    name: str = "small_cnn"
+    checkpoint: Path | None = None
+    width: int = Field(32, ge=4)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class AugmentConfig(Strict):
+    """Per-sample augmentations applied to training batches."""
+
+    crop_padding: int = Field(0, ge=0)
+    resized_crop_scale: tuple[float, float] | None = None
+    flip: bool = False
+
+
+class TrainConfig(Strict):
+    """Classifier optimisation and loss (METHOD.md section 5)."""
+
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    warmup_epochs: int = Field(0, ge=0)
+    balanced_softmax_weight: float = Field(0.0, ge=0.0, le=1.0)
+    synthetic_weight: float = Field(1.0, ge=0.0)
+    synthetic_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    shuffle_buffer: int = Field(2048, ge=0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ScalingConfig(Strict):
+    """Ray Train workers and fault tolerance."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    max_failures: int = Field(1, ge=0)
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class EvaluateConfig(Strict):
+    """Metrics (METHOD.md section 6) and the Ray Data prediction pool."""
+
+    many_threshold: int = Field(100, ge=0)
+    few_threshold: int = Field(20, ge=0)
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(0.5, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> EvaluateConfig:
+        if self.few_threshold > self.many_threshold:
+            raise ValueError("few_threshold must not exceed many_threshold")
+        return self
+
+
+class RayConfig(Strict):
+    """Where to run: None connects to RAY_ADDRESS when set (ray job submit), else starts Ray."""
+
+    address: str | None = None
+
+
+class Config(Strict):
+    """A complete ray_lt run."""
+
+    seed: int = 0
+    dataset: DatasetConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings to a nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+    return raw
+
+
+def _format_error(source: str, raw: dict[str, Any], err: ValidationError) -> str:
+    kind = (raw.get("dataset") or {}).get("kind") if isinstance(raw.get("dataset"), dict) else None
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if len(loc) > 1 and loc[0] == "dataset" and loc[1] == kind:
+            loc.pop(1)  # the discriminator tag is not a key the user wrote
+        lines.append(f"{source}: {'.'.join(loc) or '<root>'}: {e['msg']}")
+    return "invalid config\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate a raw mapping; errors list every bad key path, prefixed by ``source``."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, raw, err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def dump_config(config: Config, path: str | Path) -> None:
+    """Write a config as YAML that ``load_config`` reads back to an equal config."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Feedback-guided synthesis: criteria, the guided DDIM loop, generators, quotas, Ray Data."""

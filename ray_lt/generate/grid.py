@@ -1,0 +1,63 @@
+"""Sample grids for the report: one row per criterion, one column per guidance scale (FG paper
+Figure 3 layout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+CELL_INCHES = 1.3
+LEFT_INCHES = 1.6
+TOP_INCHES = 0.45
+TITLE_INCHES = 0.35
+DPI = 100
+
+
+def save_grid(images: np.ndarray, row_labels: list[str], col_labels: list[str], path: Path,
+              title: str = "") -> Path:
+    """Write ``images`` (rows, cols, H, W, C) uint8 as a labelled PNG grid at ``path``.
+
+    Row labels go on the left, column labels on top; each cell is a fixed size, so the image
+    grows with rows and columns. ``C == 1`` is drawn in grey.
+    """
+    images = np.asarray(images)
+    if images.ndim != 5 or images.shape[4] not in (1, 3, 4):
+        raise ValueError(f"images must be (rows, cols, H, W, C) with C in 1, 3 or 4, got shape "
+                         f"{images.shape}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    rows, cols = images.shape[:2]
+    if rows == 0 or cols == 0:
+        raise ValueError(f"images has an empty grid: {rows} rows x {cols} columns")
+    if len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row_labels for {rows} rows of images")
+    if len(col_labels) != cols:
+        raise ValueError(f"{len(col_labels)} col_labels for {cols} columns of images")
+    top = TOP_INCHES + (TITLE_INCHES if title else 0.0)
+    width, height = LEFT_INCHES + cols * CELL_INCHES, top + rows * CELL_INCHES
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    fig.subplots_adjust(left=LEFT_INCHES / width, right=1.0, bottom=0.0, top=1 - top / height,
+                        wspace=0.05, hspace=0.05)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for r in range(rows):
+        for c in range(cols):
+            ax, image = axes[r, c], images[r, c]
+            if image.shape[-1] == 1:
+                ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+            else:
+                ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.spines[:].set_visible(False)
+            if c == 0:
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=9)
+            if r == 0:
+                ax.set_title(col_labels[c], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=11, y=1 - 0.1 / height, va="top")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

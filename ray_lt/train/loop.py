@@ -1,0 +1,172 @@
+"""``train_loop_per_worker``: the classifier's DDP training loop, run by Ray Train on each worker.
+
+Reads the ``train`` shard (and, when given, a ``synthetic`` shard mixed into every batch at
+``synthetic_fraction``), checkpoints every epoch on rank 0 and resumes from Ray Train's latest
+checkpoint after a failure or a rerun.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from ray_lt.train.augment import augment_batch
+from ray_lt.train.losses import classification_loss, log_prior
+from ray_lt.train.models import build_model
+
+STATE_FILE = "state.pt"
+
+
+def to_images(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, C) image column -> float (B, C, H, W) in [0, 1] on ``device``."""
+    return batch["image"].to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                               weight_decay=weight_decay, nesterov=momentum > 0)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def warmup_cosine(epochs: int, warmup_epochs: int) -> Any:
+    """Per-epoch learning-rate factor: linear warm-up, then cosine decay to zero."""
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def mixed_batches(real: Any, synthetic: Any | None, batch_size: int, synthetic_fraction: float,
+                  synthetic_weight: float, shuffle_buffer: int
+                  ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Batches of real rows, each joined by synthetic rows at ``synthetic_fraction``.
+
+    One pass over the real shard is an epoch; the synthetic shard is cycled as needed. Yields
+    the merged batch and its per-sample loss weights.
+    """
+    n_syn = round(batch_size * synthetic_fraction) if synthetic is not None else 0
+    kwargs = {"local_shuffle_buffer_size": shuffle_buffer or None}
+    real_iter = real.iter_torch_batches(batch_size=batch_size - n_syn, **kwargs)
+    syn_iter = None
+    for batch in real_iter:
+        weight = batch.get("weight", torch.ones(len(batch["label"])))
+        if not n_syn:
+            yield batch, weight
+            continue
+        syn = next(syn_iter, None) if syn_iter is not None else None
+        if syn is None:
+            syn_iter = iter(synthetic.iter_torch_batches(batch_size=n_syn, drop_last=True,
+                                                         **kwargs))
+            syn = next(syn_iter, None)
+            if syn is None:
+                raise ValueError(f"the synthetic shard has fewer than {n_syn} rows")
+        syn_weight = syn.get("weight", torch.ones(len(syn["label"]))) * synthetic_weight
+        merged = {k: torch.cat([batch[k], syn[k]]) for k in ("image", "label")}
+        yield merged, torch.cat([weight, syn_weight])
+
+
+@torch.no_grad()
+def validate(model: nn.Module, shard: Any, num_classes: int, device: torch.device
+             ) -> dict[str, float]:
+    """Accuracy and class-balanced accuracy (mean per-class recall) over a validation shard."""
+    model.eval()
+    correct = torch.zeros(num_classes)
+    total = torch.zeros(num_classes)
+    for batch in shard.iter_torch_batches(batch_size=256):
+        pred = model(to_images(batch, device)).argmax(1).cpu()
+        labels = batch["label"].cpu()
+        total += torch.bincount(labels, minlength=num_classes)
+        correct += torch.bincount(labels[pred == labels], minlength=num_classes)
+    seen = total > 0
+    return {"val_acc": float(correct.sum() / total.sum()),
+            "val_balanced_acc": float((correct[seen] / total[seen]).mean())}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker function. ``config`` holds plain data: model spec, hyper-parameters,
+    class counts, seed and whether a synthetic shard exists."""
+    hp = config["train"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config["seed"] * 1000 + rank)
+    generator = torch.Generator().manual_seed(config["seed"] * 1000 + 7 + rank)
+
+    model = ray.train.torch.prepare_model(build_model(**config["model"]))
+    optimizer = make_optimizer(model, hp["optimizer"], hp["lr"], hp["momentum"],
+                               hp["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(hp["epochs"], hp["warmup_epochs"]))
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device,
+                               weights_only=False)
+        _unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+
+    prior = log_prior(config["class_counts"]).to(device)
+    real = ray.train.get_dataset_shard("train")
+    synthetic = ray.train.get_dataset_shard("synthetic") if config["has_synthetic"] else None
+    val = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    augment = hp["augment"]
+
+    for epoch in range(start_epoch, hp["epochs"]):
+        started = time.perf_counter()
+        model.train()
+        loss_sum = correct = seen = 0.0
+        for batch, weight in mixed_batches(real, synthetic, hp["batch_size"],
+                                           hp["synthetic_fraction"], hp["synthetic_weight"],
+                                           hp["shuffle_buffer"]):
+            images = augment_batch(to_images(batch, device), augment["crop_padding"],
+                                   augment["resized_crop_scale"], augment["flip"], generator)
+            labels = batch["label"].to(device)
+            logits = model(images)
+            loss = classification_loss(logits, labels, prior, hp["balanced_softmax_weight"],
+                                       weight.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(labels)
+            correct += float((logits.argmax(1) == labels).sum())
+            seen += len(labels)
+        scheduler.step()
+        metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                   "train_acc": correct / max(seen, 1), "lr": scheduler.get_last_lr()[0],
+                   "epoch_seconds": time.perf_counter() - started}
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                if val is not None:
+                    metrics.update(validate(_unwrap(model), val, len(config["class_counts"]),
+                                            device))
+                history.append(metrics)
+                torch.save({"model": _unwrap(model).state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "epoch": epoch,
+                            "history": history}, Path(folder) / STATE_FILE)
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)
+    if checkpoint is not None and start_epoch >= hp["epochs"]:
+        # The interrupted run had finished training: hand its last checkpoint back as result.
+        ray.train.report(history[-1], checkpoint=checkpoint if rank == 0 else None)

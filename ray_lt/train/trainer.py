@@ -1,0 +1,104 @@
+"""Driver side of classifier training: build a ``TorchTrainer``, fit, export the model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ray_lt.config import ModelConfig, TrainConfig
+from ray_lt.config import ScalingConfig as ScalingSection
+from ray_lt.data import LongTailData
+from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
+from ray_lt.train.models import Classifier, build_model
+
+MODEL_FILE = "model.pt"
+SPEC_FILE = "classifier.json"
+HISTORY_FILE = "history.csv"
+TRAINING_COLUMNS = ["image", "label"]
+
+
+def model_spec(model: ModelConfig, data: LongTailData) -> dict[str, Any]:
+    """Plain keyword arguments of ``build_model`` for this data set."""
+    return {"name": model.name, "num_classes": data.num_classes,
+            "in_channels": data.image_shape[2], "width": model.width, "mean": model.mean,
+            "std": model.std, "checkpoint": str(model.checkpoint) if model.checkpoint else None}
+
+
+def _training_columns(ds: ray.data.Dataset) -> ray.data.Dataset:
+    keep = TRAINING_COLUMNS + (["weight"] if "weight" in ds.columns() else [])
+    return ds.select_columns(keep)
+
+
+def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
+                   scaling: ScalingSection, seed: int, out_dir: Path, name: str = "classifier",
+                   synthetic: ray.data.Dataset | None = None) -> Path:
+    """Train on ``data.train`` (+ ``synthetic``) with DDP and export to ``out_dir/name``.
+
+    Ray Train keeps its run under ``out_dir/ray_results/name``; running again after an
+    interruption resumes from that run's latest checkpoint (Ray Train V2 restores a run found
+    under the same name and storage path). Returns the exported folder,
+    holding ``model.pt``, ``classifier.json`` (how to rebuild it) and ``history.csv``.
+    """
+    out_dir = Path(out_dir).resolve()
+    spec = model_spec(model, data)
+    build_model(**spec)  # fail on a bad name, channel count or checkpoint before Ray starts
+    loop_config = {
+        "model": spec, "train": train.model_dump(mode="json"), "seed": seed,
+        "class_counts": data.class_counts.tolist(), "has_synthetic": synthetic is not None,
+        "has_val": True,
+    }
+    datasets = {"train": _training_columns(data.train), "val": _training_columns(data.val)}
+    if synthetic is not None:
+        datasets["synthetic"] = _training_columns(synthetic)
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    storage = out_dir / "ray_results"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
+    )
+    result = trainer.fit()
+    return export(result, spec, out_dir / name)
+
+
+def export(result: ray.train.Result, spec: dict[str, Any], folder: Path) -> Path:
+    """Write the final weights, the build spec and the per-epoch history to ``folder``."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {folder.name} finished without a checkpoint")
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with result.checkpoint.as_directory() as ckpt:
+        state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
+    torch.save(state["model"], tmp / MODEL_FILE)
+    (tmp / SPEC_FILE).write_text(json.dumps({**spec, "checkpoint": None}, indent=2))
+    pd.DataFrame(state["history"]).to_csv(tmp / HISTORY_FILE, index=False)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def load_classifier(folder: Path, device: str | torch.device = "cpu") -> Classifier:
+    """Rebuild an exported classifier in eval mode."""
+    folder = Path(folder)
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    model = build_model(**spec)
+    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    return model.to(device).eval()

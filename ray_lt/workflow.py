@@ -1,0 +1,56 @@
+"""The stages users run, each reading and writing one run directory.
+
+``ray-lt <command>`` and ``jobs/<command>.py`` both call these functions; Python drivers can
+too. A stage whose output is already complete in the run directory is not run again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from ray_lt.config import Config, RayConfig, dump_config
+from ray_lt.data import LongTailData, load_dataset
+from ray_lt.evaluate import evaluate_classifier
+from ray_lt.train import fit_classifier
+from ray_lt.train.trainer import MODEL_FILE
+
+SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to the configured cluster, to RAY_ADDRESS (ray job submit), or start Ray here."""
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, ignore_reinit_error=True,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+
+
+def prepare(cfg: Config, out_dir: Path) -> tuple[Path, LongTailData]:
+    """Record the config in the run directory, start Ray, load and check the data."""
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
+    init_ray(cfg.ray)
+    return out_dir, load_dataset(cfg.dataset, cfg.seed)
+
+
+def format_summary(metrics: dict[str, Any]) -> str:
+    cells = [f"{k} {metrics[k]:.3f}" for k in SUMMARY_KEYS if metrics.get(k) is not None]
+    return "  ".join(cells)
+
+
+def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Train the classifier on the real data (unless already trained) and evaluate it on test.
+
+    Writes ``classifier/`` (weights, spec, history), ``metrics.json``, ``predictions.parquet``
+    and ``per_class_accuracy.png`` into ``out_dir``.
+    """
+    out_dir, data = prepare(cfg, out_dir)
+    folder = out_dir / "classifier"
+    if not (folder / MODEL_FILE).is_file():
+        fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out_dir, "classifier")
+    metrics = evaluate_classifier(folder, data, cfg.evaluate, out_dir)
+    print(f"[ray-lt] test: {format_summary(metrics)}  -> {out_dir / 'metrics.json'}")
+    return metrics

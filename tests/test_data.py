@@ -1,0 +1,199 @@
+"""Loaders on files written in each real format, every bad-input case, the embedded digits."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_lt.config import DigitsGroupsData, DigitsLTData, ListFileData, NicoData
+from ray_lt.data import load_dataset
+from ray_lt.data.digits import digits_groups_tables, digits_lt_tables, long_tail_counts
+from ray_lt.data.files import read_nico_metadata, read_split_list
+from ray_lt.errors import ConfigError, DataError
+
+
+def _write_image(path: Path, colour: int, size=(20, 14), fmt="JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (colour, 255 - colour, 30)).save(path, format=fmt)
+
+
+def _imagenet_lt(root: Path, counts=(3, 2, 1), prefix="ImageNet_LT") -> Path:
+    """A tiny copy of the real layout: root/train/nXXXX/*.JPEG and the three split lists."""
+    for split, per_class in (("train", counts), ("val", (1, 1, 1)), ("test", (2, 2, 2))):
+        lines = []
+        for label, n in enumerate(per_class):
+            for i in range(n):
+                rel = f"{split}/n{label:04d}/img_{i}.JPEG"
+                _write_image(root / rel, 40 * label + i)
+                lines.append(f"{rel} {label}")
+        (root / f"{prefix}_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_imagenet_lt_format_loads(tmp_path, ray_session):
+    root = _imagenet_lt(tmp_path / "ImageNet_LT")
+    data = load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3,
+                                     image_size=8), seed=0)
+    assert data.class_counts.tolist() == [3, 2, 1]
+    assert data.group_counts is None and data.num_groups == 0
+    rows = data.train.take_all()
+    assert len(rows) == 6
+    assert {r["path"] for r in rows} == {f"train/n{c:04d}/img_{i}.JPEG"
+                                         for c, n in enumerate([3, 2, 1]) for i in range(n)}
+    assert all(r["image"].shape == (8, 8, 3) and r["image"].dtype == np.uint8 for r in rows)
+    assert all(r["group"] == -1 for r in rows)
+    assert data.test.count() == 6
+
+
+def test_places_lt_uses_its_own_list_names(tmp_path, ray_session):
+    root = _imagenet_lt(tmp_path / "places", prefix="Places_LT")
+    data = load_dataset(ListFileData(kind="places_lt", root=root, num_classes=3,
+                                     image_size=8, verify_images=False), seed=0)
+    assert data.class_counts.tolist() == [3, 2, 1]
+
+
+def _nico(root: Path) -> Path:
+    lines = ["filename,split,y,a"]
+    for split, n in ((0, 2), (1, 1), (2, 1)):
+        for y in range(2):
+            for a in range(3):
+                if split == 0 and (y, a) == (1, 2):
+                    continue  # an empty training group, as in NICO++
+                for i in range(n):
+                    rel = f"class{y}/ctx{a}/{split}_{i}.png"
+                    _write_image(root / rel, 50 * a + y, fmt="PNG")
+                    lines.append(f"{rel},{split},{y},{a}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_nico_metadata_groups(tmp_path, ray_session):
+    root = _nico(tmp_path / "nico")
+    cfg = NicoData(kind="nico_pp", root=root, num_classes=2,
+                   context_names=["autumn", "dim", "grass"], image_size=8)
+    data = load_dataset(cfg, seed=0)
+    assert data.num_groups == 6
+    assert data.group_counts.tolist() == [2, 2, 2, 2, 2, 0]
+    assert data.class_counts.tolist() == [6, 4]
+    groups = sorted(r["group"] for r in data.test.take_all())
+    assert groups == [0, 1, 2, 3, 4, 5]  # group = y * 3 + a
+
+
+@pytest.mark.parametrize("line, message", [
+    ("train/n0000/img_0.JPEG", "expected 'relative/path label'"),
+    ("train/n0000/img_0.JPEG 7", "label 7 is outside [0, 3)"),
+    ("train/n0000/img_0.JPEG x", "label 'x' is not an integer"),
+    ("train/n0000/missing.JPEG 0", "does not exist"),
+    ("../outside.JPEG 0", "resolves outside the data root"),
+])
+def test_bad_list_lines_name_file_and_line(tmp_path, line, message):
+    root = _imagenet_lt(tmp_path / "d")
+    _write_image(tmp_path / "outside.JPEG", 1)
+    listing = root / "ImageNet_LT_train.txt"
+    lines = listing.read_text().splitlines()
+    lines.insert(2, line)
+    listing.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        read_split_list(listing, root, 3)
+    assert f"{listing}:3:" in str(err.value)
+    assert message in str(err.value)
+
+
+def test_missing_list_and_root(tmp_path):
+    with pytest.raises(DataError, match="split list .*ImageNet_LT_val.txt does not exist"):
+        root = _imagenet_lt(tmp_path / "d")
+        (root / "ImageNet_LT_val.txt").unlink()
+        load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3), 0)
+    with pytest.raises(DataError, match="dataset.root: data folder .* does not exist"):
+        load_dataset(ListFileData(kind="imagenet_lt", root=tmp_path / "nope", num_classes=3), 0)
+
+
+def test_class_without_training_image_is_an_error(tmp_path):
+    root = _imagenet_lt(tmp_path / "d", counts=(2, 0, 1))
+    with pytest.raises(DataError, match=r"ImageNet_LT_train.txt: class\(es\) 1 have no training"):
+        load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3), 0)
+
+
+def test_corrupt_image_named_with_its_list_line(tmp_path, ray_session):
+    root = _imagenet_lt(tmp_path / "d")
+    bad = root / "train/n0001/img_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
+    with pytest.raises(DataError) as err:
+        load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3), 0)
+    listing = root / "ImageNet_LT_train.txt"
+    number = listing.read_text().splitlines().index("train/n0001/img_1.JPEG 1") + 1
+    assert f"{listing}:{number}: unreadable image" in str(err.value)
+
+
+@pytest.mark.parametrize("row, message", [
+    ("class0/ctx0/0_0.png,5,0,0", "split 5 is outside [0, 3)"),
+    ("class0/ctx0/0_0.png,0,0,3", "context a 3 is outside [0, 3)"),
+    ("class0/ctx0/0_0.png,0,9,0", "class y 9 is outside [0, 2)"),
+    ("class0/ctx0/0_0.png,0", "expected 4 fields"),
+])
+def test_bad_nico_rows(tmp_path, row, message):
+    root = _nico(tmp_path / "nico")
+    meta = root / "metadata.csv"
+    lines = meta.read_text().splitlines()
+    lines.insert(3, row)
+    meta.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        read_nico_metadata(meta, root, 2, 3)
+    assert f"{meta}:4:" in str(err.value) and message in str(err.value)
+
+
+def test_nico_bad_header(tmp_path):
+    root = _nico(tmp_path / "nico")
+    meta = root / "metadata.csv"
+    meta.write_text("file,s,y,a\n")
+    with pytest.raises(DataError, match=r"metadata.csv:1: header must start with"):
+        read_nico_metadata(meta, root, 2, 3)
+
+
+def test_digits_lt_profile_and_determinism():
+    tables = digits_lt_tables(0, 50, 100, 20, 50, 16, 1)
+    counts = np.bincount(tables["train"]["label"], minlength=10)
+    assert counts.tolist() == long_tail_counts(100, 50, 10).tolist() == \
+        [100, 64, 41, 27, 17, 11, 7, 4, 3, 2]
+    assert np.bincount(tables["test"]["label"]).tolist() == [50] * 10
+    assert np.bincount(tables["val"]["label"]).tolist() == [20] * 10
+    paths = [set(t["path"]) for t in tables.values()]
+    assert not (paths[0] & paths[1]) and not (paths[0] & paths[2]) and not (paths[1] & paths[2])
+    assert tables["train"]["image"][0].shape == (16, 16, 1)
+    again = digits_lt_tables(0, 50, 100, 20, 50, 16, 1)
+    assert list(again["train"]["path"]) == list(tables["train"]["path"])
+    other = digits_lt_tables(1, 50, 100, 20, 50, 16, 1)
+    assert list(other["train"]["path"]) != list(tables["train"]["path"])
+    # the test split does not depend on the imbalance factor
+    assert list(digits_lt_tables(0, 10, 100, 20, 50, 16, 1)["test"]["path"]) == \
+        list(tables["test"]["path"])
+
+
+def test_digits_groups_imbalance():
+    tables = digits_groups_tables(0, ["red", "green", "blue", "yellow"], 100, 0.85, 1, 5, 10, 16)
+    train_groups = np.bincount(tables["train"]["group"], minlength=40).reshape(10, 4)
+    assert (train_groups.sum(1) == 100).all()
+    for c in range(10):
+        assert train_groups[c, c % 4] == 85
+        assert (train_groups[c] == 0).sum() == 1
+    assert np.bincount(tables["test"]["group"], minlength=40).tolist() == [10] * 40
+    image = tables["test"]["image"][0]
+    assert image.shape == (16, 16, 3)
+    corner = image[0, 0].astype(int)  # the background shows the context colour (test row 0: red)
+    assert corner[0] > 180 and corner[1] < 80 and corner[2] < 80
+
+
+def test_bad_context_colour():
+    with pytest.raises(ConfigError, match=r"dataset.context_names\[1\]: 'sky-ish'"):
+        digits_groups_tables(0, ["red", "sky-ish"], 50, 0.8, 0, 2, 2, 8)
+
+
+def test_digits_datasets_on_ray(ray_session):
+    data = load_dataset(DigitsLTData(kind="digits_lt"), seed=0)
+    assert data.train.count() == int(data.class_counts.sum()) == 276
+    groups = load_dataset(DigitsGroupsData(kind="digits_groups"), seed=0)
+    assert groups.num_groups == 40 and groups.group_counts.sum() == 1000
+    row = groups.train.take(1)[0]
+    assert set(row) == {"image", "label", "group", "path"}
+    assert row["group"] // 4 == row["label"]

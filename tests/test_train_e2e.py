@@ -1,0 +1,130 @@
+"""End to end on a real local Ray cluster: ``ray-lt train``, resume, 50/50 mixing, ray job."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from conftest import ROOT, run_cli
+
+from ray_lt.config import load_config
+from ray_lt.data import load_dataset
+from ray_lt.train import fit_classifier, load_classifier
+from ray_lt.train.loop import mixed_batches
+
+QUICK = ["train.epochs=2", "evaluate.cpus_per_actor=0.5"]
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_digits_lt_end_to_end(tmp_path, ray_session):
+    out = tmp_path / "run"
+    done = run_cli("train", "configs/digits_lt.yaml", "--out", str(out),
+                   "--set", *QUICK, f"ray.address={ray_session['address']}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = _metrics(out)
+    for key in ("overall", "many", "medium", "few", "worst_group", "per_class", "per_group"):
+        assert key in metrics
+    assert len(metrics["per_class"]) == 10 and metrics["per_group"] == []
+    assert metrics["num_rows"] == 500
+    assert 0.1 <= metrics["overall"] <= 1.0
+    assert metrics["class_counts"] == [100, 64, 41, 27, 17, 11, 7, 4, 3, 2]
+    assert (out / "per_class_accuracy.png").stat().st_size > 5000
+    history = pd.read_csv(out / "classifier" / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    assert {"train_loss", "val_acc", "val_balanced_acc"} <= set(history.columns)
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert len(predictions) == 500
+    assert np.isclose((predictions["pred"] == predictions["label"]).mean(), metrics["overall"])
+    assert "[ray-lt] test: overall" in done.stdout
+
+
+def test_train_digits_groups_end_to_end(tmp_path, ray_session):
+    out = tmp_path / "groups"
+    done = run_cli("train", "configs/digits_groups.yaml", "--out", str(out),
+                   "--set", *QUICK, f"ray.address={ray_session['address']}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = _metrics(out)
+    assert len(metrics["per_group"]) == 40
+    present = [a for a in metrics["per_group"] if a is not None]
+    assert len(present) == 40  # every group has test images
+    assert metrics["worst_group"] == pytest.approx(min(present))
+    assert metrics["worst_group"] <= metrics["overall"]
+    assert sum(metrics["group_counts"]) == 1000
+
+
+def test_bad_override_fails_before_any_work(tmp_path):
+    done = run_cli("train", "configs/digits_lt.yaml", "--out", str(tmp_path / "x"),
+                   "--set", "train.epochz=3")
+    assert done.returncode == 2
+    assert "train.epochz: Extra inputs are not permitted" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_rerun_resumes_from_the_latest_checkpoint(tmp_path, ray_session):
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", ["train.epochs=2"])
+    data = load_dataset(cfg.dataset, cfg.seed)
+    folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path, "clf")
+    first = pd.read_csv(folder / "history.csv")
+    # A longer run in the same place continues where the first one stopped.
+    cfg.train.epochs = 3
+    folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path, "clf")
+    second = pd.read_csv(folder / "history.csv")
+    assert second["epoch"].tolist() == [0, 1, 2]
+    assert np.allclose(second["train_loss"][:2], first["train_loss"])
+    model = load_classifier(folder)
+    assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_mixed_batches_are_half_synthetic(ray_session):
+    real = ray.data.from_items([{"image": np.zeros((4, 4, 1), np.uint8), "label": 0}] * 40)
+    synthetic = ray.data.from_items(
+        [{"image": np.full((4, 4, 1), 255, np.uint8), "label": 1}] * 12)
+    batches = list(mixed_batches(real.iterator(), synthetic.iterator(), batch_size=8,
+                                 synthetic_fraction=0.5, synthetic_weight=0.3,
+                                 shuffle_buffer=0))
+    assert len(batches) == 10  # one pass over the real rows; the synthetic rows cycle
+    for batch, weight in batches:
+        assert batch["label"].tolist() == [0] * 4 + [1] * 4
+        assert batch["image"][4:].min() == 255
+        assert torch.allclose(weight, torch.tensor([1.0] * 4 + [0.3] * 4))
+
+
+def test_training_with_a_synthetic_dataset(tmp_path, ray_session):
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
+                      ["train.epochs=1", "train.synthetic_weight=0.5"])
+    data = load_dataset(cfg.dataset, cfg.seed)
+    synthetic = data.test.select_columns(["image", "label"])
+    folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path,
+                            "mixed", synthetic=synthetic)
+    history = pd.read_csv(folder / "history.csv")
+    assert len(history) == 1 and np.isfinite(history["train_loss"][0])
+
+
+def test_ray_job_submit_runs_jobs_train(tmp_path, ray_session):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_session["dashboard"])
+    out = tmp_path / "job"
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} jobs/train.py --config configs/digits_lt.yaml "
+                   f"--out {out} --set train.epochs=1",
+        runtime_env={"working_dir": str(ROOT),
+                     "excludes": [".venv", ".git", "runs", "*.parquet"]},
+    )
+    deadline = time.time() + 420
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                         JobStatus.STOPPED}:
+        assert time.time() < deadline, "job did not finish in time"
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "[ray-lt] test: overall" in logs
+    assert (out / "metrics.json").is_file()

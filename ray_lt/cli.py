@@ -13,6 +13,10 @@ from ray_lt.errors import RayLTError
 
 COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
     "train": (workflow.train, "train the classifier on the real data and evaluate it"),
+    "train-generator": (workflow.train_generator,
+                        "train the pixel diffusion model on the long-tailed training set"),
+    "synthesize": (workflow.synthesize,
+                   "sample feedback-guided synthetic images to the quotas (Ray Data actors)"),
 }
 
 

@@ -185,6 +185,79 @@ class EvaluateConfig(Strict):
         return self
 
 
+class GeneratorConfig(Strict):
+    """The diffusion model: ``pixel`` (trained here), ``unclip`` (pretrained SD 2.1 unCLIP) or
+    ``feature`` (trained here on classifier features)."""
+
+    kind: Literal["pixel", "unclip", "feature"] = "pixel"
+    condition_on: Literal["class", "group"] = "class"
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
+    attention: bool = True
+    train_steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(250, ge=1)
+    pretrained: str | None = None
+    prompt_template: str = "a photo of a {class_name}"
+    embedding_dropout: float = Field(0.5, ge=0.0, le=1.0)
+    noise_level: int = Field(0, ge=0)
+    height: int = Field(768, ge=8)
+    width: int = Field(768, ge=8)
+
+
+class FilterConfig(Strict):
+    """DiffuLT filtering of generated samples with the real-data classifier."""
+
+    enabled: bool = False
+    confidence_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    distance_quantile: float | None = Field(None, gt=0.0, lt=1.0)
+
+
+class SynthesisConfig(Strict):
+    """Feedback-guided sampling to the quotas (METHOD.md sections 1-4)."""
+
+    num_steps: int = Field(30, ge=1)
+    cfg_scale: float = Field(3.0, ge=0.0)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+    guidance_scale: float = Field(0.03, ge=0.0)
+    guidance_every: int = Field(5, ge=1)
+    guidance_mode: Literal["normalized", "eps"] = "normalized"
+    reuse_gradient: bool = False
+    through_unet: bool = False
+    criteria: dict[str, float] = Field(default_factory=lambda: {"entropy": 1.0})
+    balance: Literal["class", "group"] = "class"
+    target: int | None = Field(None, ge=1)
+    quota_scale: float = Field(1.0, gt=0.0, le=1.0)
+    quota_minimum: int = Field(0, ge=0)
+    max_shard_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    epistemic_heads: int = Field(5, ge=2)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    grid_scales: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1])
+    grid_criteria: list[str] = Field(
+        default_factory=lambda: ["entropy", "loss", "hardness", "total_uncertainty"])
+    grid_class: int = Field(-1, ge=-1)
+    grid_samples: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _criteria(self) -> SynthesisConfig:
+        known = {"entropy", "loss", "hardness", "total_uncertainty"}
+        unknown = sorted(set(self.criteria) - known)
+        if unknown:
+            raise ValueError(f"criteria: unknown {unknown}; choose from {sorted(known)}")
+        if not self.criteria or any(p < 0 for p in self.criteria.values()) or \
+                abs(sum(self.criteria.values()) - 1.0) > 1e-6:
+            raise ValueError("criteria: probabilities must be >= 0 and sum to 1")
+        return self
+
+
 class RayConfig(Strict):
     """Where to run: None connects to RAY_ADDRESS when set (ray job submit), else starts Ray."""
 
@@ -200,6 +273,8 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 

@@ -13,7 +13,13 @@ import ray
 
 from ray_lt.config import Config, RayConfig, dump_config
 from ray_lt.data import LongTailData, load_dataset
+from ray_lt.errors import ConfigError
 from ray_lt.evaluate import evaluate_classifier
+from ray_lt.generate.pixel import SPEC_FILE as GENERATOR_SPEC
+from ray_lt.generate.pixel import fit_pixel_generator
+from ray_lt.generate.statistics import fit_criterion_support
+from ray_lt.generate.synthesize import require_stage
+from ray_lt.generate.synthesize import synthesize as run_synthesis
 from ray_lt.train import fit_classifier
 from ray_lt.train.trainer import MODEL_FILE
 
@@ -54,3 +60,36 @@ def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     metrics = evaluate_classifier(folder, data, cfg.evaluate, out_dir)
     print(f"[ray-lt] test: {format_summary(metrics)}  -> {out_dir / 'metrics.json'}")
     return metrics
+
+
+def train_generator(cfg: Config, out_dir: Path) -> Path:
+    """Train the pixel generator from scratch on the long-tailed training set (DiffuLT)."""
+    if cfg.generator.kind != "pixel":
+        raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not trained by "
+                          f"train-generator (only 'pixel' is)")
+    out_dir, data = prepare(cfg, out_dir)
+    folder = out_dir / "generator"
+    if (folder / GENERATOR_SPEC).is_file():
+        print(f"[ray-lt] generator already trained: {folder}")
+        return folder
+    by_group = cfg.generator.condition_on == "group"
+    if by_group and data.group_counts is None:
+        raise ConfigError("generator.condition_on: 'group' needs a data set with groups")
+    num_conditions = data.num_groups if by_group else data.num_classes
+    folder = fit_pixel_generator(data.train, cfg.generator, cfg.scaling, data.image_shape,
+                                 num_conditions, cfg.seed, out_dir)
+    print(f"[ray-lt] generator trained: {folder}")
+    return folder
+
+
+def synthesize(cfg: Config, out_dir: Path) -> Path:
+    """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic``."""
+    out_dir, data = prepare(cfg, out_dir)
+    classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
+                                   "ray-lt train").parent
+    fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
+                          cfg.seed)
+    counts = run_synthesis(cfg, data, out_dir)
+    print(f"[ray-lt] synthetic rows: {int(counts['written'].sum())} in "
+          f"{out_dir / 'synthetic'}")
+    return out_dir / "synthetic"

@@ -10,7 +10,7 @@ from ray_lt.config import EvaluateConfig
 from ray_lt.data import LongTailData
 from ray_lt.evaluate.metrics import accuracy_report
 from ray_lt.evaluate.plots import plot_per_class_accuracy
-from ray_lt.evaluate.predict import predict
+from ray_lt.train.features import predict
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"

@@ -23,6 +23,12 @@ class Conditioning:
     inputs: dict[str, Any]
 
 
+def sample_generators(seeds: list[int], stream: int = 0) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per sample, so a sample depends on its seed only, never on
+    the batch it was drawn in. ``stream`` separates independent uses of one seed."""
+    return [torch.Generator().manual_seed((int(s) * 1_000_003 + stream) % (2**63)) for s in seeds]
+
+
 class Generator(Protocol):
     """What the feedback-guided sampler needs from a diffusion model."""
 
@@ -32,10 +38,10 @@ class Generator(Protocol):
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latent, e.g. (C, H, W) or (D,)."""
 
-    def condition(self, labels: torch.Tensor, groups: torch.Tensor,
-                  generator: torch.Generator) -> Conditioning:
+    def condition(self, labels: torch.Tensor, groups: torch.Tensor, seeds: list[int]
+                  ) -> Conditioning:
         """Conditioning inputs for a batch of (label, group); random choices (reference
-        images, embedding dropout) draw from ``generator`` so a seed fixes them."""
+        images, embedding dropout) draw from ``sample_generators(seeds, stream=1)``."""
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:
@@ -43,5 +49,6 @@ class Generator(Protocol):
         ``eps_uncond + cfg_scale * (eps_cond - eps_uncond)`` (METHOD.md section 1)."""
 
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
-        """Latent -> classifier input: images in [0, 1] (B, C, H, W), differentiable; feature
-        generators return features. Identity-like for pixel models, the VAE for latent ones."""
+        """Latent -> classifier input, differentiable: images in [0, 1] (B, C, H, W) at the
+        data set's image size (the VAE for latent models, a rescale for pixel models);
+        feature generators return feature vectors."""

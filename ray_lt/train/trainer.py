@@ -58,24 +58,32 @@ def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
     datasets = {"train": _training_columns(data.train), "val": _training_columns(data.val)}
     if synthetic is not None:
         datasets["synthetic"] = _training_columns(synthetic)
+    result = run_trainer(train_loop_per_worker, loop_config, datasets, scaling, out_dir, name,
+                         split=[k for k in datasets if k != "val"])
+    return export(result, spec, out_dir / name)
+
+
+def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
+                scaling: ScalingSection, out_dir: Path, name: str, split: list[str]
+                ) -> ray.train.Result:
+    """Fit ``loop`` with a ``TorchTrainer`` whose run lives in ``out_dir/ray_results/name``, so
+    that a rerun after an interruption resumes from the run's latest checkpoint."""
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    storage = out_dir / "ray_results"
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, storage_path=str(Path(out_dir).resolve() / "ray_results"),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k != "val"]),
+        dataset_config=DataConfig(datasets_to_split=split),
     )
-    result = trainer.fit()
-    return export(result, spec, out_dir / name)
+    return trainer.fit()
 
 
 def export(result: ray.train.Result, spec: dict[str, Any], folder: Path) -> Path:

@@ -1,0 +1,50 @@
+"""Running an exported classifier over a Ray Dataset with a pool of Ray Data actors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray
+import torch
+
+from ray_lt.train.trainer import load_classifier
+
+
+class Predictor:
+    """Ray Data callable class: the classifier is loaded once per actor. Returns label, group,
+    prediction, confidence, entropy and, with ``features``, the penultimate embedding."""
+
+    def __init__(self, classifier_dir: str, use_gpu: bool, features: bool = False):
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.model = load_classifier(Path(classifier_dir), self.device)
+        self.features = features
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(np.stack(batch["image"])).to(self.device)
+        embedding = self.model.embed(images.permute(0, 3, 1, 2).float() / 255.0)
+        logits = self.model.head(embedding)
+        probs = logits.softmax(1)
+        out = {"label": batch["label"], "group": batch["group"],
+               "pred": logits.argmax(1).cpu().numpy(),
+               "confidence": probs.max(1).values.cpu().numpy(),
+               "entropy": (-(probs * probs.clamp_min(1e-12).log()).sum(1)).cpu().numpy()}
+        if self.features:
+            out["features"] = embedding.float().cpu().numpy()
+        return out
+
+
+def predict(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 256,
+            num_actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
+            features: bool = False) -> pd.DataFrame:
+    """Predicted class, confidence, entropy (and features) of every row, in row order."""
+    return dataset.select_columns(["image", "label", "group"]).map_batches(
+        Predictor,
+        fn_constructor_kwargs={"classifier_dir": str(Path(classifier_dir).resolve()),
+                               "use_gpu": gpus_per_actor > 0, "features": features},
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        batch_size=batch_size, batch_format="numpy",
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+    ).to_pandas()

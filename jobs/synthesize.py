@@ -1,4 +1,7 @@
-"""Ray job: `ray-lt synthesize` for `ray job submit --working-dir . -- python jobs/synthesize.py --config ...`."""
+"""Ray job: the same as `ray-lt synthesize`.
+
+    ray job submit --working-dir . -- python jobs/synthesize.py --config CONFIG --out DIR
+"""
 
 import sys
 

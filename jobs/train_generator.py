@@ -1,4 +1,7 @@
-"""Ray job: `ray-lt train-generator` for `ray job submit --working-dir . -- python jobs/train_generator.py --config ...`."""
+"""Ray job: the same as `ray-lt train-generator`.
+
+    ray job submit --working-dir . -- python jobs/train_generator.py --config CONFIG --out DIR
+"""
 
 import sys
 

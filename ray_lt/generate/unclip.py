@@ -106,6 +106,9 @@ class UnCLIPGenerator:
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.height = height or unet.config.sample_size * self.vae_scale
         self.width = width or unet.config.sample_size * self.vae_scale
+        if self.height % self.vae_scale or self.width % self.vae_scale:
+            raise ConfigError(f"generator.height/width: {self.height}x{self.width} is not a "
+                              f"multiple of the VAE's downscaling factor {self.vae_scale}")
 
         self._images: list[np.ndarray] = []
         self._class_refs = self._index_references(reference_images.get("class", {}))
@@ -123,23 +126,24 @@ class UnCLIPGenerator:
     def _validate(self, image_noising_scheduler: DDPMScheduler, scheduler: DDIMScheduler) -> None:
         n_levels = image_noising_scheduler.config.num_train_timesteps
         if not 0 <= self.noise_level < n_levels:
-            raise ConfigError(f"generate.noise_level: {self.noise_level} is outside [0, {n_levels})")
+            raise ConfigError(f"generator.noise_level: {self.noise_level} is outside "
+                              f"[0, {n_levels})")
         if not 0.0 <= self.embedding_dropout <= 1.0:
-            raise ConfigError(f"generate.embedding_dropout: {self.embedding_dropout} is not a "
+            raise ConfigError(f"generator.embedding_dropout: {self.embedding_dropout} is not a "
                               "probability in [0, 1]")
         if self.normalize not in ("minmax", "clamp"):
-            raise ConfigError(f"generate.normalize: {self.normalize!r} is not 'minmax' or 'clamp'")
+            raise ConfigError(f"generator.normalize: {self.normalize!r} is not 'minmax' or 'clamp'")
         if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(f"unclip scheduler: prediction_type "
+            raise ConfigError(f"generator.pretrained: scheduler prediction_type "
                               f"{scheduler.config.prediction_type!r} is not supported "
                               "(epsilon or v_prediction)")
         try:
             self.prompt_template.format(class_name="x", context="y")
         except (KeyError, IndexError) as err:
-            raise ConfigError(f"generate.prompt_template: {self.prompt_template!r} uses an unknown "
-                              f"field {err}; use {{class_name}} and {{context}}") from None
+            raise ConfigError(f"generator.prompt_template: {self.prompt_template!r} uses an "
+                              f"unknown field {err}; use {{class_name}} and {{context}}") from None
         if "{context}" in self.prompt_template and not self.context_names:
-            raise ConfigError(f"generate.prompt_template: {self.prompt_template!r} needs "
+            raise ConfigError(f"generator.prompt_template: {self.prompt_template!r} needs "
                               "{context} but the data set has no context names")
 
     def _index_references(self, by_key: dict[int, list[np.ndarray]]) -> dict[int, list[int]]:
@@ -177,9 +181,10 @@ class UnCLIPGenerator:
         draws, in this order: the reference image, the dropout coin, the embedding noise."""
         labels_l, groups_l = [int(v) for v in labels], [int(v) for v in groups]
         dim = self.image_normalizer.config.embedding_dim
-        refs, dropped, noise = [], [], []
+        refs, dropped, noise, prompts = [], [], [], []
         for label, group, gen in zip(labels_l, groups_l, sample_generators(seeds, stream=1),
                                      strict=True):
+            prompts.append(self.prompt(label, group))
             pool = self._group_refs.get(group) or self._class_refs.get(label)
             if not pool:
                 raise DataError(f"unclip reference images: class {label} "
@@ -190,8 +195,6 @@ class UnCLIPGenerator:
         dropped_t = torch.tensor(dropped, device=self.device)
         embeds = self._image_embeds(refs) * (~dropped_t).unsqueeze(1)
         image_embeds = self.noise_image_embeds(embeds, torch.stack(noise).to(self.device))
-
-        prompts = [self.prompt(label, group) for label, group in zip(labels_l, groups_l)]
         text = torch.stack([self._text_embed(p) for p in prompts])
         uncond_text = self._text_embed("").expand_as(text)
         inputs = {
@@ -310,11 +313,11 @@ def _resolve(path: str | Path) -> Path:
         try:
             return Path(snapshot_download(str(path), local_files_only=True))
         except (LocalEntryNotFoundError, HFValidationError):
-            raise ConfigError(f"unclip weights: {path!r} is neither a folder nor in the local "
-                              f"Hugging Face cache ({HF_HUB_CACHE}); weights are never "
+            raise ConfigError(f"generator.pretrained: {path!r} is neither a folder nor in the "
+                              f"local Hugging Face cache ({HF_HUB_CACHE}); weights are never "
                               "downloaded, fetch them beforehand (huggingface-cli download) or "
                               "give a local folder") from None
-    raise ConfigError(f"unclip weights: folder {local} does not exist; weights are never "
+    raise ConfigError(f"generator.pretrained: folder {local} does not exist; weights are never "
                       "downloaded, give a local folder laid out like "
                       "stabilityai/stable-diffusion-2-1-unclip")
 
@@ -325,7 +328,7 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dic
     root = _resolve(path)
     missing = [name for name in COMPONENTS if not (root / name).is_dir()]
     if missing:
-        raise ConfigError(f"unclip weights: {root} lacks the component folder(s) {missing}; "
+        raise ConfigError(f"generator.pretrained: {root} lacks the component folder(s) {missing}; "
                           f"expected {list(COMPONENTS)} (weights are never downloaded)")
     out = {}
     for name, loader in COMPONENTS.items():
@@ -337,8 +340,9 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dic
         try:
             out[name] = loader.from_pretrained(root, **kwargs)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"unclip weights: component {name!r} in {root / name} could not be "
-                              f"loaded offline ({err}); weights are never downloaded") from None
+            raise ConfigError(f"generator.pretrained: component {name!r} in {root / name} could "
+                              f"not be loaded offline ({err}); weights are never downloaded"
+                              ) from None
     return out
 
 

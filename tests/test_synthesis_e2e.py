@@ -1,0 +1,142 @@
+"""Synthesis on a real local Ray cluster: train-generator, the actor pool, exact quotas under
+a killed actor, resume, and clear errors for missing stages."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from ray.util.state import list_actors
+
+from conftest import ROOT, run_cli
+from ray_lt import workflow
+from ray_lt.config import load_config
+from ray_lt.errors import ConfigError, StageError
+from ray_lt.generate.synthesize import MANIFEST_FILE, load_synthetic
+
+BASE = ["train.epochs=1", "generator.train_steps=12", "generator.checkpoint_every=6",
+        "generator.block_out_channels=[16, 32]", "generator.batch_size=16",
+        "synthesis.num_steps=6", "synthesis.guidance_every=2", "synthesis.cpus_per_actor=0.5",
+        "synthesis.max_shard_size=3", "synthesis.batch_size=3",
+        "evaluate.cpus_per_actor=0.5",
+        "synthesis.criteria={entropy: 0.5, hardness: 0.25, total_uncertainty: 0.25}"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ray_session):
+    """A run directory with a baseline classifier and a pixel generator."""
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", BASE)
+    workflow.train(cfg, out)
+    workflow.train_generator(cfg, out)
+    return out
+
+
+def _copy_stages(trained: Path, target: Path) -> Path:
+    target.mkdir()
+    for stage in ("classifier", "generator"):
+        shutil.copytree(trained / stage, target / stage)
+    return target
+
+
+def _rows(out: Path) -> pd.DataFrame:
+    return pd.concat(pd.read_parquet(p) for p in sorted((out / "synthetic").glob("shard_*")))
+
+
+def test_generator_is_saved_with_safetensors(trained):
+    assert (trained / "generator" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((trained / "generator" / "generator.json").read_text())["kind"] == "pixel"
+    assert (trained / "classifier" / "class_statistics.safetensors").exists() is False
+
+
+def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, capsys):
+    out = _copy_stages(trained, tmp_path / "run")
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", [*BASE, "synthesis.quota_scale=0.1"])
+    workflow.synthesize(cfg, out)
+    rows = _rows(out)
+    # quota_scale 0.1 of (100 - n_c): 0, 4, 6, 7, 8, 9, 9, 10, 10, 10
+    assert rows.groupby("label").size().to_dict() == {1: 4, 2: 6, 3: 7, 4: 8, 5: 9, 6: 9,
+                                                       7: 10, 8: 10, 9: 10}
+    assert set(rows["criterion"]) <= {"entropy", "hardness", "total_uncertainty"}
+    assert (rows["guidance_scale"] == 0.03).all() and (rows["group"] == -1).all()
+    assert rows["seed"].is_unique
+    image = np.asarray(Image.open(io.BytesIO(rows["image"].iloc[0])))
+    assert image.shape == (16, 16) and image.dtype == np.uint8
+    assert (out / "classifier" / "class_statistics.safetensors").is_file()
+    assert (out / "classifier" / "epistemic_head.safetensors").is_file()
+
+    # A rerun samples nothing; a lost shard file is redrawn identically from its seed.
+    capsys.readouterr()
+    workflow.synthesize(cfg, out)
+    assert "0 to go" in capsys.readouterr().out
+    victim = out / "synthetic" / "shard_000004.parquet"
+    before = pd.read_parquet(victim)
+    victim.unlink()
+    workflow.synthesize(cfg, out)
+    assert "1 to go" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(pd.read_parquet(victim), before)
+
+    synthetic = load_synthetic(out, channels=1)
+    assert synthetic.count() == 73
+    assert synthetic.take(1)[0]["image"].shape == (16, 16, 1)
+
+    changed = load_config(ROOT / "configs" / "digits_lt.yaml", [*BASE, "synthesis.quota_scale=0.2"])
+    with pytest.raises(ConfigError, match="plan.json: the synthesis plan"):
+        workflow.synthesize(changed, out)
+
+
+def test_a_killed_sampler_actor_loses_and_duplicates_nothing(trained, tmp_path):
+    out = _copy_stages(trained, tmp_path / "kill")
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
+                      [*BASE, "synthesis.quota_scale=0.2", "synthesis.max_shard_size=2",
+                       "synthesis.num_steps=20"])
+    errors = []
+
+    def run():
+        try:
+            workflow.synthesize(cfg, out)
+        except Exception as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.time() + 300
+    while thread.is_alive() and killed is None and time.time() < deadline:
+        if list((out / "synthetic").glob("shard_*.parquet")):
+            for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+                if "GuidedSampler" in actor.class_name:
+                    os.kill(actor.pid, signal.SIGKILL)
+                    killed = actor.pid
+                    break
+        time.sleep(0.1)
+    thread.join(timeout=600)
+    assert killed is not None, "no sampler actor was seen alive"
+    assert not errors, errors
+    rows = _rows(out)
+    assert len(rows) == 146  # round(0.2 * (100 - n_c)) summed over the classes
+    assert not rows.duplicated(["shard_id", "seed"]).any()
+    manifest = [json.loads(line) for line in
+                (out / "synthetic" / MANIFEST_FILE).read_text().splitlines()]
+    planned = json.loads((out / "synthetic" / "plan.json").read_text())
+    assert {m["shard_id"] for m in manifest} == {s["shard_id"] for s in planned}
+
+
+def test_missing_stages_are_named(tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", BASE)
+    with pytest.raises(StageError, match="classifier stage has not run.*ray-lt train"):
+        workflow.synthesize(cfg, tmp_path)
+    done = run_cli("synthesize", "configs/digits_lt.yaml", "--out", str(tmp_path / "empty"))
+    assert done.returncode == 2
+    assert "the classifier stage has not run" in done.stderr
+    with pytest.raises(ConfigError, match="generator.kind: 'unclip' is not trained"):
+        workflow.train_generator(load_config(ROOT / "configs" / "digits_lt.yaml",
+                                             ["generator.kind=unclip"]), tmp_path)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
                         "train the pixel diffusion model on the long-tailed training set"),
     "synthesize": (workflow.synthesize,
                    "sample feedback-guided synthetic images to the quotas (Ray Data actors)"),
+    "grid": (workflow.grid, "PNG grid of one class's samples: criteria x guidance scales"),
 }
 
 

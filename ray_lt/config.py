@@ -206,6 +206,7 @@ class GeneratorConfig(Strict):
     noise_level: int = Field(0, ge=0)
     height: int = Field(768, ge=8)
     width: int = Field(768, ge=8)
+    references_per_group: int = Field(8, ge=1)
 
 
 class FilterConfig(Strict):

@@ -93,3 +93,28 @@ def synthesize(cfg: Config, out_dir: Path) -> Path:
     print(f"[ray-lt] synthetic rows: {int(counts['written'].sum())} in "
           f"{out_dir / 'synthetic'}")
     return out_dir / "synthetic"
+
+
+def grid(cfg: Config, out_dir: Path) -> Path:
+    """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
+    from ray_lt.generate.grid import render_grid, save_grid
+    from ray_lt.generate.synthesize import check_generator, data_info
+
+    out_dir, data = prepare(cfg, out_dir)
+    classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
+                                   "ray-lt train").parent
+    fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
+                          cfg.seed)
+    check_generator(cfg, out_dir)
+    s = cfg.synthesis
+    label = s.grid_class if s.grid_class >= 0 else int(data.class_counts.argmin())
+    if label >= data.num_classes:
+        raise ConfigError(f"synthesis.grid_class: {label} is not a class of this data set")
+    task = ray.remote(render_grid).options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor)
+    images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out_dir),
+                                 data_info(cfg, data), label, s.gpus_per_actor > 0))
+    path = save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales],
+                     out_dir / f"grid_class{label}.png",
+                     title=f"{data.class_names[label]}: criterion x guidance scale")
+    print(f"[ray-lt] sample grid: {path}")
+    return path

@@ -61,3 +61,49 @@ def save_grid(images: np.ndarray, row_labels: list[str], col_labels: list[str], 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def tile(images: np.ndarray) -> np.ndarray:
+    """(n, H, W, C) -> one near-square mosaic (rows x cols of samples), blank where short."""
+    n, h, w, c = images.shape
+    cols = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    canvas = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        canvas[r * h:(r + 1) * h, q * w:(q + 1) * w] = image
+    return canvas
+
+
+def render_grid(config: dict, run_dir: str, data_info: dict, label: int, use_gpu: bool
+                ) -> np.ndarray:
+    """Samples of one class: (criteria, scales, H', W', C) uint8 mosaics, the same seeds in every
+    cell so that only the criterion and the guidance scale differ (Figure 3 of the FG paper)."""
+    import torch
+
+    from ray_lt.config import Config
+    from ray_lt.generate.sampler import Guidance, guided_sample
+    from ray_lt.generate.synthesize import PRECISIONS, build_generator, build_scorer
+
+    cfg = Config.model_validate(config)
+    s = cfg.synthesis
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    generator = build_generator(cfg, Path(run_dir), device, data_info)
+    scorer = build_scorer(cfg, Path(run_dir), device, list(s.grid_criteria))
+    seeds = [cfg.seed * 7919 + i for i in range(s.grid_samples)]
+    n = len(seeds)
+    rows = []
+    for row, _ in enumerate(s.grid_criteria):
+        cells = []
+        for scale in s.grid_scales:
+            out = guided_sample(
+                generator, scorer, torch.full((n,), label), torch.full((n,), -1),
+                torch.full((n,), row), seeds, s.num_steps, s.cfg_scale,
+                Guidance(scale, s.guidance_every, s.guidance_mode, s.reuse_gradient,
+                         s.through_unet), s.eta, PRECISIONS[s.precision])
+            with torch.no_grad():
+                images = generator.decode_output(out.latents).permute(0, 2, 3, 1).cpu()
+            pixels = (images.float().numpy() * 255).round().astype(np.uint8)
+            cells.append(tile(pixels))
+        rows.append(np.stack(cells))
+    return np.stack(rows)

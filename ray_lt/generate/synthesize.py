@@ -60,21 +60,72 @@ def require_stage(path: Path, stage: str, command: str) -> Path:
     return path
 
 
-def build_generator(cfg: Config, run_dir: Path, device: torch.device) -> PixelGenerator:
-    """The configured generator, loaded from the run directory (pixel) or its weights."""
-    if cfg.generator.kind == "pixel":
+def reference_images(data: LongTailData, per_group: int) -> dict[str, dict[int, list]]:
+    """Up to ``per_group`` real training images per class and per group (the training split is
+    already shuffled by seed): the unCLIP image conditions (METHOD.md section 3)."""
+    refs: dict[str, dict[int, list]] = {"class": {}, "group": {}}
+    for batch in data.train.select_columns(["image", "label", "group"]).iter_batches(
+            batch_size=256, batch_format="numpy"):
+        for image, label, group in zip(batch["image"], batch["label"], batch["group"],
+                                       strict=True):
+            for kind, key in (("class", int(label)), ("group", int(group))):
+                if key >= 0 and len(refs[kind].setdefault(key, [])) < per_group:
+                    refs[kind][key].append(np.asarray(image))
+    return refs
+
+
+def build_generator(cfg: Config, run_dir: Path, device: torch.device,
+                    data_info: dict[str, Any]) -> Any:
+    """The configured generator: trained in the run directory (pixel) or pretrained (unclip)."""
+    g = cfg.generator
+    if g.kind == "pixel":
         folder = require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
         return PixelGenerator.from_pretrained(folder, device)
-    raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not available for synthesis")
+    if g.kind == "unclip":
+        from ray_lt.generate.unclip import UnCLIPGenerator
+
+        dtype = PRECISIONS[cfg.synthesis.precision] if device.type == "cuda" else None
+        return UnCLIPGenerator.from_pretrained(
+            g.pretrained, device=device, dtype=dtype or torch.float32,
+            class_names=data_info["class_names"], context_names=data_info["context_names"],
+            reference_images=data_info["references"], prompt_template=g.prompt_template,
+            embedding_dropout=g.embedding_dropout, noise_level=g.noise_level,
+            image_size=data_info["image_size"], height=g.height, width=g.width)
+    raise ConfigError(f"generator.kind: {g.kind!r} is not available for synthesis yet")
 
 
-def build_scorer(cfg: Config, run_dir: Path, device: torch.device) -> CriterionScorer:
-    """The baseline classifier with the criteria of ``synthesis.criteria`` (and every criterion
-    the sample grid shows)."""
+def check_generator(cfg: Config, run_dir: Path) -> None:
+    """Fail on a missing generator before any actor starts (loads no weights)."""
+    if cfg.generator.kind == "pixel":
+        require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
+    elif cfg.generator.kind == "unclip":
+        from ray_lt.generate.unclip import check_pretrained
+
+        if cfg.generator.pretrained is None:
+            raise ConfigError("generator.pretrained: set the local folder (or cached hub id) of "
+                              "Stable Diffusion 2.1 unCLIP")
+        check_pretrained(cfg.generator.pretrained)
+    else:
+        raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not available for "
+                          f"synthesis yet")
+
+
+def data_info(cfg: Config, data: LongTailData) -> dict[str, Any]:
+    """What an actor needs to know about the data set to build its generator."""
+    info = {"class_names": data.class_names, "context_names": data.context_names,
+            "image_size": data.image_shape[0], "references": {}}
+    if cfg.generator.kind == "unclip":
+        info["references"] = reference_images(data, cfg.generator.references_per_group)
+    return info
+
+
+def build_scorer(cfg: Config, run_dir: Path, device: torch.device,
+                 names: list[str] | None = None) -> CriterionScorer:
+    """The baseline classifier scoring ``names`` (default: those of ``synthesis.criteria``)."""
     classifier_dir = run_dir / "classifier"
     require_stage(classifier_dir / MODEL_FILE, "classifier", "ray-lt train")
     statistics, head = load_criterion_support(classifier_dir)
-    names = list(cfg.synthesis.criteria)
+    names = names or list(cfg.synthesis.criteria)
     return CriterionScorer(load_classifier(classifier_dir, device), names, statistics,
                            head).to(device)
 
@@ -83,12 +134,13 @@ class GuidedSampler:
     """Ray Data callable class: generator and classifier are built once per actor; each call
     samples whole shards and writes each as one Parquet file."""
 
-    def __init__(self, config: dict[str, Any], run_dir: str, use_gpu: bool):
+    def __init__(self, config: dict[str, Any], run_dir: str, use_gpu: bool,
+                 data_info: dict[str, Any]):
         self.cfg = Config.model_validate(config)
         self.run_dir = Path(run_dir)
         self.out = self.run_dir / SYNTHETIC_DIR
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.generator = build_generator(self.cfg, self.run_dir, self.device)
+        self.generator = build_generator(self.cfg, self.run_dir, self.device, data_info)
         self.scorer = build_scorer(self.cfg, self.run_dir, self.device)
         s = self.cfg.synthesis
         self.names = list(s.criteria)
@@ -180,8 +232,8 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
                           f"{out} to start over")
     stored.write_text(json.dumps(shards))
     build_scorer(cfg, run_dir, torch.device("cpu"))  # missing stage or criterion support
-    if cfg.generator.kind == "pixel":
-        require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
+    check_generator(cfg, run_dir)
+    info = data_info(cfg, data)
     done = finished_shards(out)
     pending = [sh for sh in shards if sh["shard_id"] not in done]
     print(f"[ray-lt] synthesis: {len(shards)} shards, {sum(sh['n'] for sh in shards)} samples; "
@@ -190,7 +242,8 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
         results = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
             GuidedSampler,
             fn_constructor_kwargs={"config": cfg.model_dump(mode="json"),
-                                   "run_dir": str(run_dir), "use_gpu": s.gpus_per_actor > 0},
+                                   "run_dir": str(run_dir), "use_gpu": s.gpus_per_actor > 0,
+                                   "data_info": info},
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),
             batch_size=1, batch_format="pandas",
             num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor)

@@ -322,14 +322,21 @@ def _resolve(path: str | Path) -> Path:
                       "stabilityai/stable-diffusion-2-1-unclip")
 
 
-def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Every unCLIP component from a folder laid out like the Hugging Face repo
-    ``stabilityai/stable-diffusion-2-1-unclip`` (or that repo id in the local cache), offline."""
+def check_pretrained(path: str | Path) -> Path:
+    """The resolved folder, after checking every component folder is there (cheap: loads
+    nothing), so a bad path fails before any actor starts."""
     root = _resolve(path)
     missing = [name for name in COMPONENTS if not (root / name).is_dir()]
     if missing:
         raise ConfigError(f"generator.pretrained: {root} lacks the component folder(s) {missing}; "
                           f"expected {list(COMPONENTS)} (weights are never downloaded)")
+    return root
+
+
+def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Every unCLIP component from a folder laid out like the Hugging Face repo
+    ``stabilityai/stable-diffusion-2-1-unclip`` (or that repo id in the local cache), offline."""
+    root = check_pretrained(path)
     out = {}
     for name, loader in COMPONENTS.items():
         kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}

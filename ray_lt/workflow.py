@@ -18,7 +18,7 @@ from ray_lt.evaluate import evaluate_classifier
 from ray_lt.generate.pixel import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.pixel import fit_pixel_generator
 from ray_lt.generate.statistics import fit_criterion_support
-from ray_lt.generate.synthesize import require_stage
+from ray_lt.generate.synthesize import filter_synthetic, require_stage
 from ray_lt.generate.synthesize import synthesize as run_synthesis
 from ray_lt.train import fit_classifier
 from ray_lt.train.trainer import MODEL_FILE
@@ -92,6 +92,10 @@ def synthesize(cfg: Config, out_dir: Path) -> Path:
     counts = run_synthesis(cfg, data, out_dir)
     print(f"[ray-lt] synthetic rows: {int(counts['written'].sum())} in "
           f"{out_dir / 'synthetic'}")
+    if cfg.synthesis.filter.enabled:
+        report = filter_synthetic(out_dir, data, cfg)
+        print(f"[ray-lt] filter dropped {int(report['dropped'].sum())} of "
+              f"{int(report['generated'].sum())} samples; per class:\n{report.to_string()}")
     return out_dir / "synthetic"
 
 

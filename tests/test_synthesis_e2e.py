@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import ROOT, run_cli
 from PIL import Image
 from ray.util.state import list_actors
 
-from conftest import ROOT, run_cli
 from ray_lt import workflow
 from ray_lt.config import load_config
+from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError, StageError
-from ray_lt.generate.synthesize import MANIFEST_FILE, load_synthetic
+from ray_lt.generate.synthesize import MANIFEST_FILE, filter_synthetic, load_synthetic
 
 BASE = ["train.epochs=1", "generator.train_steps=12", "generator.checkpoint_every=6",
         "generator.block_out_channels=[16, 32]", "generator.batch_size=16",
@@ -87,6 +88,16 @@ def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, capsys):
     synthetic = load_synthetic(out, channels=1)
     assert synthetic.count() == 73
     assert synthetic.take(1)[0]["image"].shape == (16, 16, 1)
+
+    filtering = load_config(ROOT / "configs" / "digits_lt.yaml",
+                            [*BASE, "synthesis.quota_scale=0.1",
+                             "synthesis.filter.confidence_threshold=0.3",
+                             "synthesis.filter.distance_quantile=0.9"])
+    report = filter_synthetic(out, load_dataset(filtering.dataset, 0), filtering)
+    assert report["generated"].sum() == 73
+    assert (report["dropped"] == report["confidently_other_class"] + report["far_from_class"]).all()
+    assert load_synthetic(out, channels=1).count() == report["kept"].sum()
+    assert load_synthetic(out, channels=1, filtered=False).count() == 73
 
     changed = load_config(ROOT / "configs" / "digits_lt.yaml", [*BASE, "synthesis.quota_scale=0.2"])
     with pytest.raises(ConfigError, match="plan.json: the synthesis plan"):

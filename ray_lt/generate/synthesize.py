@@ -28,15 +28,23 @@ from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError, StageError
 from ray_lt.generate.criteria import CriterionScorer, draw_criteria
+from ray_lt.generate.filtering import (
+    class_distance_quantiles,
+    class_means,
+    drop_report,
+    filter_mask,
+)
 from ray_lt.generate.pixel import PixelGenerator
 from ray_lt.generate.quota import class_quotas, group_quotas, per_sample_seeds, plan_shards
 from ray_lt.generate.sampler import Guidance, guided_sample
-from ray_lt.generate.statistics import load_criterion_support
+from ray_lt.generate.statistics import FEATURES_FILE, load_criterion_support
+from ray_lt.train.features import predict
 from ray_lt.train.trainer import MODEL_FILE, load_classifier
 
 SYNTHETIC_DIR = "synthetic"
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.jsonl"
+FILTER_FILE = "filter.parquet"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -269,16 +277,58 @@ def check_counts(out: Path, shards: list[dict[str, Any]]) -> pd.DataFrame:
     return counts
 
 
-def load_synthetic(run_dir: Path, channels: int) -> ray.data.Dataset:
-    """The synthetic rows as a Ray Dataset with decoded ``image`` arrays (training format)."""
+def synthetic_files(run_dir: Path) -> list[str]:
     out = require_stage(Path(run_dir) / SYNTHETIC_DIR, "synthesis", "ray-lt synthesize")
     files = sorted(str(p) for p in out.glob("shard_*.parquet"))
     if not files:
         raise StageError(f"{out} holds no synthetic shard: run `ray-lt synthesize` first")
+    return files
 
-    def decode(batch: pd.DataFrame) -> pd.DataFrame:
-        batch = batch.copy()
-        batch["image"] = [decode_png(b, channels) for b in batch["image"]]
-        return batch
 
-    return ray.data.read_parquet(files).map_batches(decode, batch_format="pandas")
+def _decode_images(batch: pd.DataFrame, channels: int) -> pd.DataFrame:
+    batch = batch.copy()
+    batch["image"] = [decode_png(b, channels) for b in batch["image"]]
+    return batch
+
+
+def load_synthetic(run_dir: Path, channels: int, filtered: bool = True) -> ray.data.Dataset:
+    """The synthetic rows as a Ray Dataset with decoded ``image`` arrays (training format),
+    without the rows the filter dropped when it ran (``filtered``)."""
+    ds = ray.data.read_parquet(synthetic_files(run_dir))
+    verdicts = Path(run_dir) / SYNTHETIC_DIR / FILTER_FILE
+    if filtered and verdicts.is_file():
+        dropped = pd.read_parquet(verdicts).query("~keep")
+        drop = set(zip(dropped["shard_id"].tolist(), dropped["seed"].tolist(), strict=True))
+        if drop:
+            ds = ds.filter(lambda row: (row["shard_id"], row["seed"]) not in drop)
+    return ds.map_batches(_decode_images, fn_kwargs={"channels": channels},
+                          batch_format="pandas")
+
+
+def filter_synthetic(run_dir: Path, data: LongTailData, cfg: Config) -> pd.DataFrame:
+    """DiffuLT filtering with the real-data classifier: record a keep/drop verdict per sample
+    (``filter.parquet``) and the drops per class (``filter_report.csv``); returns the report."""
+    f = cfg.synthesis.filter
+    run_dir = Path(run_dir)
+    out = run_dir / SYNTHETIC_DIR
+    classifier_dir = run_dir / "classifier"
+    ev = cfg.evaluate
+    ds = load_synthetic(run_dir, data.image_shape[2], filtered=False)
+    ids = ds.select_columns(["shard_id", "seed"]).to_pandas()
+    rows = predict(ds, classifier_dir, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
+                   ev.gpus_per_actor, features=f.distance_quantile is not None)
+    features = means = radius = None
+    if f.distance_quantile is not None:
+        real = np.load(classifier_dir / FEATURES_FILE)
+        means = class_means(real["features"], real["labels"], data.num_classes)
+        radius = class_distance_quantiles(real["features"], real["labels"], data.num_classes,
+                                          f.distance_quantile)
+        features = np.stack(rows["features"].to_numpy())
+    labels = rows["label"].to_numpy()
+    keep, reasons = filter_mask(rows["pred"].to_numpy(), rows["confidence"].to_numpy(), labels,
+                                features, means, radius, f.confidence_threshold)
+    pd.DataFrame({"shard_id": ids["shard_id"], "seed": ids["seed"], "keep": keep,
+                  "reason": reasons}).to_parquet(out / FILTER_FILE, index=False)
+    report = drop_report(labels, keep, reasons, data.num_classes)
+    report.to_csv(out / "filter_report.csv", index=False)
+    return report

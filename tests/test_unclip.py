@@ -189,3 +189,36 @@ def test_manual_ddim_loop_gives_finite_images():
             z = gen.scheduler.step(gen.predict_noise(z, t, cond, 3.0), t, z).prev_sample
     images = gen.decode_output(z)
     assert images.shape == (4, 3, 24, 24) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "loss", "hardness", "total_uncertainty"])
+def test_guided_loop_moves_each_criterion_up_on_tiny_unclip(criterion):
+    from ray_lt.generate.criteria import (
+        CriterionScorer,
+        fit_class_statistics,
+        fit_epistemic_head,
+    )
+    from ray_lt.generate.sampler import Guidance, guided_sample
+    from ray_lt.train.models import build_model
+
+    torch.manual_seed(0)
+    generator = make_generator()
+    classifier = build_model("small_cnn", num_classes=2, in_channels=3, width=8).eval()
+    with torch.no_grad():
+        classifier.head.weight.mul_(40)
+        real = torch.rand(24, 3, generator.image_size, generator.image_size)
+        features = classifier.embed(real).numpy()
+    labels = np.arange(24) % 2
+    scorer = CriterionScorer(classifier, [criterion],
+                             fit_class_statistics(features, labels, 2),
+                             fit_epistemic_head(features, labels, 2, k=3, epochs=5))
+    n = 4
+    runs = {}
+    for scale in (0.0, 0.3):
+        runs[scale] = guided_sample(generator, scorer, torch.arange(n) % 2,
+                                    torch.full((n,), -1), torch.zeros(n, dtype=torch.long),
+                                    list(range(n)), num_steps=4, cfg_scale=2.0,
+                                    guidance=Guidance(scale=scale, every=1))
+    assert torch.isfinite(runs[0.3].latents).all()
+    assert (runs[0.3].nonfinite_steps == 0).all()
+    assert runs[0.3].criterion_after.mean() > runs[0.0].criterion_after.mean()

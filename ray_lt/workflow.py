@@ -9,15 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from ray_lt.config import Config, RayConfig, dump_config
 from ray_lt.data import LongTailData, load_dataset
 from ray_lt.errors import ConfigError
 from ray_lt.evaluate import evaluate_classifier
+from ray_lt.generate.feature import train_feature_generator
 from ray_lt.generate.pixel import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.pixel import fit_pixel_generator
-from ray_lt.generate.statistics import fit_criterion_support
+from ray_lt.generate.statistics import FEATURES_FILE, fit_criterion_support
 from ray_lt.generate.synthesize import filter_synthetic, require_stage
 from ray_lt.generate.synthesize import synthesize as run_synthesis
 from ray_lt.train import fit_classifier
@@ -63,21 +65,34 @@ def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
 
 
 def train_generator(cfg: Config, out_dir: Path) -> Path:
-    """Train the pixel generator from scratch on the long-tailed training set (DiffuLT)."""
-    if cfg.generator.kind != "pixel":
-        raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not trained by "
-                          f"train-generator (only 'pixel' is)")
+    """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
+    Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
+    if cfg.generator.kind == "unclip":
+        raise ConfigError("generator.kind: 'unclip' is not trained by train-generator (it loads "
+                          "pretrained weights from generator.pretrained)")
     out_dir, data = prepare(cfg, out_dir)
     folder = out_dir / "generator"
     if (folder / GENERATOR_SPEC).is_file():
         print(f"[ray-lt] generator already trained: {folder}")
         return folder
-    by_group = cfg.generator.condition_on == "group"
-    if by_group and data.group_counts is None:
-        raise ConfigError("generator.condition_on: 'group' needs a data set with groups")
-    num_conditions = data.num_groups if by_group else data.num_classes
-    folder = fit_pixel_generator(data.train, cfg.generator, cfg.scaling, data.image_shape,
-                                 num_conditions, cfg.seed, out_dir)
+    g = cfg.generator
+    if g.kind == "feature":
+        classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
+                                       "ray-lt train").parent
+        fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads,
+                              cfg.evaluate, cfg.seed)
+        real = np.load(classifier_dir / FEATURES_FILE)
+        task = ray.remote(train_feature_generator).options(num_cpus=cfg.scaling.cpus_per_worker)
+        folder = ray.get(task.remote(real["features"], real["labels"], data.num_classes,
+                                     g.train_steps, g.batch_size, g.lr, g.label_dropout,
+                                     cfg.seed, folder))
+    else:
+        by_group = g.condition_on == "group"
+        if by_group and data.group_counts is None:
+            raise ConfigError("generator.condition_on: 'group' needs a data set with groups")
+        num_conditions = data.num_groups if by_group else data.num_classes
+        folder = fit_pixel_generator(data.train, g, cfg.scaling, data.image_shape,
+                                     num_conditions, cfg.seed, out_dir)
     print(f"[ray-lt] generator trained: {folder}")
     return folder
 

@@ -151,3 +151,20 @@ def test_missing_stages_are_named(tmp_path):
     with pytest.raises(ConfigError, match="generator.kind: 'unclip' is not trained"):
         workflow.train_generator(load_config(ROOT / "configs" / "digits_lt.yaml",
                                              ["generator.kind=unclip"]), tmp_path)
+
+
+def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
+    out = tmp_path / "feature"
+    out.mkdir()
+    shutil.copytree(trained / "classifier", out / "classifier")
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
+                      [*BASE, "generator.kind=feature", "generator.train_steps=200",
+                       "synthesis.quota_scale=0.05", "synthesis.criteria={loss: 1.0}"])
+    workflow.train_generator(cfg, out)
+    assert json.loads((out / "generator" / "generator.json").read_text())["kind"] == "feature"
+    workflow.synthesize(cfg, out)
+    rows = _rows(out)
+    assert "image" not in rows.columns
+    assert len(rows) == 36  # round(0.05 * (100 - n_c)) summed over the classes
+    assert {len(f) for f in rows["feature"]} == {64}  # small_cnn width 32 -> 64 features
+    assert load_synthetic(out, channels=1).count() == 36

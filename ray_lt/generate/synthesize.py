@@ -28,6 +28,7 @@ from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError, StageError
 from ray_lt.generate.criteria import CriterionScorer, draw_criteria
+from ray_lt.generate.feature import FeatureGenerator
 from ray_lt.generate.filtering import (
     class_distance_quantiles,
     class_means,
@@ -89,6 +90,9 @@ def build_generator(cfg: Config, run_dir: Path, device: torch.device,
     if g.kind == "pixel":
         folder = require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
         return PixelGenerator.from_pretrained(folder, device)
+    if g.kind == "feature":
+        folder = require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
+        return FeatureGenerator.from_pretrained(folder, device)
     if g.kind == "unclip":
         from ray_lt.generate.unclip import UnCLIPGenerator
 
@@ -104,7 +108,7 @@ def build_generator(cfg: Config, run_dir: Path, device: torch.device,
 
 def check_generator(cfg: Config, run_dir: Path) -> None:
     """Fail on a missing generator before any actor starts (loads no weights)."""
-    if cfg.generator.kind == "pixel":
+    if cfg.generator.kind in ("pixel", "feature"):
         require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
     elif cfg.generator.kind == "unclip":
         from ray_lt.generate.unclip import check_pretrained
@@ -134,8 +138,9 @@ def build_scorer(cfg: Config, run_dir: Path, device: torch.device,
     require_stage(classifier_dir / MODEL_FILE, "classifier", "ray-lt train")
     statistics, head = load_criterion_support(classifier_dir)
     names = names or list(cfg.synthesis.criteria)
-    return CriterionScorer(load_classifier(classifier_dir, device), names, statistics,
-                           head).to(device)
+    inputs = "features" if cfg.generator.kind == "feature" else "images"
+    return CriterionScorer(load_classifier(classifier_dir, device), names, statistics, head,
+                           inputs=inputs).to(device)
 
 
 class GuidedSampler:
@@ -172,10 +177,14 @@ class GuidedSampler:
                 torch.full((size,), int(shard["group"])), ids[start:start + size], chunk,
                 s.num_steps, s.cfg_scale, self.guidance, s.eta, PRECISIONS[s.precision])
             with torch.no_grad():
-                images = self.generator.decode_output(out.latents)
-            pixels = (images.permute(0, 2, 3, 1).cpu().float().numpy() * 255).round()
+                decoded = self.generator.decode_output(out.latents).cpu().float()
+            if decoded.dim() == 2:  # feature generator: pseudo-feature vectors
+                payload = {"feature": list(decoded.numpy())}
+            else:
+                pixels = (decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+                payload = {"image": [png_bytes(p) for p in pixels]}
             parts.append(pd.DataFrame({
-                "image": [png_bytes(p.astype(np.uint8)) for p in pixels],
+                **payload,
                 "label": int(shard["label"]), "group": int(shard["group"]),
                 "criterion": [self.names[i] for i in ids[start:start + size].tolist()],
                 "guidance_scale": s.guidance_scale, "seed": chunk,
@@ -301,6 +310,8 @@ def load_synthetic(run_dir: Path, channels: int, filtered: bool = True) -> ray.d
         drop = set(zip(dropped["shard_id"].tolist(), dropped["seed"].tolist(), strict=True))
         if drop:
             ds = ds.filter(lambda row: (row["shard_id"], row["seed"]) not in drop)
+    if "image" not in ds.columns():
+        return ds  # pseudo-features (feature generator)
     return ds.map_batches(_decode_images, fn_kwargs={"channels": channels},
                           batch_format="pandas")
 
@@ -309,6 +320,9 @@ def filter_synthetic(run_dir: Path, data: LongTailData, cfg: Config) -> pd.DataF
     """DiffuLT filtering with the real-data classifier: record a keep/drop verdict per sample
     (``filter.parquet``) and the drops per class (``filter_report.csv``); returns the report."""
     f = cfg.synthesis.filter
+    if cfg.generator.kind == "feature":
+        raise ConfigError("synthesis.filter.enabled: filtering works on images; the feature "
+                          "generator writes feature vectors")
     run_dir = Path(run_dir)
     out = run_dir / SYNTHETIC_DIR
     classifier_dir = run_dir / "classifier"

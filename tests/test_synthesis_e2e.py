@@ -165,6 +165,6 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     workflow.synthesize(cfg, out)
     rows = _rows(out)
     assert "image" not in rows.columns
-    assert len(rows) == 36  # round(0.05 * (100 - n_c)) summed over the classes
+    assert len(rows) == 37  # round(0.05 * (100 - n_c)) summed over the classes
     assert {len(f) for f in rows["feature"]} == {64}  # small_cnn width 32 -> 64 features
-    assert load_synthetic(out, channels=1).count() == 36
+    assert load_synthetic(out, channels=1).count() == 37

@@ -16,8 +16,8 @@ from ray_lt.config import Config, RayConfig, dump_config
 from ray_lt.data import LongTailData, load_dataset
 from ray_lt.errors import ConfigError
 from ray_lt.evaluate import evaluate_classifier
+from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.feature import train_feature_generator
-from ray_lt.generate.pixel import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.pixel import fit_pixel_generator
 from ray_lt.generate.statistics import FEATURES_FILE, fit_criterion_support
 from ray_lt.generate.synthesize import filter_synthetic, require_stage
@@ -64,6 +64,16 @@ def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+def criterion_support(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
+    """The baseline classifier's folder, with the class statistics and epistemic head that the
+    criteria need (computed on first use); fails naming the stage when there is none."""
+    classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
+                                   "ray-lt train").parent
+    fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
+                          cfg.seed)
+    return classifier_dir
+
+
 def train_generator(cfg: Config, out_dir: Path) -> Path:
     """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
     Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
@@ -77,10 +87,7 @@ def train_generator(cfg: Config, out_dir: Path) -> Path:
         return folder
     g = cfg.generator
     if g.kind == "feature":
-        classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
-                                       "ray-lt train").parent
-        fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads,
-                              cfg.evaluate, cfg.seed)
+        classifier_dir = criterion_support(cfg, out_dir, data)
         real = np.load(classifier_dir / FEATURES_FILE)
         task = ray.remote(train_feature_generator).options(num_cpus=cfg.scaling.cpus_per_worker)
         folder = ray.get(task.remote(real["features"], real["labels"], data.num_classes,
@@ -100,10 +107,7 @@ def train_generator(cfg: Config, out_dir: Path) -> Path:
 def synthesize(cfg: Config, out_dir: Path) -> Path:
     """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic``."""
     out_dir, data = prepare(cfg, out_dir)
-    classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
-                                   "ray-lt train").parent
-    fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
-                          cfg.seed)
+    criterion_support(cfg, out_dir, data)
     counts = run_synthesis(cfg, data, out_dir)
     print(f"[ray-lt] synthetic rows: {int(counts['written'].sum())} in "
           f"{out_dir / 'synthetic'}")
@@ -120,10 +124,7 @@ def grid(cfg: Config, out_dir: Path) -> Path:
     from ray_lt.generate.synthesize import check_generator, data_info
 
     out_dir, data = prepare(cfg, out_dir)
-    classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
-                                   "ray-lt train").parent
-    fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
-                          cfg.seed)
+    criterion_support(cfg, out_dir, data)
     check_generator(cfg, out_dir)
     s = cfg.synthesis
     label = s.grid_class if s.grid_class >= 0 else int(data.class_counts.argmin())

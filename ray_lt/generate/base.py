@@ -6,11 +6,17 @@ A generator owns a diffusers ``DDIMScheduler`` and works on a latent ``z``: pixe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from diffusers import DDIMScheduler
+
+from ray_lt.errors import StageError
+
+SPEC_FILE = "generator.json"
 
 
 @dataclass
@@ -27,6 +33,19 @@ def sample_generators(seeds: list[int], stream: int = 0) -> list[torch.Generator
     """One CPU ``torch.Generator`` per sample, so a sample depends on its seed only, never on
     the batch it was drawn in. ``stream`` separates independent uses of one seed."""
     return [torch.Generator().manual_seed((int(s) * 1_000_003 + stream) % (2**63)) for s in seeds]
+
+
+def read_spec(folder: Path, kind: str) -> dict[str, Any]:
+    """The ``generator.json`` of a trained generator of ``kind``; a clear error when absent."""
+    path = Path(folder) / SPEC_FILE
+    if not path.is_file():
+        raise StageError(f"no trained {kind} generator in {folder}: run "
+                         f"`ray-lt train-generator` with the same --out first")
+    spec = json.loads(path.read_text())
+    if spec.get("kind") != kind:
+        raise StageError(f"{path} holds a {spec.get('kind')!r} generator, not {kind!r}: use "
+                         f"another --out or the matching generator.kind")
+    return spec
 
 
 class Generator(Protocol):

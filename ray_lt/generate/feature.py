@@ -18,10 +18,8 @@ from diffusers.models.embeddings import get_timestep_embedding
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ray_lt.errors import StageError
-from ray_lt.generate.base import Conditioning
+from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
 
-SPEC_FILE = "generator.json"
 WEIGHTS_FILE = "denoiser.safetensors"
 
 
@@ -99,10 +97,7 @@ class FeatureGenerator:
     def from_pretrained(cls, folder: Path, device: str | torch.device = "cpu"
                         ) -> FeatureGenerator:
         folder = Path(folder)
-        if not (folder / SPEC_FILE).is_file():
-            raise StageError(f"no trained feature generator in {folder}: run "
-                             f"`ray-lt train-generator` with the same --out first")
-        spec = json.loads((folder / SPEC_FILE).read_text())
+        spec = read_spec(folder, "feature")
         spec.pop("kind")
         state = load_file(folder / WEIGHTS_FILE)
         mean, std = state.pop("feature_mean"), state.pop("feature_std")

@@ -24,11 +24,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
 from ray_lt.config import GeneratorConfig, ScalingConfig
-from ray_lt.errors import StageError
-from ray_lt.generate.base import Conditioning
+from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
 from ray_lt.train.trainer import run_trainer
-
-SPEC_FILE = "generator.json"
 
 
 def build_unet(image_size: int, channels: int, num_conditions: int,
@@ -108,10 +105,7 @@ class PixelGenerator:
     def from_pretrained(cls, folder: Path, device: str | torch.device = "cpu"
                         ) -> PixelGenerator:
         folder = Path(folder)
-        if not (folder / SPEC_FILE).is_file():
-            raise StageError(f"no trained pixel generator in {folder}: run "
-                             f"`ray-lt train-generator` with the same --out first")
-        spec = json.loads((folder / SPEC_FILE).read_text())
+        spec = read_spec(folder, "pixel")
         unet = UNet2DModel.from_pretrained(folder / "unet")
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
         return cls(unet, scheduler, spec["num_conditions"], spec["by_group"], device)

@@ -24,7 +24,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from ray_lt.generate.criteria import CriterionScorer
-from ray_lt.generate.pixel import PixelGenerator, build_unet, training_scheduler
+from ray_lt.generate.pixel import (
+    ConditionedUNet,
+    PixelGenerator,
+    build_unet,
+    training_scheduler,
+)
 from ray_lt.generate.sampler import Guidance, guided_sample
 from ray_lt.generate.unclip import UnCLIPGenerator, tiny_unclip_components
 from ray_lt.train.models import build_model
@@ -43,8 +48,8 @@ def timed(fn, repeats: int = 2) -> float:
 def pixel_parts() -> tuple[PixelGenerator, CriterionScorer]:
     torch.manual_seed(0)
     unet = build_unet(16, 1, 10, [32, 64, 64], 1, True)
-    generator = PixelGenerator(unet, DDIMScheduler.from_config(training_scheduler().config),
-                               10, False)
+    generator = PixelGenerator(ConditionedUNet(unet, 10),
+                               DDIMScheduler.from_config(training_scheduler().config), False)
     classifier = build_model("small_cnn", 10, 1, 32).eval()
     return generator, CriterionScorer(classifier, ["entropy"])
 

@@ -190,7 +190,7 @@ class GeneratorConfig(Strict):
     ``feature`` (trained here on classifier features)."""
 
     kind: Literal["pixel", "unclip", "feature"] = "pixel"
-    condition_on: Literal["class", "group"] = "class"
+    condition_on: Literal["class", "group", "class+context"] = "class"
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     attention: bool = True

@@ -94,12 +94,15 @@ def train_generator(cfg: Config, out_dir: Path) -> Path:
                                      g.train_steps, g.batch_size, g.lr, g.label_dropout,
                                      cfg.seed, folder))
     else:
+        if g.condition_on != "class" and data.group_counts is None:
+            raise ConfigError(f"generator.condition_on: {g.condition_on!r} needs a data set "
+                              f"with groups")
         by_group = g.condition_on == "group"
-        if by_group and data.group_counts is None:
-            raise ConfigError("generator.condition_on: 'group' needs a data set with groups")
+        num_contexts = len(data.context_names) if g.condition_on == "class+context" else 0
         num_conditions = data.num_groups if by_group else data.num_classes
         folder = fit_pixel_generator(data.train, g, cfg.scaling, data.image_shape,
-                                     num_conditions, cfg.seed, out_dir)
+                                     num_conditions, cfg.seed, out_dir,
+                                     num_contexts=num_contexts)
     print(f"[ray-lt] generator trained: {folder}")
     return folder
 

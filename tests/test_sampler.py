@@ -5,7 +5,12 @@ import torch
 from diffusers import DDIMScheduler
 
 from ray_lt.generate.criteria import CriterionScorer
-from ray_lt.generate.pixel import PixelGenerator, build_unet, training_scheduler
+from ray_lt.generate.pixel import (
+    ConditionedUNet,
+    PixelGenerator,
+    build_unet,
+    training_scheduler,
+)
 from ray_lt.generate.sampler import Guidance, guided_sample
 from ray_lt.train.models import build_model
 
@@ -15,8 +20,9 @@ def parts():
     torch.manual_seed(0)
     unet = build_unet(16, 1, num_conditions=10, block_out_channels=[16, 32],
                       layers_per_block=1, attention=False)
-    generator = PixelGenerator(unet, DDIMScheduler.from_config(training_scheduler().config),
-                               num_conditions=10, by_group=False)
+    generator = PixelGenerator(ConditionedUNet(unet, 10),
+                               DDIMScheduler.from_config(training_scheduler().config),
+                               by_group=False)
     classifier = build_model("small_cnn", num_classes=10, in_channels=1, width=8).eval()
     with torch.no_grad():
         classifier.head.weight.mul_(40)  # confident predictions leave room for the criteria
@@ -80,3 +86,22 @@ def test_non_finite_gradients_are_zeroed_and_counted(parts):
                         Guidance(scale=0.1, every=2))
     assert out.nonfinite_steps.tolist() == [3, 0, 0]
     assert torch.isfinite(out.latents).all()
+
+
+def test_class_context_generator_round_trips_and_composes(tmp_path):
+    torch.manual_seed(0)
+    unet = build_unet(8, 3, 4, [16, 32], 1, False, embedded_outside=True)
+    model = ConditionedUNet(unet, num_conditions=4, num_contexts=3)
+    generator = PixelGenerator(model, DDIMScheduler.from_config(training_scheduler().config),
+                               by_group=False)
+    cond = generator.condition(torch.tensor([0, 3]), torch.tensor([2, 11]), [0, 1])
+    assert cond.inputs["cond"].tolist() == [[0, 2], [3, 2]]  # group 11 = class 3, context 2
+    assert model.null(cond.inputs["cond"]).tolist() == [[4, 3], [4, 3]]
+    z = torch.randn(2, 3, 8, 8)
+    eps = generator.predict_noise(z, torch.tensor(500), cond, 2.0)
+    generator.save_pretrained(tmp_path / "gen")
+    loaded = PixelGenerator.from_pretrained(tmp_path / "gen")
+    assert loaded.model.num_contexts == 3
+    assert torch.allclose(loaded.predict_noise(z, torch.tensor(500), cond, 2.0), eps, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the group of every sample"):
+        generator.condition(torch.tensor([0]), torch.tensor([-1]), [0])

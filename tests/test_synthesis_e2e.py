@@ -168,3 +168,18 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     assert len(rows) == 37  # round(0.05 * (100 - n_c)) summed over the classes
     assert {len(f) for f in rows["feature"]} == {64}  # small_cnn width 32 -> 64 features
     assert load_synthetic(out, channels=1).count() == 37
+
+
+def test_digits_groups_class_context_generator_fills_every_group(tmp_path, ray_session):
+    cfg = load_config(ROOT / "configs" / "digits_groups.yaml",
+                      [*BASE, "synthesis.target=3", "synthesis.criteria={entropy: 1.0}"])
+    workflow.train(cfg, tmp_path)
+    workflow.train_generator(cfg, tmp_path)
+    spec = json.loads((tmp_path / "generator" / "generator.json").read_text())
+    assert spec["num_contexts"] == 4 and spec["num_conditions"] == 10
+    workflow.synthesize(cfg, tmp_path)
+    rows = _rows(tmp_path)
+    written = rows.groupby("group").size().reindex(range(40), fill_value=0).to_numpy()
+    counts = np.asarray(json.loads((tmp_path / "metrics.json").read_text())["group_counts"])
+    assert (written == np.maximum(3 - counts, 0)).all()  # empty groups get 3, full ones none
+    assert (rows["group"] // 4 == rows["label"]).all()

@@ -22,27 +22,60 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 from ray_lt.config import GeneratorConfig, ScalingConfig
 from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
 from ray_lt.train.trainer import run_trainer
 
+EMBEDDING_FILE = "condition_embedding.safetensors"
+
 
 def build_unet(image_size: int, channels: int, num_conditions: int,
-               block_out_channels: list[int], layers_per_block: int, attention: bool
-               ) -> UNet2DModel:
-    """A small conditional UNet; attention at the middle resolution when ``attention``."""
+               block_out_channels: list[int], layers_per_block: int, attention: bool,
+               embedded_outside: bool = False) -> UNet2DModel:
+    """A small conditional UNet; attention at the middle resolution when ``attention``. With
+    ``embedded_outside`` the condition arrives as an embedding vector (``ConditionedUNet``)."""
     n = len(block_out_channels)
     down = ["DownBlock2D"] * n
     up = ["UpBlock2D"] * n
     if attention and n >= 2:
         down[1], up[n - 2] = "AttnDownBlock2D", "AttnUpBlock2D"
+    conditioning = ({"class_embed_type": "identity"} if embedded_outside
+                    else {"num_class_embeds": num_conditions + 1})
     return UNet2DModel(
         sample_size=image_size, in_channels=channels, out_channels=channels,
         block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
         down_block_types=tuple(down), up_block_types=tuple(up),
-        num_class_embeds=num_conditions + 1, norm_num_groups=min(8, block_out_channels[0]),
-        attention_head_dim=8)
+        norm_num_groups=min(8, block_out_channels[0]), attention_head_dim=8, **conditioning)
+
+
+class ConditionedUNet(nn.Module):
+    """The UNet and how conditions enter it: an id per sample (class or group; the UNet's own
+    table, ``num_conditions`` = null), or with ``num_contexts`` a (class, context) pair whose
+    embeddings are summed, so that a class x context group absent from training is composed
+    of a class and a context that were not (nulls: ``num_conditions``, ``num_contexts``)."""
+
+    def __init__(self, unet: UNet2DModel, num_conditions: int, num_contexts: int = 0):
+        super().__init__()
+        self.unet, self.num_conditions, self.num_contexts = unet, num_conditions, num_contexts
+        if num_contexts:
+            dim = unet.config.block_out_channels[0] * 4  # UNet2DModel's time-embedding size
+            self.classes = nn.Embedding(num_conditions + 1, dim)
+            self.contexts = nn.Embedding(num_contexts + 1, dim)
+
+    def null(self, cond: torch.Tensor) -> torch.Tensor:
+        if self.num_contexts:
+            return torch.tensor([self.num_conditions, self.num_contexts],
+                                device=cond.device).expand_as(cond)
+        return torch.full_like(cond, self.num_conditions)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.num_contexts:
+            embedding = self.classes(cond[:, 0]) + self.contexts(cond[:, 1])
+            return self.unet(z_t, t, class_labels=embedding).sample
+        return self.unet(z_t, t, class_labels=cond).sample
 
 
 def training_scheduler() -> DDPMScheduler:
@@ -51,34 +84,39 @@ def training_scheduler() -> DDPMScheduler:
 
 
 class PixelGenerator:
-    """The Generator interface over a conditional UNet2DModel in pixel space ([-1, 1])."""
+    """The Generator interface over a ConditionedUNet in pixel space ([-1, 1])."""
 
-    def __init__(self, unet: UNet2DModel, scheduler: DDIMScheduler, num_conditions: int,
-                 by_group: bool, device: str | torch.device = "cpu"):
+    def __init__(self, model: ConditionedUNet, scheduler: DDIMScheduler, by_group: bool,
+                 device: str | torch.device = "cpu"):
         self.device = torch.device(device)
-        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.scheduler = scheduler
-        self.num_conditions = num_conditions
         self.by_group = by_group
 
     def latent_shape(self) -> tuple[int, ...]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
+        config = self.model.unet.config
+        return (config.in_channels, config.sample_size, config.sample_size)
 
     def condition(self, labels: torch.Tensor, groups: torch.Tensor, seeds: list[int]
                   ) -> Conditioning:
-        ids = (groups if self.by_group else labels).to(self.device)
-        if (ids < 0).any() or (ids >= self.num_conditions).any():
-            raise ValueError(f"condition ids must lie in [0, {self.num_conditions})")
-        return Conditioning(labels, groups, {"class_labels": ids})
+        labels, groups = labels.to(self.device), groups.to(self.device)
+        m = self.model
+        if m.num_contexts:
+            if (groups < 0).any():
+                raise ValueError("a class x context generator needs the group of every sample")
+            cond = torch.stack([labels, groups % m.num_contexts], dim=1)
+        else:
+            cond = groups if self.by_group else labels
+        if (cond < 0).any() or (cond[..., 0] >= m.num_conditions).any():
+            raise ValueError(f"condition ids must lie in [0, {m.num_conditions})")
+        return Conditioning(labels, groups, {"cond": cond})
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:
-        ids = cond.inputs["class_labels"]
+        ids = cond.inputs["cond"]
         if cfg_scale == 1.0:
-            return self.unet(z_t, t, class_labels=ids).sample
-        null = torch.full_like(ids, self.num_conditions)
-        both = self.unet(torch.cat([z_t, z_t]), t, class_labels=torch.cat([null, ids])).sample
+            return self.model(z_t, t, ids)
+        both = self.model(torch.cat([z_t, z_t]), t, torch.cat([self.model.null(ids), ids]))
         uncond, conditional = both.chunk(2)
         return uncond + cfg_scale * (conditional - uncond)
 
@@ -95,29 +133,42 @@ class PixelGenerator:
 
     def save_pretrained(self, folder: Path) -> None:
         folder = Path(folder)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        m = self.model
+        m.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        if m.num_contexts:
+            save_file({"classes": m.classes.weight.contiguous(),
+                       "contexts": m.contexts.weight.contiguous()}, folder / EMBEDDING_FILE)
         self.scheduler.save_pretrained(folder / "scheduler")
         (folder / SPEC_FILE).write_text(json.dumps(
-            {"kind": "pixel", "num_conditions": self.num_conditions, "by_group": self.by_group},
-            indent=2))
+            {"kind": "pixel", "num_conditions": m.num_conditions, "by_group": self.by_group,
+             "num_contexts": m.num_contexts}, indent=2))
 
     @classmethod
     def from_pretrained(cls, folder: Path, device: str | torch.device = "cpu"
                         ) -> PixelGenerator:
         folder = Path(folder)
         spec = read_spec(folder, "pixel")
-        unet = UNet2DModel.from_pretrained(folder / "unet")
+        model = ConditionedUNet(UNet2DModel.from_pretrained(folder / "unet"),
+                                spec["num_conditions"], spec.get("num_contexts", 0))
+        if model.num_contexts:
+            weights = load_file(folder / EMBEDDING_FILE)
+            model.classes.weight.data.copy_(weights["classes"])
+            model.contexts.weight.data.copy_(weights["contexts"])
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-        return cls(unet, scheduler, spec["num_conditions"], spec["by_group"], device)
+        return cls(model, scheduler, spec["by_group"], device)
 
 
-def _load_shard(shard: Any, by_group: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """All rows of a (small) training shard as tensors: images in [-1, 1], condition ids."""
-    images, ids = [], []
+def _load_shard(shard: Any, by_group: bool, num_contexts: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All rows of a (small) training shard as tensors: images in [-1, 1], conditions."""
+    images, conds = [], []
     for batch in shard.iter_torch_batches(batch_size=1024):
         images.append(batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1)
-        ids.append(batch["group" if by_group else "label"])
-    return torch.cat(images), torch.cat(ids)
+        if num_contexts:
+            conds.append(torch.stack([batch["label"], batch["group"] % num_contexts], dim=1))
+        else:
+            conds.append(batch["group" if by_group else "label"])
+    return torch.cat(images), torch.cat(conds)
 
 
 def generator_loop_per_worker(config: dict[str, Any]) -> None:
@@ -128,10 +179,13 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"] * 1000 + rank)
     rng = torch.Generator().manual_seed(config["seed"] * 1000 + 11 + rank)
-    unet = build_unet(config["image_size"], config["channels"], config["num_conditions"],
-                      hp["block_out_channels"], hp["layers_per_block"], hp["attention"])
-    ema = EMAModel(unet.parameters(), decay=hp["ema_decay"])
-    model = ray.train.torch.prepare_model(unet)
+    n_ctx = config["num_contexts"]
+    net = ConditionedUNet(
+        build_unet(config["image_size"], config["channels"], config["num_conditions"],
+                   hp["block_out_channels"], hp["layers_per_block"], hp["attention"],
+                   embedded_outside=n_ctx > 0), config["num_conditions"], n_ctx)
+    ema = EMAModel(net.parameters(), decay=hp["ema_decay"])
+    model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.0)
     noise_scheduler = training_scheduler()
     step, losses = 0, []
@@ -139,13 +193,12 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["unet"])
+        net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], state["losses"]
     ema.to(device)
-    images, ids = _load_shard(ray.train.get_dataset_shard("train"), config["by_group"])
-    null = config["num_conditions"]
+    images, conds = _load_shard(ray.train.get_dataset_shard("train"), config["by_group"], n_ctx)
     alphas = noise_scheduler.alphas_cumprod.to(device)
     started = time.perf_counter()
     if checkpoint is not None and step >= hp["train_steps"]:
@@ -155,19 +208,23 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
     while step < hp["train_steps"]:
         idx = torch.randint(0, len(images), (hp["batch_size"],), generator=rng)
         x0 = images[idx].to(device)
-        cond = ids[idx].clone()
-        cond[torch.rand(len(cond), generator=rng) < hp["label_dropout"]] = null
+        cond = conds[idx].clone()
+        drop = torch.rand(len(cond), generator=rng) < hp["label_dropout"]
+        cond[drop] = net.null(cond[drop])
+        if n_ctx:  # also learn class-only conditioning: drop the context alone as often
+            drop_context = torch.rand(len(cond), generator=rng) < hp["label_dropout"]
+            cond[drop_context, 1] = n_ctx
         noise = torch.randn(x0.shape, generator=rng).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),),
                           generator=rng).to(device)
         abar = alphas[t].view(-1, 1, 1, 1)
         z_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        loss = F.mse_loss(model(z_t, t, class_labels=cond.to(device)).sample, noise)
+        loss = F.mse_loss(model(z_t, t, cond.to(device)), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        ema.step(unet.parameters())
+        ema.step(net.parameters())
         losses.append(float(loss.detach()))
         step += 1
         if step % hp["checkpoint_every"] == 0 or step == hp["train_steps"]:
@@ -178,7 +235,7 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as folder:
                 saved = None
                 if rank == 0:
-                    torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(),
+                    torch.save({"model": net.state_dict(), "ema": ema.state_dict(),
                                 "optimizer": optimizer.state_dict(), "step": step,
                                 "losses": losses}, Path(folder) / "state.pt")
                     saved = ray.train.Checkpoint.from_directory(folder)
@@ -187,12 +244,13 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
 
 def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: ScalingConfig,
                         image_shape: tuple[int, int, int], num_conditions: int, seed: int,
-                        out_dir: Path, name: str = "generator") -> Path:
+                        out_dir: Path, name: str = "generator", num_contexts: int = 0) -> Path:
     """Train the pixel generator on Ray Train and export its EMA weights to ``out_dir/name``."""
     by_group = cfg.condition_on == "group"
     loop_config = {"generator": cfg.model_dump(mode="json"), "seed": seed,
                    "image_size": image_shape[0], "channels": image_shape[2],
-                   "num_conditions": num_conditions, "by_group": by_group}
+                   "num_conditions": num_conditions, "by_group": by_group,
+                   "num_contexts": num_contexts}
     result = run_trainer(generator_loop_per_worker, loop_config,
                          {"train": train.select_columns(["image", "label", "group"])},
                          scaling, out_dir, name, split=["train"])
@@ -200,17 +258,19 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: 
         raise RuntimeError(f"generator training in {out_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
-    unet = build_unet(image_shape[0], image_shape[2], num_conditions, cfg.block_out_channels,
-                      cfg.layers_per_block, cfg.attention)
-    unet.load_state_dict(state["unet"])
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+    net = ConditionedUNet(
+        build_unet(image_shape[0], image_shape[2], num_conditions, cfg.block_out_channels,
+                   cfg.layers_per_block, cfg.attention, embedded_outside=num_contexts > 0),
+        num_conditions, num_contexts)
+    net.load_state_dict(state["model"])
+    ema = EMAModel(net.parameters(), decay=cfg.ema_decay)
     ema.load_state_dict(state["ema"])
-    ema.copy_to(unet.parameters())
+    ema.copy_to(net.parameters())
     scheduler = DDIMScheduler.from_config(training_scheduler().config)
     folder = Path(out_dir) / name
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    PixelGenerator(unet, scheduler, num_conditions, by_group).save_pretrained(tmp)
+    PixelGenerator(net, scheduler, by_group).save_pretrained(tmp)
     np.savetxt(tmp / "loss.csv", np.asarray(state["losses"]), fmt="%.6f", header="loss")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,22 +29,45 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory):
-    """Address and dashboard URL of a 2-CPU Ray head on this machine."""
+def ray_head():
+    """Address and dashboard URL of a 2-CPU Ray head on this machine.
+
+    The head runs in the foreground (``--block``) in its own process group, so the session
+    stops exactly its own Ray processes, never another Ray instance on the machine.
+    """
+    import urllib.error
+    import urllib.request
+
     port, dashboard = _free_port(), _free_port()
-    env = dict(os.environ)
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=true", f"--dashboard-port={dashboard}",
-                    "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
-    address = f"127.0.0.1:{port}"
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", f"--dashboard-port={dashboard}",
+         "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dashboard}"
+
+    def dashboard_up() -> bool:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True  # up, and asking for the cluster's token
+        except OSError:
+            return False
+
     try:
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}"}
+        wait_for(dashboard_up, timeout=120)
+        yield {"address": f"127.0.0.1:{port}", "dashboard": url}
     finally:
         import ray
 
         ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")

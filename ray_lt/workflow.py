@@ -6,11 +6,14 @@ too. A stage whose output is already complete in the run directory is not run ag
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
+from ray._private.utils import read_ray_address
 
 from ray_lt.config import Config, RayConfig, dump_config
 from ray_lt.data import LongTailData, load_dataset
@@ -28,10 +31,33 @@ from ray_lt.train.trainer import MODEL_FILE
 SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group")
 
 
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def ray_address(configured: str | None) -> str | None:
+    """Where ``ray.init`` should connect: ``ray.address``, else RAY_ADDRESS (``ray job submit``
+    sets it), else the cluster last started on this machine if it is still alive, else
+    ``"local"`` (start Ray here).
+
+    Left to itself ``ray.init()`` also tries the last cluster started on this machine, and
+    when that cluster is gone it retries for minutes before failing.
+    """
+    if configured or os.environ.get("RAY_ADDRESS"):
+        return configured
+    last = read_ray_address()
+    return last if last and _reachable(last) else "local"
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Connect to the configured cluster, to RAY_ADDRESS (ray job submit), or start Ray here."""
     if not ray.is_initialized():
-        ray.init(address=cfg.address, ignore_reinit_error=True,
+        ray.init(address=ray_address(cfg.address), ignore_reinit_error=True,
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
 
 

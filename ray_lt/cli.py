@@ -11,7 +11,18 @@ from ray_lt import workflow
 from ray_lt.config import Config, load_config
 from ray_lt.errors import RayLTError
 
+
+def _tune(cfg: Config, out_dir: Path) -> object:
+    from ray_lt.tune import tune
+
+    return tune(cfg, out_dir)
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
+    "run": (workflow.run, "the whole pipeline: baseline, generator, guided synthesis, "
+                          "classifier on real + synthetic, evaluation, report"),
+    "tune": (_tune, "Ray Tune + Optuna over guidance scale, dropout, criterion mixture and "
+                    "loss weights; writes a result table and best_config.yaml"),
     "train": (workflow.train, "train the classifier on the real data and evaluate it"),
     "train-generator": (workflow.train_generator,
                         "train the pixel diffusion model on the long-tailed training set"),

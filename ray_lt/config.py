@@ -259,6 +259,70 @@ class SynthesisConfig(Strict):
         return self
 
 
+class FinalConfig(Strict):
+    """The classifier trained on real + synthetic data: from scratch (FG) or fine-tuned from the
+    baseline (LTG); unset values fall back to the ``train`` section."""
+
+    init: Literal["scratch", "baseline"] = "scratch"
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, gt=0.0)
+    balanced_softmax_weight: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class ReportConfig(Strict):
+    """What ``ray-lt run`` puts in ``report.md`` / ``report.html`` besides the metrics."""
+
+    grid: bool = True
+    quality: bool = True
+    quality_k: int = Field(5, ge=1)
+    samples_per_class: int = Field(8, ge=1)
+
+
+Range = tuple[float, float]
+
+
+class SearchSpace(Strict):
+    """Ranges searched by ``ray-lt tune``; a key set to null is not searched."""
+
+    guidance_scale: Range | None = (0.003, 0.3)
+    embedding_dropout: Range | None = None
+    criteria: list[str] | None = None
+    synthetic_weight: Range | None = (0.2, 1.0)
+    balanced_softmax_weight: Range | None = None
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SearchSpace:
+        for name in ("guidance_scale", "embedding_dropout", "synthetic_weight",
+                     "balanced_softmax_weight"):
+            bounds = getattr(self, name)
+            if bounds is not None and not bounds[0] < bounds[1]:
+                raise ValueError(f"{name}: the range must be [low, high] with low < high")
+        if self.guidance_scale is not None and self.guidance_scale[0] <= 0:
+            raise ValueError("guidance_scale: searched on a log scale, so low must be > 0")
+        for name in ("embedding_dropout", "balanced_softmax_weight"):
+            bounds = getattr(self, name)
+            if bounds is not None and (bounds[0] < 0 or bounds[1] > 1):
+                raise ValueError(f"{name}: the range must lie in [0, 1]")
+        known = {"entropy", "loss", "hardness", "total_uncertainty"}
+        if self.criteria is not None:
+            unknown = sorted(set(self.criteria) - known)
+            if unknown or len(self.criteria) < 2:
+                raise ValueError(f"criteria: name at least two of {sorted(known)} "
+                                 f"(unknown: {unknown})")
+        return self
+
+
+class TuneSection(Strict):
+    """Ray Tune + Optuna around synthesis and final training (``ray-lt tune``)."""
+
+    num_trials: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    objective: Literal["few", "worst_group", "both"] = "few"
+    quota_scale: float = Field(1.0, gt=0.0, le=1.0)
+    trial_cpus: float = Field(0.0, ge=0.0)
+    space: SearchSpace = Field(default_factory=SearchSpace)
+
+
 class RayConfig(Strict):
     """Where to run: None connects to RAY_ADDRESS when set (ray job submit), else starts Ray."""
 
@@ -276,7 +340,17 @@ class Config(Strict):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    final: FinalConfig = Field(default_factory=FinalConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    tune: TuneSection = Field(default_factory=TuneSection)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+
+def final_train_config(cfg: Config) -> TrainConfig:
+    """The ``train`` section with the ``final`` section's overrides applied."""
+    changes = {k: v for k, v in cfg.final.model_dump().items()
+               if k in ("epochs", "lr", "balanced_softmax_weight") and v is not None}
+    return cfg.train.model_copy(update=changes)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

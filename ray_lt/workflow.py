@@ -6,8 +6,10 @@ too. A stage whose output is already complete in the run directory is not run ag
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +17,38 @@ import numpy as np
 import ray
 from ray._private.utils import read_ray_address
 
-from ray_lt.config import Config, RayConfig, dump_config
+from ray_lt.config import Config, RayConfig, dump_config, final_train_config
 from ray_lt.data import LongTailData, load_dataset
 from ray_lt.errors import ConfigError
-from ray_lt.evaluate import evaluate_classifier
+from ray_lt.evaluate import METRICS_FILE, evaluate_classifier
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.feature import train_feature_generator
 from ray_lt.generate.pixel import fit_pixel_generator
 from ray_lt.generate.statistics import FEATURES_FILE, fit_criterion_support
-from ray_lt.generate.synthesize import filter_synthetic, require_stage
+from ray_lt.generate.synthesize import (
+    FILTER_FILE,
+    SYNTHETIC_DIR,
+    check_generator,
+    data_info,
+    filter_synthetic,
+    load_synthetic,
+    require_stage,
+)
 from ray_lt.generate.synthesize import synthesize as run_synthesis
+from ray_lt.stages import (
+    STAGES_FILE,
+    check_stage,
+    check_stages,
+    forget_stage,
+    record_stage,
+    stage_matches,
+)
 from ray_lt.train import fit_classifier
+from ray_lt.train.head import fit_head
 from ray_lt.train.trainer import MODEL_FILE
 
 SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group")
+FINAL_DIR = "final"
 
 
 def _reachable(address: str, timeout: float = 2.0) -> bool:
@@ -75,18 +95,30 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "  ".join(cells)
 
 
-def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Train the classifier on the real data (unless already trained) and evaluate it on test.
+def banner(step: int, total: int, name: str, note: str = "") -> None:
+    print(f"[ray-lt] stage {step}/{total} {name}{': ' + note if note else ''}", flush=True)
 
-    Writes ``classifier/`` (weights, spec, history), ``metrics.json``, ``predictions.parquet``
-    and ``per_class_accuracy.png`` into ``out_dir``.
-    """
-    out_dir, data = prepare(cfg, out_dir)
+
+# -- stages: each takes the loaded data, skips itself when its output is complete -------------
+
+def baseline_stage(cfg: Config, out_dir: Path, data: LongTailData) -> dict[str, Any]:
+    """The classifier on the real data (``classifier/``) and its test metrics."""
     folder = out_dir / "classifier"
-    if not (folder / MODEL_FILE).is_file():
-        fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out_dir, "classifier")
-    metrics = evaluate_classifier(folder, data, cfg.evaluate, out_dir)
-    print(f"[ray-lt] test: {format_summary(metrics)}  -> {out_dir / 'metrics.json'}")
+    if (folder / MODEL_FILE).is_file():
+        check_stage(cfg, out_dir, "classifier", folder)
+        print(f"[ray-lt] baseline classifier already trained: {folder}")
+    else:
+        fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out_dir, "classifier",
+                       many_threshold=cfg.evaluate.many_threshold,
+                       few_threshold=cfg.evaluate.few_threshold)
+    record_stage(cfg, out_dir, "classifier")
+    metrics_file = out_dir / METRICS_FILE
+    if metrics_file.is_file() and metrics_file.stat().st_mtime >= \
+            (folder / MODEL_FILE).stat().st_mtime:
+        metrics = json.loads(metrics_file.read_text())
+    else:
+        metrics = evaluate_classifier(folder, data, cfg.evaluate, out_dir)
+    print(f"[ray-lt] baseline test: {format_summary(metrics)}  -> {metrics_file}")
     return metrics
 
 
@@ -100,18 +132,20 @@ def criterion_support(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
     return classifier_dir
 
 
-def train_generator(cfg: Config, out_dir: Path) -> Path:
-    """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
-    Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
-    if cfg.generator.kind == "unclip":
-        raise ConfigError("generator.kind: 'unclip' is not trained by train-generator (it loads "
-                          "pretrained weights from generator.pretrained)")
-    out_dir, data = prepare(cfg, out_dir)
+def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
+    """Train the generator from scratch (``pixel``: DiffuLT on Ray Train; ``feature``: LDMLR
+    on the baseline's training features, a Ray task) or check the pretrained ``unclip``."""
+    g = cfg.generator
+    if g.kind == "unclip":
+        check_generator(cfg, out_dir)
+        print(f"[ray-lt] generator: pretrained unCLIP from {g.pretrained}")
+        return Path(str(g.pretrained))
     folder = out_dir / "generator"
     if (folder / GENERATOR_SPEC).is_file():
+        check_stage(cfg, out_dir, "generator", folder)
+        record_stage(cfg, out_dir, "generator")
         print(f"[ray-lt] generator already trained: {folder}")
         return folder
-    g = cfg.generator
     if g.kind == "feature":
         classifier_dir = criterion_support(cfg, out_dir, data)
         real = np.load(classifier_dir / FEATURES_FILE)
@@ -129,41 +163,196 @@ def train_generator(cfg: Config, out_dir: Path) -> Path:
         folder = fit_pixel_generator(data.train, g, cfg.scaling, data.image_shape,
                                      num_conditions, cfg.seed, out_dir,
                                      num_contexts=num_contexts)
+    record_stage(cfg, out_dir, "generator")
     print(f"[ray-lt] generator trained: {folder}")
     return folder
 
 
-def synthesize(cfg: Config, out_dir: Path) -> Path:
-    """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic``."""
-    out_dir, data = prepare(cfg, out_dir)
+def synthesis_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
+    """Feedback-guided samples to the quotas in ``synthetic/`` (finished shards are kept),
+    then the optional DiffuLT filter."""
+    out = out_dir / SYNTHETIC_DIR
+    if out.exists():
+        check_stage(cfg, out_dir, "synthesis", out)
     criterion_support(cfg, out_dir, data)
     counts = run_synthesis(cfg, data, out_dir)
-    print(f"[ray-lt] synthetic rows: {int(counts['written'].sum())} in "
-          f"{out_dir / 'synthetic'}")
+    record_stage(cfg, out_dir, "synthesis")
+    print(f"[ray-lt] synthetic rows: {int(counts['written'].sum())} in {out}")
     if cfg.synthesis.filter.enabled:
+        verdicts = out / FILTER_FILE
+        if verdicts.is_file() and (out_dir / STAGES_FILE).is_file():
+            check_stage(cfg, out_dir, "filter", verdicts)
         report = filter_synthetic(out_dir, data, cfg)
+        record_stage(cfg, out_dir, "filter")
         print(f"[ray-lt] filter dropped {int(report['dropped'].sum())} of "
               f"{int(report['generated'].sum())} samples; per class:\n{report.to_string()}")
-    return out_dir / "synthetic"
+    elif (out / FILTER_FILE).is_file():
+        (out / FILTER_FILE).unlink()  # filtering switched off: train on every sample
+        forget_stage(out_dir, "filter")
+    return out
 
 
-def grid(cfg: Config, out_dir: Path) -> Path:
+def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
+                callbacks: list[Any] | None = None) -> Path:
+    """The classifier trained on real + synthetic data into ``final/classifier``: from scratch
+    or fine-tuned from the baseline (images), or its head fine-tuned on pseudo-features
+    (``feature`` generator, LDMLR)."""
+    final_dir = out_dir / FINAL_DIR
+    folder = final_dir / "classifier"
+    if (folder / MODEL_FILE).is_file():
+        check_stage(cfg, out_dir, "final", final_dir)
+        print(f"[ray-lt] final classifier already trained: {folder}")
+        return folder
+    train_cfg = final_train_config(cfg)
+    baseline = out_dir / "classifier"
+    if cfg.generator.kind == "feature":
+        real = np.load(baseline / FEATURES_FILE)
+        rows = load_synthetic(out_dir, data.image_shape[2]).select_columns(
+            ["feature", "label"]).to_pandas()
+        task = ray.remote(fit_head).options(num_cpus=cfg.scaling.cpus_per_worker)
+        folder = ray.get(task.remote(
+            baseline, (real["features"], real["labels"]),
+            (np.stack(rows["feature"].to_numpy()).astype(np.float32),
+             rows["label"].to_numpy()),
+            data.class_counts.tolist(), train_cfg.model_dump(mode="json"), cfg.seed, folder))
+    else:
+        model = cfg.model
+        if cfg.final.init == "baseline":
+            model = model.model_copy(update={"checkpoint": baseline / MODEL_FILE})
+        synthetic = load_synthetic(out_dir, data.image_shape[2])
+        folder = fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, final_dir,
+                                "classifier", synthetic=synthetic,
+                                many_threshold=cfg.evaluate.many_threshold,
+                                few_threshold=cfg.evaluate.few_threshold, callbacks=callbacks)
+    record_stage(cfg, out_dir, "final")
+    return folder
+
+
+def evaluate_stage(cfg: Config, out_dir: Path, data: LongTailData, split: str = "test"
+                   ) -> dict[str, Any]:
+    """Metrics of the final classifier on ``split`` in ``final/`` (``final/<split>/`` unless
+    test)."""
+    final_dir = out_dir / FINAL_DIR
+    where = final_dir if split == "test" else final_dir / split
+    metrics_file = where / METRICS_FILE
+    model_file = final_dir / "classifier" / MODEL_FILE
+    if metrics_file.is_file() and metrics_file.stat().st_mtime >= model_file.stat().st_mtime:
+        metrics = json.loads(metrics_file.read_text())
+    else:
+        metrics = evaluate_classifier(final_dir / "classifier", data, cfg.evaluate, where,
+                                      split=split)
+    print(f"[ray-lt] final {split}: {format_summary(metrics)}  -> {metrics_file}")
+    return metrics
+
+
+def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
     """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
     from ray_lt.generate.grid import render_grid, save_grid
-    from ray_lt.generate.synthesize import check_generator, data_info
 
-    out_dir, data = prepare(cfg, out_dir)
+    if cfg.generator.kind == "feature":
+        print("[ray-lt] no sample grid: the feature generator makes no images")
+        return None
     criterion_support(cfg, out_dir, data)
     check_generator(cfg, out_dir)
     s = cfg.synthesis
     label = s.grid_class if s.grid_class >= 0 else int(data.class_counts.argmin())
     if label >= data.num_classes:
         raise ConfigError(f"synthesis.grid_class: {label} is not a class of this data set")
+    path = out_dir / f"grid_class{label}.png"
+    if path.is_file() and stage_matches(cfg, out_dir, "grid"):
+        print(f"[ray-lt] sample grid already drawn: {path}")
+        return path
     task = ray.remote(render_grid).options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor)
     images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out_dir),
                                  data_info(cfg, data), label, s.gpus_per_actor > 0))
-    path = save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales],
-                     out_dir / f"grid_class{label}.png",
-                     title=f"{data.class_names[label]}: criterion x guidance scale")
+    save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales], path,
+              title=f"{data.class_names[label]}: criterion x guidance scale")
+    record_stage(cfg, out_dir, "grid")
     print(f"[ray-lt] sample grid: {path}")
     return path
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Train the classifier on the real data (unless already trained) and evaluate it on test.
+
+    Writes ``classifier/`` (weights, spec, history), ``metrics.json``, ``predictions.parquet``
+    and ``per_class_accuracy.png`` into ``out_dir``.
+    """
+    out_dir, data = prepare(cfg, out_dir)
+    return baseline_stage(cfg, out_dir, data)
+
+
+def train_generator(cfg: Config, out_dir: Path) -> Path:
+    """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
+    Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
+    if cfg.generator.kind == "unclip":
+        raise ConfigError("generator.kind: 'unclip' is not trained by train-generator (it loads "
+                          "pretrained weights from generator.pretrained)")
+    out_dir, data = prepare(cfg, out_dir)
+    return generator_stage(cfg, out_dir, data)
+
+
+def synthesize(cfg: Config, out_dir: Path) -> Path:
+    """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic``."""
+    out_dir, data = prepare(cfg, out_dir)
+    return synthesis_stage(cfg, out_dir, data)
+
+
+def grid(cfg: Config, out_dir: Path) -> Path | None:
+    """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
+    out_dir, data = prepare(cfg, out_dir)
+    return grid_stage(cfg, out_dir, data)
+
+
+def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """The whole pipeline into one run directory, each stage skipped when its output is
+    complete: baseline -> criterion statistics -> generator -> guided synthesis (+ filter)
+    -> classifier on real + synthetic -> evaluation -> sample grid -> report."""
+    from ray_lt.evaluate.report import write_report
+
+    started = time.perf_counter()
+    check_run_config(cfg)
+    out_dir, data = prepare(cfg, out_dir)
+    check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
+    steps = 8
+    banner(1, steps, "baseline classifier", f"{cfg.model.name}, {cfg.train.epochs} epochs")
+    baseline = baseline_stage(cfg, out_dir, data)
+    banner(2, steps, "criterion statistics", ", ".join(cfg.synthesis.criteria))
+    criterion_support(cfg, out_dir, data)
+    banner(3, steps, "generator", cfg.generator.kind)
+    generator_stage(cfg, out_dir, data)
+    banner(4, steps, "synthesis", f"guidance {cfg.synthesis.guidance_scale:g}, "
+           f"{cfg.synthesis.num_actors} sampler actor(s)")
+    synthesis_stage(cfg, out_dir, data)
+    banner(5, steps, "final classifier", f"real + synthetic, init {cfg.final.init}")
+    final_stage(cfg, out_dir, data)
+    banner(6, steps, "evaluation")
+    final = evaluate_stage(cfg, out_dir, data)
+    banner(7, steps, "sample grid")
+    if cfg.report.grid:
+        grid_stage(cfg, out_dir, data)
+    banner(8, steps, "report")
+    path = write_report(cfg, out_dir, data, baseline, final)
+    print(f"[ray-lt] done in {time.perf_counter() - started:.0f} s; report: {path}")
+    return final
+
+
+def stage_outputs(cfg: Config, out_dir: Path) -> dict[str, Path]:
+    """What each recorded stage leaves in ``out_dir``."""
+    outputs = {"classifier": out_dir / "classifier", "generator": out_dir / "generator",
+               "synthesis": out_dir / SYNTHETIC_DIR, "final": out_dir / FINAL_DIR}
+    if cfg.synthesis.filter.enabled:
+        outputs["filter"] = out_dir / SYNTHETIC_DIR / FILTER_FILE
+    return outputs
+
+
+def check_run_config(cfg: Config) -> None:
+    """Settings ``run`` cannot honour, refused before any work."""
+    if cfg.generator.kind == "feature" and cfg.synthesis.filter.enabled:
+        raise ConfigError("synthesis.filter.enabled: filtering works on images; the feature "
+                          "generator writes feature vectors")
+    if cfg.generator.kind == "feature" and cfg.final.init == "scratch":
+        raise ConfigError("final.init: the feature generator (LDMLR) fine-tunes the baseline's "
+                          "head on pseudo-features; set final.init: baseline")

@@ -16,10 +16,12 @@ class Predictor:
     """Ray Data callable class: the classifier is loaded once per actor. Returns label, group,
     prediction, confidence, entropy and, with ``features``, the penultimate embedding."""
 
-    def __init__(self, classifier_dir: str, use_gpu: bool, features: bool = False):
+    def __init__(self, classifier_dir: str, use_gpu: bool, features: bool = False,
+                 keep: tuple[str, ...] = ()):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_classifier(Path(classifier_dir), self.device)
         self.features = features
+        self.keep = keep
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -33,17 +35,20 @@ class Predictor:
                "entropy": (-(probs * probs.clamp_min(1e-12).log()).sum(1)).cpu().numpy()}
         if self.features:
             out["features"] = embedding.float().cpu().numpy()
+        out.update({key: batch[key] for key in self.keep})
         return out
 
 
 def predict(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 256,
             num_actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
-            features: bool = False) -> pd.DataFrame:
-    """Predicted class, confidence, entropy (and features) of every row, in row order."""
-    return dataset.select_columns(["image", "label", "group"]).map_batches(
+            features: bool = False, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Predicted class, confidence, entropy (and features) of every row, in row order, with
+    the ``keep`` columns passed through."""
+    return dataset.select_columns(["image", "label", "group", *keep]).map_batches(
         Predictor,
         fn_constructor_kwargs={"classifier_dir": str(Path(classifier_dir).resolve()),
-                               "use_gpu": gpus_per_actor > 0, "features": features},
+                               "use_gpu": gpus_per_actor > 0, "features": features,
+                               "keep": tuple(keep)},
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size, batch_format="numpy",
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,

@@ -79,20 +79,27 @@ def mixed_batches(real: Any, synthetic: Any | None, batch_size: int, synthetic_f
 
 
 @torch.no_grad()
-def validate(model: nn.Module, shard: Any, num_classes: int, device: torch.device
+def validate(model: nn.Module, shard: Any, config: dict[str, Any], device: torch.device
              ) -> dict[str, float]:
-    """Accuracy and class-balanced accuracy (mean per-class recall) over a validation shard."""
+    """Accuracy, class-balanced accuracy, Few accuracy and (with groups) worst-group accuracy
+    over a validation shard: the numbers ``ray-lt tune`` optimises, reported every epoch."""
+    from ray_lt.evaluate.metrics import accuracy_report  # ray_lt.evaluate imports this module
+
     model.eval()
-    correct = torch.zeros(num_classes)
-    total = torch.zeros(num_classes)
+    labels, preds, groups = [], [], []
     for batch in shard.iter_torch_batches(batch_size=256):
-        pred = model(to_images(batch, device)).argmax(1).cpu()
-        labels = batch["label"].cpu()
-        total += torch.bincount(labels, minlength=num_classes)
-        correct += torch.bincount(labels[pred == labels], minlength=num_classes)
-    seen = total > 0
-    return {"val_acc": float(correct.sum() / total.sum()),
-            "val_balanced_acc": float((correct[seen] / total[seen]).mean())}
+        preds.append(model(to_images(batch, device)).argmax(1).cpu())
+        labels.append(batch["label"].cpu())
+        groups.append(batch["group"].cpu() if "group" in batch else -torch.ones_like(labels[-1]))
+    report = accuracy_report(torch.cat(labels).numpy(), torch.cat(preds).numpy(),
+                             torch.cat(groups).numpy(), config["class_counts"],
+                             config["num_groups"], config["many_threshold"],
+                             config["few_threshold"])
+    metrics = {"val_acc": report["overall"], "val_balanced_acc": report["balanced"]}
+    for key in ("many", "medium", "few", "worst_group"):
+        if report[key] is not None:
+            metrics[f"val_{key}"] = report[key]
+    return metrics
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -158,8 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             saved = None
             if rank == 0:
                 if val is not None:
-                    metrics.update(validate(_unwrap(model), val, len(config["class_counts"]),
-                                            device))
+                    metrics.update(validate(_unwrap(model), val, config, device))
                 history.append(metrics)
                 torch.save({"model": _unwrap(model).state_dict(),
                             "optimizer": optimizer.state_dict(),

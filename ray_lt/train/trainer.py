@@ -32,19 +32,24 @@ def model_spec(model: ModelConfig, data: LongTailData) -> dict[str, Any]:
             "std": model.std, "checkpoint": str(model.checkpoint) if model.checkpoint else None}
 
 
-def _training_columns(ds: ray.data.Dataset) -> ray.data.Dataset:
-    keep = TRAINING_COLUMNS + (["weight"] if "weight" in ds.columns() else [])
-    return ds.select_columns(keep)
+def _training_columns(ds: ray.data.Dataset, extra: tuple[str, ...] = ("weight",)
+                      ) -> ray.data.Dataset:
+    columns = ds.columns()
+    return ds.select_columns(TRAINING_COLUMNS + [c for c in extra if c in columns])
 
 
 def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
                    scaling: ScalingSection, seed: int, out_dir: Path, name: str = "classifier",
-                   synthetic: ray.data.Dataset | None = None) -> Path:
+                   synthetic: ray.data.Dataset | None = None, many_threshold: int = 100,
+                   few_threshold: int = 20, callbacks: list[Any] | None = None) -> Path:
     """Train on ``data.train`` (+ ``synthetic``) with DDP and export to ``out_dir/name``.
 
-    Ray Train keeps its run under ``out_dir/ray_results/name``; running again after an
-    interruption resumes from that run's latest checkpoint (Ray Train V2 restores a run found
-    under the same name and storage path). Returns the exported folder,
+    Every epoch reports validation accuracy, Few accuracy and worst-group accuracy (Many/Few
+    by ``many_threshold`` / ``few_threshold``); ``callbacks`` go to Ray Train's ``RunConfig``
+    (``ray-lt tune`` passes Tune's report callback). Ray Train keeps its run under
+    ``out_dir/ray_results/name``; running again after an interruption resumes from that run's
+    latest checkpoint (Ray Train V2 restores a run found under the same name and storage path).
+    Returns the exported folder,
     holding ``model.pt``, ``classifier.json`` (how to rebuild it) and ``history.csv``.
     """
     out_dir = Path(out_dir).resolve()
@@ -53,19 +58,21 @@ def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
     loop_config = {
         "model": spec, "train": train.model_dump(mode="json"), "seed": seed,
         "class_counts": data.class_counts.tolist(), "has_synthetic": synthetic is not None,
-        "has_val": True,
+        "has_val": True, "num_groups": data.num_groups, "many_threshold": many_threshold,
+        "few_threshold": few_threshold,
     }
-    datasets = {"train": _training_columns(data.train), "val": _training_columns(data.val)}
+    datasets = {"train": _training_columns(data.train),
+                "val": _training_columns(data.val, extra=("group",))}
     if synthetic is not None:
         datasets["synthetic"] = _training_columns(synthetic)
     result = run_trainer(train_loop_per_worker, loop_config, datasets, scaling, out_dir, name,
-                         split=[k for k in datasets if k != "val"])
+                         split=[k for k in datasets if k != "val"], callbacks=callbacks)
     return export(result, spec, out_dir / name)
 
 
 def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
-                scaling: ScalingSection, out_dir: Path, name: str, split: list[str]
-                ) -> ray.train.Result:
+                scaling: ScalingSection, out_dir: Path, name: str, split: list[str],
+                callbacks: list[Any] | None = None) -> ray.train.Result:
     """Fit ``loop`` with a ``TorchTrainer`` whose run lives in ``out_dir/ray_results/name``, so
     that a rerun after an interruption resumes from the run's latest checkpoint."""
     resources = {"CPU": scaling.cpus_per_worker}
@@ -79,7 +86,8 @@ def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.
         run_config=RunConfig(
             name=name, storage_path=str(Path(out_dir).resolve() / "ray_results"),
             failure_config=FailureConfig(max_failures=scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep)),
+            checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep),
+            callbacks=callbacks),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=split),
     )

@@ -1,0 +1,237 @@
+"""``DIR/report.md`` and ``DIR/report.html``: baseline vs final metrics, the per-class accuracy
+plot, sample grids, synthetic-data quality per criterion and the config of the run."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from ray_lt.config import Config
+from ray_lt.data import LongTailData
+from ray_lt.evaluate.plots import plot_per_class_accuracy
+from ray_lt.evaluate.quality import quality_table
+from ray_lt.generate.grid import save_grid
+from ray_lt.generate.synthesize import SYNTHETIC_DIR, decode_png, synthetic_files
+from ray_lt.train.features import predict
+
+REPORT_DIR = "report"
+QUALITY_FILE = "quality.csv"
+METRIC_COLUMNS = ("overall", "many", "medium", "few", "worst_group")
+
+
+@dataclass
+class Block:
+    """One piece of the report: a heading, a paragraph, a table, an image or a code block."""
+
+    kind: str
+    content: Any
+    caption: str = ""
+
+
+def metrics_table(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per model with the headline accuracies (None where undefined) and, for the last
+    row, its change against the first."""
+    table = pd.DataFrame([{"model": name, **{k: m.get(k) for k in METRIC_COLUMNS}}
+                          for name, m in rows.items()])
+    if len(rows) >= 2:
+        first, last = table.iloc[0], table.iloc[-1]
+        delta = {"model": f"{table['model'].iloc[-1]} - {table['model'].iloc[0]}"}
+        for k in METRIC_COLUMNS:
+            both = first[k] is not None and last[k] is not None and \
+                not pd.isna(first[k]) and not pd.isna(last[k])
+            delta[k] = float(last[k]) - float(first[k]) if both else None
+        table = pd.concat([table, pd.DataFrame([delta])], ignore_index=True)
+    return table
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    if isinstance(value, float | np.floating):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b.kind == "h1":
+            out.append(f"# {b.content}\n")
+        elif b.kind == "h2":
+            out.append(f"## {b.content}\n")
+        elif b.kind == "p":
+            out.append(f"{b.content}\n")
+        elif b.kind == "table":
+            df: pd.DataFrame = b.content
+            out.append("| " + " | ".join(map(str, df.columns)) + " |")
+            out.append("|" + "---|" * len(df.columns))
+            out.extend("| " + " | ".join(_cell(v) for v in row) + " |"
+                       for row in df.itertuples(index=False))
+            out.append("")
+        elif b.kind == "image":
+            out.append(f"![{b.caption}]({b.content})\n")
+        elif b.kind == "code":
+            out.append(f"```yaml\n{b.content}```\n")
+    return "\n".join(out)
+
+
+def to_html(blocks: list[Block], title: str) -> str:
+    body = []
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            body.append(f"<{b.kind}>{html.escape(b.content)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{html.escape(b.content)}</p>")
+        elif b.kind == "table":
+            df = b.content
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
+                           + "</tr>" for row in df.itertuples(index=False))
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b.kind == "image":
+            src, caption = html.escape(b.content), html.escape(b.caption)
+            body.append(f'<figure><img src="{src}" alt="{caption}">'
+                        f"<figcaption>{caption}</figcaption></figure>")
+        elif b.kind == "code":
+            body.append(f"<pre>{html.escape(b.content)}</pre>")
+    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}"
+             "table{border-collapse:collapse}td,th{border:1px solid #bbb;padding:3px 8px;"
+             "text-align:right}img{max-width:100%}pre{background:#f4f4f4;padding:1em}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def synthetic_rows(run_dir: Path, channels: int) -> pd.DataFrame:
+    """Every synthetic row (images decoded or feature vectors), without filtered-out rows."""
+    frames = [pd.read_parquet(f) for f in synthetic_files(run_dir)]
+    rows = pd.concat(frames, ignore_index=True)
+    verdicts = run_dir / SYNTHETIC_DIR / "filter.parquet"
+    if verdicts.is_file():
+        keep = pd.read_parquet(verdicts)
+        rows = rows.merge(keep[["shard_id", "seed", "keep"]], on=["shard_id", "seed"])
+        rows = rows[rows["keep"]].drop(columns="keep").reset_index(drop=True)
+    if "image" in rows:
+        rows["image"] = [decode_png(b, channels) for b in rows["image"]]
+    return rows
+
+
+def sample_mosaic(rows: pd.DataFrame, class_names: list[str], per_class: int, path: Path,
+                  seed: int) -> Path | None:
+    """A grid of synthetic images: one row per class that has samples, ``per_class`` columns."""
+    if "image" not in rows or rows.empty:
+        return None
+    rng = np.random.default_rng(seed)
+    labels = sorted(rows["label"].unique().tolist())
+    shape = rows["image"].iloc[0].shape
+    grid = np.zeros((len(labels), per_class, *shape), np.uint8)
+    for r, label in enumerate(labels):
+        idx = np.flatnonzero(rows["label"].to_numpy() == label)
+        for c, i in enumerate(rng.choice(idx, size=min(per_class, len(idx)), replace=False)):
+            grid[r, c] = rows["image"].iloc[i]
+    return save_grid(grid, [class_names[label] for label in labels],
+                     [str(i + 1) for i in range(per_class)], path,
+                     title="synthetic samples used for training")
+
+
+def synthetic_quality(cfg: Config, run_dir: Path, data: LongTailData, rows: pd.DataFrame
+                      ) -> pd.DataFrame:
+    """FID, density and coverage of the synthetic rows against real test rows, on the baseline
+    classifier's features, per criterion (cached in ``report/quality.csv``)."""
+    cache = run_dir / REPORT_DIR / QUALITY_FILE
+    if cache.is_file() and cache.stat().st_mtime >= max(
+            Path(f).stat().st_mtime for f in synthetic_files(run_dir)):
+        return pd.read_csv(cache)
+    import ray
+
+    ev = cfg.evaluate
+    classifier = run_dir / "classifier"
+    real = predict(data.test, classifier, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
+                   ev.gpus_per_actor, features=True)
+    if "feature" in rows:
+        fake_features = np.stack(rows["feature"].to_numpy())
+        fake_labels, criteria = rows["label"].to_numpy(), rows["criterion"].to_numpy()
+    else:
+        ds = ray.data.from_pandas(rows[["image", "label", "group", "criterion"]])
+        fake = predict(ds, classifier, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
+                       ev.gpus_per_actor, features=True, keep=("criterion",))
+        fake_features = np.stack(fake["features"].to_numpy())
+        fake_labels, criteria = fake["label"].to_numpy(), fake["criterion"].to_numpy()
+    table = quality_table(np.stack(real["features"].to_numpy()), real["label"].to_numpy(),
+                          fake_features, fake_labels, criteria.astype(str),
+                          k=cfg.report.quality_k, seed=cfg.seed)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(cache, index=False)
+    return table
+
+
+def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[str, Any],
+                 final: dict[str, Any]) -> Path:
+    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns the Markdown path."""
+    run_dir = Path(run_dir)
+    folder = run_dir / REPORT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    ev, s = cfg.evaluate, cfg.synthesis
+    name = cfg.dataset.kind
+    blocks = [Block("h1", f"ray_lt report: {name}"),
+              Block("p", f"Run directory {run_dir}. Test split, {final.get('num_rows')} images. "
+                         f"Many: classes with > {ev.many_threshold} training images, Few: "
+                         f"< {ev.few_threshold}. Worst-group: minimum accuracy over class x "
+                         f"context groups.")]
+    blocks += [Block("h2", "Accuracy"),
+               Block("table", metrics_table({"baseline (real)": baseline,
+                                             "final (real + synthetic)": final}))]
+    plot = plot_per_class_accuracy({"baseline": baseline["per_class"],
+                                    "final": final["per_class"]}, data.class_counts,
+                                   ev.many_threshold, ev.few_threshold,
+                                   folder / "per_class_accuracy.png",
+                                   title="per-class test accuracy: baseline vs final")
+    blocks.append(Block("image", str(plot.relative_to(run_dir)), "per-class accuracy"))
+    if final.get("per_group") and any(a is not None for a in final["per_group"]):
+        groups = pd.DataFrame({"group": range(len(final["per_group"])),
+                               "train images": data.group_counts,
+                               "baseline": baseline["per_group"], "final": final["per_group"]})
+        worst = groups.dropna(subset=["final"]).nsmallest(5, "final")
+        blocks += [Block("p", "The five worst groups of the final model:"),
+                   Block("table", worst)]
+
+    rows = synthetic_rows(run_dir, data.image_shape[2])
+    blocks += [Block("h2", "Synthetic data"),
+               Block("p", f"{len(rows)} synthetic samples from the {cfg.generator.kind} "
+                          f"generator, guidance scale {s.guidance_scale:g} every "
+                          f"{s.guidance_every} of {s.num_steps} steps, CFG {s.cfg_scale:g}, "
+                          f"criteria {json.dumps(s.criteria)}.")]
+    counts = rows.groupby("label").size().reindex(range(data.num_classes), fill_value=0)
+    blocks.append(Block("table", pd.DataFrame({
+        "class": data.class_names, "real": data.class_counts,
+        "synthetic": counts.to_numpy(), "total": data.class_counts + counts.to_numpy()})))
+    mosaic = sample_mosaic(rows, data.class_names, cfg.report.samples_per_class,
+                           folder / "synthetic_samples.png", cfg.seed)
+    if mosaic is not None:
+        blocks.append(Block("image", str(mosaic.relative_to(run_dir)), "synthetic samples"))
+    for grid in sorted(run_dir.glob("grid_class*.png")):
+        blocks.append(Block("image", grid.name, "one class: criteria (rows) x guidance scales "
+                                                "(columns), same seeds in every cell"))
+    if cfg.report.quality:
+        blocks += [Block("h2", "Synthetic-data quality"),
+                   Block("p", "On the baseline classifier's features, against real test "
+                              "images drawn to the same class proportions. FID: lower is "
+                              "closer; density ~1 and coverage near 1: samples lie where "
+                              f"real data lies and cover it (k = {cfg.report.quality_k})."),
+                   Block("table", synthetic_quality(cfg, run_dir, data, rows))]
+    report_csv = run_dir / SYNTHETIC_DIR / "filter_report.csv"
+    if s.filter.enabled and report_csv.is_file():
+        blocks += [Block("p", "Filter: samples dropped per class."),
+                   Block("table", pd.read_csv(report_csv))]
+    blocks += [Block("h2", "Config"),
+               Block("code", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))]
+    (run_dir / "report.html").write_text(to_html(blocks, f"ray_lt report: {name}"))
+    path = run_dir / "report.md"
+    path.write_text(to_markdown(blocks))
+    return path

@@ -1,0 +1,109 @@
+"""Which config keys made each stage's output in a run directory, so that a rerun can skip a
+finished stage and refuse one whose config changed (instead of quietly mixing two configs).
+
+``DIR/stages.json`` maps a stage name to the dotted config keys and values it was made with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ray_lt.config import Config
+from ray_lt.errors import ConfigError
+
+STAGES_FILE = "stages.json"
+
+# (included prefixes, excluded prefixes): keys that change what a stage writes. Resources,
+# batch sizes of inference, reporting and anything read only at sampling time are left out.
+_DATA_EXCLUDED = ("dataset.verify_images",)
+STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "classifier": (("seed", "dataset.", "model.", "train."),
+                   _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),
+    "generator": (("seed", "dataset.", "generator."),
+                  _DATA_EXCLUDED + ("generator.embedding_dropout", "generator.noise_level",
+                                    "generator.prompt_template", "generator.references_per_group",
+                                    "generator.height", "generator.width")),
+    "synthesis": (("seed", "dataset.", "generator.", "synthesis."),
+                  _DATA_EXCLUDED + ("synthesis.filter.", "synthesis.grid_", "synthesis.num_actors",
+                                    "synthesis.cpus_per_actor", "synthesis.gpus_per_actor",
+                                    "synthesis.batch_size", "synthesis.max_shard_size")),
+    "filter": (("synthesis.filter.",), ()),
+    "final": (("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis."),
+              _DATA_EXCLUDED + ("synthesis.grid_", "synthesis.num_actors",
+                                "synthesis.cpus_per_actor", "synthesis.gpus_per_actor",
+                                "synthesis.batch_size", "synthesis.max_shard_size")),
+    "grid": (("seed", "dataset.", "generator.", "synthesis."),
+             _DATA_EXCLUDED + ("synthesis.filter.", "synthesis.num_actors",
+                               "synthesis.cpus_per_actor", "synthesis.gpus_per_actor",
+                               "synthesis.batch_size", "synthesis.max_shard_size",
+                               "synthesis.criteria.", "synthesis.balance", "synthesis.target",
+                               "synthesis.quota_")),
+}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> ``{"a.b.c": value}``."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}{key}." if isinstance(value, dict) else
+                           f"{prefix}{key}"))
+    return out
+
+
+def stage_keys(cfg: Config, stage: str) -> dict[str, Any]:
+    """The config keys and values that determine ``stage``'s output."""
+    included, excluded = STAGE_KEYS[stage]
+    return {k: v for k, v in flatten(cfg.model_dump(mode="json")).items()
+            if k.startswith(included) and not k.startswith(excluded)}
+
+
+def _records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    path = Path(out_dir) / STAGES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_stage(cfg: Config, out_dir: Path, stage: str, output: Path) -> None:
+    """Raise when ``stage`` was recorded in ``out_dir`` with other config values."""
+    recorded = _records(out_dir).get(stage)
+    if recorded is None:
+        return
+    now = stage_keys(cfg, stage)
+    changed = [k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise ConfigError(f"{out_dir}: its {stage} stage was made with another config: "
+                          f"{shown}{more}. Use a new --out, or delete {output} to redo that "
+                          f"stage and the ones after it")
+
+
+def check_stages(cfg: Config, out_dir: Path, outputs: dict[str, Path]) -> None:
+    """``check_stage`` for every stage whose output exists: run before any work starts."""
+    for stage, output in outputs.items():
+        if output.exists():
+            check_stage(cfg, out_dir, stage, output)
+
+
+def stage_matches(cfg: Config, out_dir: Path, stage: str) -> bool:
+    """Whether ``stage`` was recorded in ``out_dir`` with exactly this config."""
+    return _records(out_dir).get(stage) == stage_keys(cfg, stage)
+
+
+def record_stage(cfg: Config, out_dir: Path, stage: str) -> None:
+    """Note that ``stage`` finished in ``out_dir`` with this config."""
+    path = Path(out_dir) / STAGES_FILE
+    records = _records(out_dir)
+    records[stage] = stage_keys(cfg, stage)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def forget_stage(out_dir: Path, stage: str) -> None:
+    records = _records(out_dir)
+    if records.pop(stage, None) is not None:
+        (Path(out_dir) / STAGES_FILE).write_text(json.dumps(records, indent=1, sort_keys=True))

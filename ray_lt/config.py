@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from ray_lt.errors import ConfigError
 
@@ -278,38 +285,46 @@ class ReportConfig(Strict):
     samples_per_class: int = Field(8, ge=1)
 
 
-Range = tuple[float, float]
+def _ordered(bounds: tuple[float, float]) -> tuple[float, float]:
+    if not bounds[0] < bounds[1]:
+        raise ValueError("the range must be [low, high] with low < high")
+    return bounds
+
+
+def _unit(bounds: tuple[float, float]) -> tuple[float, float]:
+    if bounds[0] < 0 or bounds[1] > 1:
+        raise ValueError("the range must lie in [0, 1]")
+    return bounds
+
+
+def _positive(bounds: tuple[float, float]) -> tuple[float, float]:
+    if bounds[0] <= 0:
+        raise ValueError("searched on a log scale, so low must be > 0")
+    return bounds
+
+
+def _criteria_names(names: list[str]) -> list[str]:
+    known = {"entropy", "loss", "hardness", "total_uncertainty"}
+    unknown = sorted(set(names) - known)
+    if unknown or len(names) < 2:
+        raise ValueError(f"name at least two of {sorted(known)} (unknown: {unknown})")
+    return names
+
+
+Range = Annotated[tuple[float, float], AfterValidator(_ordered)]
+UnitRange = Annotated[Range, AfterValidator(_unit)]
+LogRange = Annotated[Range, AfterValidator(_positive)]
 
 
 class SearchSpace(Strict):
-    """Ranges searched by ``ray-lt tune``; a key set to null is not searched."""
+    """Ranges searched by ``ray-lt tune``; a key set to null is not searched. ``criteria``
+    names the criteria whose mixture weights are searched."""
 
-    guidance_scale: Range | None = (0.003, 0.3)
-    embedding_dropout: Range | None = None
-    criteria: list[str] | None = None
+    guidance_scale: LogRange | None = (0.003, 0.3)
+    embedding_dropout: UnitRange | None = None
+    criteria: Annotated[list[str], AfterValidator(_criteria_names)] | None = None
     synthetic_weight: Range | None = (0.2, 1.0)
-    balanced_softmax_weight: Range | None = None
-
-    @model_validator(mode="after")
-    def _ranges(self) -> SearchSpace:
-        for name in ("guidance_scale", "embedding_dropout", "synthetic_weight",
-                     "balanced_softmax_weight"):
-            bounds = getattr(self, name)
-            if bounds is not None and not bounds[0] < bounds[1]:
-                raise ValueError(f"{name}: the range must be [low, high] with low < high")
-        if self.guidance_scale is not None and self.guidance_scale[0] <= 0:
-            raise ValueError("guidance_scale: searched on a log scale, so low must be > 0")
-        for name in ("embedding_dropout", "balanced_softmax_weight"):
-            bounds = getattr(self, name)
-            if bounds is not None and (bounds[0] < 0 or bounds[1] > 1):
-                raise ValueError(f"{name}: the range must lie in [0, 1]")
-        known = {"entropy", "loss", "hardness", "total_uncertainty"}
-        if self.criteria is not None:
-            unknown = sorted(set(self.criteria) - known)
-            if unknown or len(self.criteria) < 2:
-                raise ValueError(f"criteria: name at least two of {sorted(known)} "
-                                 f"(unknown: {unknown})")
-        return self
+    balanced_softmax_weight: UnitRange | None = None
 
 
 class TuneSection(Strict):
@@ -320,6 +335,7 @@ class TuneSection(Strict):
     objective: Literal["few", "worst_group", "both"] = "few"
     quota_scale: float = Field(1.0, gt=0.0, le=1.0)
     trial_cpus: float = Field(0.0, ge=0.0)
+    trial_memory_mb: int = Field(512, ge=1)
     space: SearchSpace = Field(default_factory=SearchSpace)
 
 

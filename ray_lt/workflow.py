@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from ray._private.utils import read_ray_address
 
 from ray_lt.config import Config, RayConfig, dump_config, final_train_config
 from ray_lt.data import LongTailData, load_dataset
-from ray_lt.errors import ConfigError
+from ray_lt.errors import ConfigError, DataError
 from ray_lt.evaluate import METRICS_FILE, evaluate_classifier
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.feature import train_feature_generator
@@ -95,8 +96,11 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "  ".join(cells)
 
 
-def banner(step: int, total: int, name: str, note: str = "") -> None:
-    print(f"[ray-lt] stage {step}/{total} {name}{': ' + note if note else ''}", flush=True)
+def banner(step: int, total: int, name: str, note: str = "", since: float | None = None
+           ) -> None:
+    elapsed = f" [{time.perf_counter() - since:.0f} s]" if since is not None else ""
+    print(f"[ray-lt] stage {step}/{total} {name}{': ' + note if note else ''}{elapsed}",
+          flush=True)
 
 
 # -- stages: each takes the loaded data, skips itself when its output is complete -------------
@@ -316,24 +320,24 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     check_run_config(cfg)
     out_dir, data = prepare(cfg, out_dir)
     check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
-    steps = 8
-    banner(1, steps, "baseline classifier", f"{cfg.model.name}, {cfg.train.epochs} epochs")
+    stage = partial(banner, total=8, since=started)
+    stage(1, name="baseline classifier", note=f"{cfg.model.name}, {cfg.train.epochs} epochs")
     baseline = baseline_stage(cfg, out_dir, data)
-    banner(2, steps, "criterion statistics", ", ".join(cfg.synthesis.criteria))
+    stage(2, name="criterion statistics", note=", ".join(cfg.synthesis.criteria))
     criterion_support(cfg, out_dir, data)
-    banner(3, steps, "generator", cfg.generator.kind)
+    stage(3, name="generator", note=cfg.generator.kind)
     generator_stage(cfg, out_dir, data)
-    banner(4, steps, "synthesis", f"guidance {cfg.synthesis.guidance_scale:g}, "
+    stage(4, name="synthesis", note=f"guidance {cfg.synthesis.guidance_scale:g}, "
            f"{cfg.synthesis.num_actors} sampler actor(s)")
     synthesis_stage(cfg, out_dir, data)
-    banner(5, steps, "final classifier", f"real + synthetic, init {cfg.final.init}")
+    stage(5, name="final classifier", note=f"real + synthetic, init {cfg.final.init}")
     final_stage(cfg, out_dir, data)
-    banner(6, steps, "evaluation")
+    stage(6, name="evaluation")
     final = evaluate_stage(cfg, out_dir, data)
-    banner(7, steps, "sample grid")
+    stage(7, name="sample grid")
     if cfg.report.grid:
         grid_stage(cfg, out_dir, data)
-    banner(8, steps, "report")
+    stage(8, name="report")
     path = write_report(cfg, out_dir, data, baseline, final)
     print(f"[ray-lt] done in {time.perf_counter() - started:.0f} s; report: {path}")
     return final
@@ -349,7 +353,20 @@ def stage_outputs(cfg: Config, out_dir: Path) -> dict[str, Path]:
 
 
 def check_run_config(cfg: Config) -> None:
-    """Settings ``run`` cannot honour, refused before any work."""
+    """Settings ``run`` cannot honour and inputs that are not there (data folder, classifier
+    checkpoint, pretrained generator), refused before Ray starts or anything is written."""
+    root = getattr(cfg.dataset, "root", None)
+    if root is not None and not Path(root).is_dir():
+        raise DataError(f"dataset.root: data folder {root} does not exist")
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
+        raise ConfigError(f"model.checkpoint: file {cfg.model.checkpoint} does not exist")
+    if cfg.generator.kind == "unclip":
+        if cfg.generator.pretrained is None:
+            raise ConfigError("generator.pretrained: set the local folder (or cached hub id) "
+                              "of Stable Diffusion 2.1 unCLIP")
+        from ray_lt.generate.unclip import check_pretrained
+
+        check_pretrained(cfg.generator.pretrained)
     if cfg.generator.kind == "feature" and cfg.synthesis.filter.enabled:
         raise ConfigError("synthesis.filter.enabled: filtering works on images; the feature "
                           "generator writes feature vectors")

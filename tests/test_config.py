@@ -8,86 +8,64 @@ from ray_lt.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["digits_lt", "digits_groups"])
+@pytest.mark.parametrize("name", ["digits_lt", "digits_groups", "imagenet_lt", "places_lt",
+                                  "nico_pp"])
 def test_shipped_configs_validate(name):
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.dataset.kind == name
 
 
-def test_unknown_key_is_rejected_with_its_path(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("dataset:\n  kind: digits_lt\ntrain:\n  epocs: 3\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    assert f"{path}: train.epocs: Extra inputs are not permitted" in str(err.value)
+def test_real_data_configs_carry_the_papers_settings():
+    imagenet = load_config(ROOT / "configs" / "imagenet_lt.yaml")
+    s = imagenet.synthesis
+    assert (imagenet.model.name, imagenet.generator.kind) == ("resnext50_32x4d", "unclip")
+    assert (s.target, s.criteria, s.guidance_scale, s.num_steps, s.cfg_scale,
+            s.guidance_every) == (1300, {"entropy": 1.0}, 0.03, 30, 3.0, 5)
+    assert imagenet.generator.embedding_dropout == 0.5
+    places = load_config(ROOT / "configs" / "places_lt.yaml")
+    assert (places.model.name, places.synthesis.target, places.train.lr) == \
+        ("resnet152", 4980, 0.0028)
+    nico = load_config(ROOT / "configs" / "nico_pp.yaml")
+    assert (nico.model.name, nico.synthesis.balance, nico.synthesis.target) == \
+        ("resnet50", "group", 811)
+    assert nico.tune.objective == "worst_group"
+    assert "{context}" in nico.generator.prompt_template
 
 
-def test_mistyped_value_names_the_key_without_the_union_tag(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("dataset:\n  kind: digits_lt\n  imbalance_factor: lots\n")
-    with pytest.raises(ConfigError) as err:
-        load_config(path)
-    message = str(err.value)
-    assert "dataset.imbalance_factor:" in message
-    assert "dataset.digits_lt" not in message
+@pytest.mark.parametrize("name", ["imagenet_lt", "places_lt", "nico_pp"])
+def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path):
+    from conftest import run_cli
 
+    from ray_lt.generate.unclip import save_components, tiny_unclip_components
 
-def test_set_overrides_parse_yaml_values(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("dataset:\n  kind: digits_lt\n")
-    cfg = load_config(path, ["train.epochs=7", "train.augment.flip=true",
-                             "train.augment.resized_crop_scale=[0.5, 1.0]",
-                             "dataset.imbalance_factor=10"])
-    assert cfg.train.epochs == 7
-    assert cfg.train.augment.flip is True
-    assert cfg.train.augment.resized_crop_scale == (0.5, 1.0)
-    assert cfg.dataset.imbalance_factor == 10.0
-
-
-def test_set_can_point_at_a_real_dataset_root(tmp_path):
-    raw = apply_overrides({"dataset": {"kind": "imagenet_lt", "num_classes": 1000}},
-                          ["dataset.root=/data/ImageNet_LT"])
-    cfg = config_from_dict(raw)
-    assert str(cfg.dataset.root) == "/data/ImageNet_LT"
-    assert cfg.dataset.list_name("train") == "ImageNet_LT_train.txt"
-    assert config_from_dict({"dataset": {"kind": "places_lt", "root": "/d", "num_classes": 365}}
-                            ).dataset.list_name("test") == "Places_LT_test.txt"
-
-
-@pytest.mark.parametrize("override, message", [
-    ("train.nope=1", "train.nope: Extra inputs are not permitted"),
-    ("train=3", "train: Input should be a valid dictionary"),
-    ("noequals", "expected KEY.PATH=VALUE"),
-    ("train.epochs.x=1", "train.epochs is a value, not a section"),
-])
-def test_bad_overrides(tmp_path, override, message):
-    path = tmp_path / "c.yaml"
-    path.write_text("dataset:\n  kind: digits_lt\ntrain:\n  epochs: 2\n")
-    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        load_config(path, [override])
-
-
-def test_yaml_syntax_error_names_the_line(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("dataset:\n  kind: digits_lt\ntrain: [unclosed\n")
-    with pytest.raises(ConfigError, match=rf"{path}:\d+: not valid YAML"):
-        load_config(path)
-
-
-def test_missing_file():
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_config("/no/such/config.yaml")
-
-
-def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="rarest digit has only 174"):
-        config_from_dict({"dataset": {"kind": "digits_lt", "max_per_class": 150}})
-    with pytest.raises(ConfigError, match="few_threshold must not exceed many_threshold"):
-        config_from_dict({"dataset": {"kind": "digits_lt"},
-                          "evaluate": {"few_threshold": 50, "many_threshold": 10}})
-
-
-def test_dump_round_trips(tmp_path):
-    cfg = load_config(ROOT / "configs" / "digits_groups.yaml", ["train.epochs=3"])
-    dump_config(cfg, tmp_path / "out.yaml")
-    assert load_config(tmp_path / "out.yaml") == cfg
+    out = tmp_path / "run"
+    data = tmp_path / "data"
+    data.mkdir()
+    weights = tmp_path / "unclip"
+    save_components(tiny_unclip_components(), weights)
+    checkpoint = tmp_path / "backbone.pth"
+    cases = [  # (overrides, expected message): one missing input at a time
+        ([f"dataset.root={tmp_path / 'no_data'}"],
+         f"dataset.root: data folder {tmp_path / 'no_data'} does not exist"),
+        ([f"dataset.root={data}", f"model.checkpoint={checkpoint}"],
+         f"model.checkpoint: file {checkpoint} does not exist"),
+        ([f"dataset.root={data}", "model.checkpoint=null",
+          f"generator.pretrained={tmp_path / 'nothing'}"],
+         f"generator.pretrained: folder {tmp_path / 'nothing'} does not exist"),
+        ([f"dataset.root={data}", "model.checkpoint=null"],  # a hub id not in the cache
+         "'stabilityai/stable-diffusion-2-1-unclip' is neither a folder nor in the local "
+         "Hugging Face cache"),
+    ]
+    for overrides, message in cases:
+        done = run_cli("run", f"configs/{name}.yaml", "--out", str(out), "--set", *overrides)
+        assert done.returncode == 2
+        assert message in done.stderr, done.stderr
+    assert not out.exists()  # refused before anything was written
+    # Everything there but the data: the data stage names the missing list or metadata file.
+    done = run_cli("run", f"configs/{name}.yaml", "--out", str(out), "--set",
+                   f"dataset.root={data}", "model.checkpoint=null",
+                   f"generator.pretrained={weights}")
+    assert done.returncode == 2
+    expected = {"imagenet_lt": "ImageNet_LT_train.txt", "places_lt": "Places_LT_train.txt",
+                "nico_pp": "metadata.csv"}[name]
+    assert str(data / expected) in done.stderr, done.stderr[-2000:]

@@ -168,6 +168,22 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     assert len(rows) == 37  # round(0.05 * (100 - n_c)) summed over the classes
     assert {len(f) for f in rows["feature"]} == {64}  # small_cnn width 32 -> 64 features
     assert load_synthetic(out, channels=1).count() == 37
+    # LDMLR's last step: the baseline's head fine-tuned on real + pseudo features.
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
+                      [*BASE, "generator.kind=feature", "generator.train_steps=200",
+                       "synthesis.quota_scale=0.05", "synthesis.criteria={loss: 1.0}",
+                       "final.init=baseline", "final.epochs=3"])
+    data = load_dataset(cfg.dataset, cfg.seed)
+    folder = workflow.final_stage(cfg, out, data)
+    import torch
+
+    before = torch.load(out / "classifier" / "model.pt", weights_only=True)
+    after = torch.load(folder / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("head."))
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+    assert len(pd.read_csv(folder / "history.csv")) == 3
+    metrics = workflow.evaluate_stage(cfg, out, data)
+    assert metrics["num_rows"] == 500 and (out / "final" / "metrics.json").is_file()
 
 
 def test_digits_groups_class_context_generator_fills_every_group(tmp_path, ray_session):

@@ -43,7 +43,7 @@ def test_train_digits_lt_end_to_end(tmp_path, ray_session):
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 500
     assert np.isclose((predictions["pred"] == predictions["label"]).mean(), metrics["overall"])
-    assert "[ray-lt] test: overall" in done.stdout
+    assert "[ray-lt] baseline test: overall" in done.stdout
 
 
 def test_train_digits_groups_end_to_end(tmp_path, ray_session):
@@ -126,5 +126,5 @@ def test_ray_job_submit_runs_jobs_train(tmp_path, ray_session):
         time.sleep(2)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "[ray-lt] test: overall" in logs
+    assert "[ray-lt] baseline test: overall" in logs
     assert (out / "metrics.json").is_file()

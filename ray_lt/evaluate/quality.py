@@ -17,7 +17,7 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
     mu_r, mu_f = real.mean(0), fake.mean(0)
     cov_r = np.atleast_2d(np.cov(real, rowvar=False))
     cov_f = np.atleast_2d(np.cov(fake, rowvar=False))
-    root, _ = linalg.sqrtm(cov_r @ cov_f, disp=False)
+    root = linalg.sqrtm(cov_r @ cov_f)
     if not np.isfinite(root).all():  # near-singular product: regularise both sides
         eps = 1e-6 * np.eye(len(cov_r))
         root = linalg.sqrtm((cov_r + eps) @ (cov_f + eps))

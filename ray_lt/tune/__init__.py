@@ -162,8 +162,13 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
           f"tensorboard --logdir {out_dir / TUNE_DIR}")
     trainable = ray.tune.with_parameters(run_trial, base=cfg.model_dump(mode="json"),
                                          shared_dir=str(out_dir))
+    # The trial driver only orchestrates (Ray Data, TorchTrainer); with trial_cpus 0 it reserves
+    # memory alone, so its CPU does not starve the Ray Data tasks feeding the Train workers.
+    resources = {"memory": t.trial_memory_mb * 2**20}
+    if t.trial_cpus > 0:
+        resources["CPU"] = t.trial_cpus
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(trainable, {"CPU": t.trial_cpus}),
+        ray.tune.with_resources(trainable, resources),
         param_space=space,
         tune_config=ray.tune.TuneConfig(
             search_alg=OptunaSearch(metric=metrics if len(metrics) > 1 else metrics[0],
@@ -199,6 +204,10 @@ def results_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     keep = [c for c in df.columns if c.startswith("config/") or c.startswith(("val_", "test_"))
             or c in ("trial_id", "criteria", "time_total_s")]
     table = df[keep].copy()
+    for m in metrics:
+        if m not in table:
+            table[m] = np.nan
+    table = table.dropna(axis=1, how="all")  # keys only the per-epoch reports had
     for m in metrics:
         if m not in table:
             table[m] = np.nan

@@ -1,0 +1,163 @@
+"""``ray-lt run`` and ``ray-lt tune`` end to end on a real local Ray cluster: every stage, the
+report, skipping finished stages, refusing a changed config, a 2-trial Optuna search whose best
+config ``ray-lt run`` accepts, and ``jobs/balance.py`` through ``ray job submit``."""
+
+import json
+import shutil
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT, run_cli
+
+from ray_lt.config import load_config
+
+SMALL = ["train.epochs=2", "generator.train_steps=16", "generator.block_out_channels=[16, 32]",
+         "generator.batch_size=16", "synthesis.num_steps=4", "synthesis.guidance_every=2",
+         "synthesis.quota_scale=0.2", "synthesis.cpus_per_actor=0.5",
+         "synthesis.grid_samples=1", "synthesis.grid_scales=[0, 0.1]",
+         "synthesis.grid_criteria=[entropy, loss]", "evaluate.cpus_per_actor=0.5"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    done = run_cli("run", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
+                   f"ray.address={ray_session['address']}", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_run_writes_every_stage_and_the_report(digits_run):
+    out, done = digits_run
+    for step in range(1, 9):
+        assert f"[ray-lt] stage {step}/8" in done.stdout
+    baseline = json.loads((out / "metrics.json").read_text())
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    for key in ("overall", "many", "medium", "few", "worst_group", "per_class"):
+        assert key in final
+    assert final["num_rows"] == 500 and final["worst_group"] is None
+    synthetic = pd.concat(pd.read_parquet(p) for p in (out / "synthetic").glob("shard_*"))
+    expected = np.round(0.2 * (100 - np.array([100, 64, 41, 27, 17, 11, 7, 4, 3, 2])))
+    assert synthetic.groupby("label").size().reindex(range(10), fill_value=0).tolist() == \
+        expected.astype(int).tolist()
+    history = pd.read_csv(out / "final" / "classifier" / "history.csv")
+    assert {"val_few", "val_acc"} <= set(history.columns) and len(history) == 2
+
+    report = (out / "report.md").read_text()
+    row = f"| baseline (real) | {baseline['overall']:.3f} | {baseline['many']:.3f} |"
+    assert row in report
+    assert f"| final (real + synthetic) | {final['overall']:.3f} |" in report
+    assert "![per-class accuracy](report/per_class_accuracy.png)" in report
+    assert "| nine | 2 | 20 | 22 |" in report  # real, synthetic, total of the rarest class
+    html = (out / "report.html").read_text()
+    assert html.count("<table>") >= 3 and 'src="grid_class9.png"' in html
+    for image in ("report/per_class_accuracy.png", "report/synthetic_samples.png",
+                  "grid_class9.png"):
+        assert (out / image).stat().st_size > 3000, image
+    quality = pd.read_csv(out / "report" / "quality.csv")
+    assert quality["criterion"].tolist() == ["all"]
+    assert quality["samples"].iloc[0] == len(synthetic)
+    assert np.isfinite(quality[["fid", "density", "coverage"]].to_numpy()).all()
+    assert 0.0 <= quality["coverage"].iloc[0] <= 1.0
+
+
+def test_rerun_skips_finished_stages_and_refuses_a_changed_config(digits_run, ray_session):
+    out, _ = digits_run
+    model = out / "final" / "classifier" / "model.pt"
+    shards = sorted((out / "synthetic").glob("shard_*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in [model, *shards]]
+    started = time.perf_counter()
+    again = run_cli("run", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
+                    f"ray.address={ray_session['address']}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert time.perf_counter() - started < 120
+    for text in ("baseline classifier already trained", "generator already trained",
+                 "shards already done, 0 to go", "final classifier already trained",
+                 "sample grid already drawn"):
+        assert text in again.stdout, text
+    assert [p.stat().st_mtime_ns for p in [model, *shards]] == stamps
+
+    changed = run_cli("run", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
+                      "synthesis.guidance_scale=0.1", f"ray.address={ray_session['address']}")
+    assert changed.returncode == 2
+    assert "its synthesis stage was made with another config: synthesis.guidance_scale: " \
+           "0.03 -> 0.1" in changed.stderr
+    assert "[ray-lt] stage 1/8" not in changed.stdout  # refused before any stage ran
+
+
+def test_tune_two_trials_and_run_the_best_config(digits_run, ray_session, tmp_path):
+    out, _ = digits_run
+    done = run_cli("tune", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
+                   "tune.num_trials=2", "tune.quota_scale=0.5",
+                   "tune.space.criteria=[entropy, loss]", f"ray.address={ray_session['address']}",
+                   timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "baseline classifier already trained" in done.stdout  # shared, not retrained
+    table = pd.read_csv(out / "tune" / "results.csv")
+    assert len(table) == 2
+    for column in ("config/synthesis/guidance_scale", "config/mixture/entropy",
+                   "config/train/synthetic_weight", "val_few", "test_few", "pareto"):
+        assert column in table, column
+    assert table["val_few"].between(0, 1).all() and table["pareto"].any()
+    assert table["config/synthesis/guidance_scale"].between(0.003, 0.3).all()
+    assert len(list((out / "trials").iterdir())) == 2
+    assert list((out / "tune").rglob("events.out.tfevents*")), "no TensorBoard logs"
+    assert (out / "tune" / "search.png").stat().st_size > 3000
+
+    best_file = out / "best_config.yaml"
+    best = load_config(best_file)
+    winner = table[table["pareto"]].sort_values("val_few", ascending=False).iloc[0]
+    assert best.synthesis.guidance_scale == pytest.approx(
+        winner["config/synthesis/guidance_scale"])
+    assert best.synthesis.quota_scale == pytest.approx(0.2)  # the run's quota, not the trial's
+    # ray-lt run accepts it: submitted as jobs/balance.py to the head, reusing the tuned
+    # directory's baseline and generator.
+    rerun = tmp_path / "best"
+    rerun.mkdir()
+    for stage in ("classifier", "generator"):
+        shutil.copytree(out / stage, rerun / stage)
+    logs = submit_and_wait(ray_session, f"jobs/balance.py --config {best_file} --out {rerun} "
+                                        f"--set report.grid=false report.quality=false")
+    assert "baseline classifier already trained" in logs and "generator already trained" in logs
+    final = json.loads((rerun / "final" / "metrics.json").read_text())
+    assert 0.0 <= final["few"] <= 1.0 and (rerun / "report.md").is_file()
+    plan = json.loads((rerun / "synthetic" / "plan.json").read_text())
+    assert sum(shard["n"] for shard in plan) == 146  # the run's quota (0.2), not the trial's
+
+
+def submit_and_wait(ray_session, command: str, timeout: float = 900) -> str:
+    """``ray job submit`` of ``python <command>`` from the project folder; returns the logs
+    of a job that succeeded."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_session["dashboard"])
+    job = client.submit_job(entrypoint=f"{sys.executable} {command}",
+                            runtime_env={"working_dir": str(ROOT),
+                                         "excludes": [".venv", ".git", "runs", "*.parquet"]})
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                         JobStatus.STOPPED}:
+        assert time.time() < deadline, "job did not finish in time"
+        time.sleep(3)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return logs
+
+
+def test_run_digits_groups(tmp_path, ray_session):
+    out = tmp_path / "groups"
+    done = run_cli("run", "configs/digits_groups.yaml", "--out", str(out), "--set", *SMALL,
+                   "synthesis.target=4", "report.grid=false",
+                   f"ray.address={ray_session['address']}", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert final["worst_group"] is not None and len(final["per_group"]) == 40
+    counts = np.asarray(final["group_counts"])
+    synthetic = pd.concat(pd.read_parquet(p) for p in (out / "synthetic").glob("shard_*"))
+    written = synthetic.groupby("group").size().reindex(range(40), fill_value=0).to_numpy()
+    assert (written[counts == 0] >= 1).all() and (written[counts >= 4] == 0).all()
+    report = (out / "report.md").read_text()
+    assert f"{final['worst_group']:.3f} |" in report and "five worst groups" in report

@@ -1,0 +1,129 @@
+"""Stage records, the tuning search space, mixtures, trial configs and the Pareto front."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from ray_lt.config import config_from_dict, load_config
+from ray_lt.errors import ConfigError
+from ray_lt.stages import check_stage, check_stages, record_stage, stage_keys, stage_matches
+from ray_lt.tune import (
+    mixture,
+    objective_metrics,
+    pareto_front,
+    search_space,
+    trial_config,
+    write_best_config,
+)
+
+CONFIG = ROOT / "configs" / "digits_lt.yaml"
+
+
+def test_stage_keys_leave_out_resources_and_sampling_time_settings():
+    cfg = load_config(CONFIG)
+    keys = stage_keys(cfg, "synthesis")
+    assert keys["synthesis.guidance_scale"] == 0.03
+    assert keys["synthesis.criteria.entropy"] == 1.0
+    assert "synthesis.num_actors" not in keys and "synthesis.filter.enabled" not in keys
+    assert "train.epochs" not in keys
+    generator = stage_keys(cfg, "generator")
+    assert "generator.train_steps" in generator
+    assert "generator.embedding_dropout" not in generator
+    # More sampler actors make the same samples: no conflict.
+    more = load_config(CONFIG, ["synthesis.num_actors=4"])
+    assert stage_keys(more, "synthesis") == keys
+
+
+def test_a_changed_config_is_refused_naming_key_and_folder(tmp_path):
+    cfg = load_config(CONFIG)
+    record_stage(cfg, tmp_path, "synthesis")
+    check_stage(cfg, tmp_path, "synthesis", tmp_path / "synthetic")  # same config: fine
+    changed = load_config(CONFIG, ["synthesis.guidance_scale=0.1"])
+    assert not stage_matches(changed, tmp_path, "synthesis")
+    with pytest.raises(ConfigError) as err:
+        check_stage(changed, tmp_path, "synthesis", tmp_path / "synthetic")
+    message = str(err.value)
+    assert "synthesis.guidance_scale: 0.03 -> 0.1" in message
+    assert str(tmp_path / "synthetic") in message
+    # check_stages looks only at stages whose output exists.
+    check_stages(changed, tmp_path, {"synthesis": tmp_path / "synthetic"})
+    (tmp_path / "synthetic").mkdir()
+    with pytest.raises(ConfigError, match="its synthesis stage"):
+        check_stages(changed, tmp_path, {"synthesis": tmp_path / "synthetic"})
+
+
+def test_the_final_stage_depends_on_the_synthetic_data():
+    a = stage_keys(load_config(CONFIG), "final")
+    b = stage_keys(load_config(CONFIG, ["synthesis.criteria={loss: 1.0}"]), "final")
+    assert a != b
+
+
+def test_mixture_normalises_weights():
+    assert mixture({"entropy": 1.0, "loss": 3.0}) == {"entropy": 0.25, "loss": 0.75}
+    assert mixture({"entropy": 0.0, "loss": 0.0}) == {"entropy": 0.5, "loss": 0.5}
+    probs = mixture({"entropy": 0.1, "loss": 0.2, "hardness": 0.4})
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_trial_config_applies_params_and_scales_the_quota():
+    base = load_config(CONFIG, ["synthesis.quota_scale=0.5"]).model_dump(mode="json")
+    raw = trial_config(base, {"synthesis": {"guidance_scale": 0.07},
+                              "mixture": {"entropy": 1.0, "hardness": 1.0},
+                              "train": {"synthetic_weight": 0.4}}, quota_scale=0.5)
+    cfg = config_from_dict(raw)
+    assert cfg.synthesis.guidance_scale == 0.07
+    assert cfg.synthesis.criteria == {"entropy": 0.5, "hardness": 0.5}
+    assert cfg.train.synthetic_weight == 0.4
+    assert cfg.synthesis.quota_scale == 0.25
+    assert base["synthesis"]["guidance_scale"] == 0.03  # the base is not modified
+
+
+def test_search_space_from_config_and_its_errors():
+    from ray.tune.search.sample import Float
+
+    cfg = load_config(CONFIG, ["tune.space.criteria=[entropy, loss, hardness]",
+                               "tune.space.balanced_softmax_weight=[0.5, 1.0]"])
+    space = search_space(cfg)
+    assert isinstance(space["synthesis"]["guidance_scale"], Float)
+    assert space["synthesis"]["guidance_scale"].lower == 0.003
+    assert set(space["mixture"]) == {"entropy", "loss", "hardness"}
+    assert space["final"]["balanced_softmax_weight"].upper == 1.0
+    with pytest.raises(ConfigError, match="tune.space.embedding_dropout"):
+        search_space(load_config(CONFIG, ["tune.space.embedding_dropout=[0.1, 0.9]"]))
+    with pytest.raises(ConfigError, match="guidance_scale: Value error, searched on a log"):
+        load_config(CONFIG, ["tune.space.guidance_scale=[0, 0.1]"])
+    with pytest.raises(ConfigError, match="space.synthetic_weight: Value error, the range must"):
+        load_config(CONFIG, ["tune.space.synthetic_weight=[1.0, 0.5]"])
+
+
+def test_objectives_need_what_the_data_set_has():
+    cfg = load_config(CONFIG, ["tune.objective=both"])
+    assert objective_metrics(cfg, has_groups=True, has_few=True) == ["val_few",
+                                                                     "val_worst_group"]
+    with pytest.raises(ConfigError, match="tune.objective: 'both' needs worst-group"):
+        objective_metrics(cfg, has_groups=False, has_few=True)
+    with pytest.raises(ConfigError, match="needs Few classes"):
+        objective_metrics(load_config(CONFIG), has_groups=False, has_few=False)
+
+
+def test_pareto_front():
+    table = pd.DataFrame({"a": [0.9, 0.5, 0.7, 0.7, np.nan, 0.2],
+                          "b": [0.1, 0.6, 0.5, 0.4, 0.9, 0.1]})
+    # row 3 is beaten by row 2; row 5 by everything; row 4 has no value.
+    assert pareto_front(table, ["a", "b"]).tolist() == [True, True, True, False, False, False]
+    assert pareto_front(table, ["a"]).tolist() == [True, False, False, False, False, False]
+
+
+def test_best_config_validates_and_keeps_the_full_quota(tmp_path):
+    cfg = load_config(CONFIG, ["tune.quota_scale=0.25"])
+    best = pd.Series({"trial_id": "abc", "val_few": 0.8,
+                      "config/synthesis/guidance_scale": 0.05,
+                      "config/mixture/entropy": 0.3, "config/mixture/loss": 0.1})
+    path = tmp_path / "best_config.yaml"
+    write_best_config(cfg, best, ["val_few"], path)
+    assert path.read_text().startswith("# Best trial abc")
+    again = load_config(path)
+    assert again.synthesis.guidance_scale == 0.05
+    assert again.synthesis.criteria == {"entropy": 0.75, "loss": 0.25}
+    assert again.synthesis.quota_scale == cfg.synthesis.quota_scale

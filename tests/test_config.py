@@ -2,8 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_lt.config import apply_overrides, config_from_dict, dump_config, load_config
-from ray_lt.errors import ConfigError
+from ray_lt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

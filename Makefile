@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/ray-lt train $(CONFIG) --out $(OUT)
+	$(BIN)/ray-lt run $(CONFIG) --out $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -207,6 +207,7 @@ class GeneratorConfig(Strict):
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(250, ge=1)
+    threads: int | None = Field(None, ge=1)  # torch threads of the training worker
     pretrained: str | None = None
     prompt_template: str = "a photo of a {class_name}"
     embedding_dropout: float = Field(0.5, ge=0.0, le=1.0)

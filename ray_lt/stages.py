@@ -17,7 +17,7 @@ STAGES_FILE = "stages.json"
 
 # (included prefixes, excluded prefixes): keys that change what a stage writes. Resources,
 # batch sizes of inference, reporting and anything read only at sampling time are left out.
-_DATA_EXCLUDED = ("dataset.verify_images",)
+_DATA_EXCLUDED = ("dataset.verify_images", "generator.threads")
 STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classifier": (("seed", "dataset.", "model.", "train."),
                    _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),

@@ -34,6 +34,7 @@ from ray_lt.generate.synthesize import (
     filter_synthetic,
     load_synthetic,
     require_stage,
+    synthetic_count,
 )
 from ray_lt.generate.synthesize import synthesize as run_synthesis
 from ray_lt.stages import (
@@ -224,6 +225,10 @@ def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
         if cfg.final.init == "baseline":
             model = model.model_copy(update={"checkpoint": baseline / MODEL_FILE})
         synthetic = load_synthetic(out_dir, data.image_shape[2])
+        if synthetic_count(out_dir) == 0:
+            print("[ray-lt] no synthetic rows (the quota is empty or all were filtered): "
+                  "the final classifier trains on the real data alone")
+            synthetic = None
         folder = fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, final_dir,
                                 "classifier", synthetic=synthetic,
                                 many_threshold=cfg.evaluate.many_threshold,

@@ -97,6 +97,18 @@ def test_mixed_batches_are_half_synthetic(ray_session):
         assert torch.allclose(weight, torch.tensor([1.0] * 4 + [0.3] * 4))
 
 
+def test_a_synthetic_shard_smaller_than_its_share_of_a_batch_is_repeated(ray_session):
+    real = ray.data.from_items([{"image": np.zeros((2, 2, 1), np.uint8), "label": 0}] * 12)
+    synthetic = ray.data.from_items([{"image": np.zeros((2, 2, 1), np.uint8), "label": i}
+                                     for i in (1, 2, 3)])
+    batches = list(mixed_batches(real.iterator(), synthetic.iterator(), batch_size=8,
+                                 synthetic_fraction=0.5, synthetic_weight=1.0,
+                                 shuffle_buffer=0))
+    assert len(batches) == 3
+    labels = [b["label"][4:].tolist() for b, _ in batches]
+    assert labels == [[1, 2, 3, 1], [2, 3, 1, 2], [3, 1, 2, 3]]
+
+
 def test_training_with_a_synthetic_dataset(tmp_path, ray_session):
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
                       ["train.epochs=1", "train.synthetic_weight=0.5"])

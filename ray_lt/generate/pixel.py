@@ -199,6 +199,8 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
         step, losses = state["step"], state["losses"]
     ema.to(device)
     images, conds = _load_shard(ray.train.get_dataset_shard("train"), config["by_group"], n_ctx)
+    if hp.get("threads"):  # after the data is in memory: the steps alone use these threads
+        torch.set_num_threads(hp["threads"])
     alphas = noise_scheduler.alphas_cumprod.to(device)
     started = time.perf_counter()
     if checkpoint is not None and step >= hp["train_steps"]:

@@ -294,6 +294,16 @@ def synthetic_files(run_dir: Path) -> list[str]:
     return files
 
 
+def synthetic_count(run_dir: Path) -> int:
+    """Synthetic rows training will see: the rows on disk less those the filter dropped (from
+    the Parquet footers; no image is read)."""
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in synthetic_files(run_dir))
+    verdicts = Path(run_dir) / SYNTHETIC_DIR / FILTER_FILE
+    if verdicts.is_file():
+        total -= int((~pd.read_parquet(verdicts, columns=["keep"])["keep"]).sum())
+    return total
+
+
 def _decode_images(batch: pd.DataFrame, channels: int) -> pd.DataFrame:
     batch = batch.copy()
     batch["image"] = [decode_png(b, channels) for b in batch["image"]]

@@ -49,6 +49,25 @@ def warmup_cosine(epochs: int, warmup_epochs: int) -> Any:
     return factor
 
 
+def _cycled_batches(synthetic: Any, size: int, kwargs: dict[str, Any]
+                    ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of exactly ``size`` synthetic rows, passing over the shard again and
+    again (a shard smaller than one batch is repeated within the batch)."""
+    buffer: dict[str, torch.Tensor] | None = None
+    while True:
+        seen = 0
+        for batch in synthetic.iter_torch_batches(batch_size=size, **kwargs):
+            seen += len(batch["label"])
+            batch = {k: batch[k] for k in ("image", "label", "weight") if k in batch}
+            buffer = batch if buffer is None else {k: torch.cat([buffer[k], batch[k]])
+                                                   for k in buffer}
+            while len(buffer["label"]) >= size:
+                yield {k: v[:size] for k, v in buffer.items()}
+                buffer = {k: v[size:] for k, v in buffer.items()}
+        if not seen:
+            raise ValueError("the synthetic shard is empty")
+
+
 def mixed_batches(real: Any, synthetic: Any | None, batch_size: int, synthetic_fraction: float,
                   synthetic_weight: float, shuffle_buffer: int
                   ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -60,19 +79,13 @@ def mixed_batches(real: Any, synthetic: Any | None, batch_size: int, synthetic_f
     n_syn = round(batch_size * synthetic_fraction) if synthetic is not None else 0
     kwargs = {"local_shuffle_buffer_size": shuffle_buffer or None}
     real_iter = real.iter_torch_batches(batch_size=batch_size - n_syn, **kwargs)
-    syn_iter = None
+    syn_iter = _cycled_batches(synthetic, n_syn, kwargs) if n_syn else None
     for batch in real_iter:
         weight = batch.get("weight", torch.ones(len(batch["label"])))
-        if not n_syn:
+        if syn_iter is None:
             yield batch, weight
             continue
-        syn = next(syn_iter, None) if syn_iter is not None else None
-        if syn is None:
-            syn_iter = iter(synthetic.iter_torch_batches(batch_size=n_syn, drop_last=True,
-                                                         **kwargs))
-            syn = next(syn_iter, None)
-            if syn is None:
-                raise ValueError(f"the synthetic shard has fewer than {n_syn} rows")
+        syn = next(syn_iter)
         syn_weight = syn.get("weight", torch.ones(len(syn["label"]))) * synthetic_weight
         merged = {k: torch.cat([batch[k], syn[k]]) for k in ("image", "label")}
         yield merged, torch.cat([weight, syn_weight])

@@ -51,6 +51,7 @@ from ray_lt.train.trainer import MODEL_FILE
 
 SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group")
 FINAL_DIR = "final"
+MATERIALIZE_BYTES = 1 << 30  # synthetic sets up to this size are decoded once, not per epoch
 
 
 def _reachable(address: str, timeout: float = 2.0) -> bool:
@@ -225,10 +226,14 @@ def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
         if cfg.final.init == "baseline":
             model = model.model_copy(update={"checkpoint": baseline / MODEL_FILE})
         synthetic = load_synthetic(out_dir, data.image_shape[2])
-        if synthetic_count(out_dir) == 0:
+        rows = synthetic_count(out_dir)
+        if rows == 0:
             print("[ray-lt] no synthetic rows (the quota is empty or all were filtered): "
                   "the final classifier trains on the real data alone")
             synthetic = None
+        elif rows * int(np.prod(data.image_shape)) <= MATERIALIZE_BYTES:
+            # Small enough to decode once into the object store instead of every epoch.
+            synthetic = synthetic.materialize()
         folder = fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, final_dir,
                                 "classifier", synthetic=synthetic,
                                 many_threshold=cfg.evaluate.many_threshold,

@@ -60,11 +60,11 @@ def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path):
         assert done.returncode == 2
         assert message in done.stderr, done.stderr
     assert not out.exists()  # refused before anything was written
-    # Everything there but the data: the data stage names the missing list or metadata file.
+    if name != "imagenet_lt":
+        return  # the data stage's own check (below) starts Ray: once is enough
+    # Everything there but the data: the data stage names the missing list file.
     done = run_cli("run", f"configs/{name}.yaml", "--out", str(out), "--set",
                    f"dataset.root={data}", "model.checkpoint=null",
                    f"generator.pretrained={weights}")
     assert done.returncode == 2
-    expected = {"imagenet_lt": "ImageNet_LT_train.txt", "places_lt": "Places_LT_train.txt",
-                "nico_pp": "metadata.csv"}[name]
-    assert str(data / expected) in done.stderr, done.stderr[-2000:]
+    assert str(data / "ImageNet_LT_train.txt") in done.stderr, done.stderr[-2000:]

@@ -96,3 +96,22 @@ def wait_for(predicate, timeout: float, every: float = 1.0):
             return value
         time.sleep(every)
     raise TimeoutError("condition not met in time")
+
+
+def submit_and_wait(ray_session, command: str, timeout: float = 900) -> str:
+    """``ray job submit`` of ``python <command>`` from the project folder to the session's
+    head; returns the logs of a job that succeeded."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_session["dashboard"])
+    job = client.submit_job(entrypoint=f"{sys.executable} {command}",
+                            runtime_env={"working_dir": str(ROOT),
+                                         "excludes": [".venv", ".git", "runs", "*.parquet"]})
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                         JobStatus.STOPPED}:
+        assert time.time() < deadline, "job did not finish in time"
+        time.sleep(3)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return logs

@@ -4,13 +4,12 @@ config ``ray-lt run`` accepts, and ``jobs/balance.py`` through ``ray job submit`
 
 import json
 import shutil
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, run_cli
+from conftest import run_cli, submit_and_wait
 
 from ray_lt.config import load_config
 
@@ -126,25 +125,6 @@ def test_tune_two_trials_and_run_the_best_config(digits_run, ray_session, tmp_pa
     assert 0.0 <= final["few"] <= 1.0 and (rerun / "report.md").is_file()
     plan = json.loads((rerun / "synthetic" / "plan.json").read_text())
     assert sum(shard["n"] for shard in plan) == 146  # the run's quota (0.2), not the trial's
-
-
-def submit_and_wait(ray_session, command: str, timeout: float = 900) -> str:
-    """``ray job submit`` of ``python <command>`` from the project folder; returns the logs
-    of a job that succeeded."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(ray_session["dashboard"])
-    job = client.submit_job(entrypoint=f"{sys.executable} {command}",
-                            runtime_env={"working_dir": str(ROOT),
-                                         "excludes": [".venv", ".git", "runs", "*.parquet"]})
-    deadline = time.time() + timeout
-    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                         JobStatus.STOPPED}:
-        assert time.time() < deadline, "job did not finish in time"
-        time.sleep(3)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    return logs
 
 
 def test_run_digits_groups(tmp_path, ray_session):

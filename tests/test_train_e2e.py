@@ -1,8 +1,6 @@
 """End to end on a real local Ray cluster: ``ray-lt train``, resume, 50/50 mixing, ray job."""
 
 import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +8,7 @@ import pandas as pd
 import pytest
 import ray
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, submit_and_wait
 
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
@@ -121,22 +119,8 @@ def test_training_with_a_synthetic_dataset(tmp_path, ray_session):
 
 
 def test_ray_job_submit_runs_jobs_train(tmp_path, ray_session):
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    client = JobSubmissionClient(ray_session["dashboard"])
     out = tmp_path / "job"
-    job = client.submit_job(
-        entrypoint=f"{sys.executable} jobs/train.py --config configs/digits_lt.yaml "
-                   f"--out {out} --set train.epochs=1",
-        runtime_env={"working_dir": str(ROOT),
-                     "excludes": [".venv", ".git", "runs", "*.parquet"]},
-    )
-    deadline = time.time() + 420
-    while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                         JobStatus.STOPPED}:
-        assert time.time() < deadline, "job did not finish in time"
-        time.sleep(2)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    logs = submit_and_wait(ray_session, f"jobs/train.py --config configs/digits_lt.yaml "
+                                        f"--out {out} --set train.epochs=1", timeout=420)
     assert "[ray-lt] baseline test: overall" in logs
     assert (out / "metrics.json").is_file()

@@ -100,6 +100,10 @@ def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, capsys):
     assert load_synthetic(out, channels=1, filtered=False).count() == 73
 
     changed = load_config(ROOT / "configs" / "digits_lt.yaml", [*BASE, "synthesis.quota_scale=0.2"])
+    with pytest.raises(ConfigError, match="its synthesis stage was made with another config: "
+                                          "synthesis.quota_scale: 0.1 -> 0.2"):
+        workflow.synthesize(changed, out)
+    (out / "stages.json").unlink()  # without the record, the stored plan still catches it
     with pytest.raises(ConfigError, match="plan.json: the synthesis plan"):
         workflow.synthesize(changed, out)
 

@@ -203,11 +203,7 @@ def results_table(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Tune's result frame cut to the searched values and the metrics, Pareto front marked."""
     keep = [c for c in df.columns if c.startswith("config/") or c.startswith(("val_", "test_"))
             or c in ("trial_id", "criteria", "time_total_s")]
-    table = df[keep].copy()
-    for m in metrics:
-        if m not in table:
-            table[m] = np.nan
-    table = table.dropna(axis=1, how="all")  # keys only the per-epoch reports had
+    table = df[keep].dropna(axis=1, how="all")  # keys only the per-epoch reports had
     for m in metrics:
         if m not in table:
             table[m] = np.nan

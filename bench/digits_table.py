@@ -2,7 +2,7 @@
 synthesis on Few and worst-group accuracy?
 
     python bench/digits_table.py [--datasets digits_lt digits_groups] [--seeds 0 1 2]
-                                 [--out runs/table] [--set key=value ...]
+                                 [--out runs/table] [--set key=value ...] [--summarize]
 
 For every data set and seed (the seed changes the split, the initialisation and the samples):
 ERM and balanced softmax on the real data, then the same synthesis + final training with
@@ -10,8 +10,13 @@ guidance off (unguided) and with each criterion (loss, entropy, hardness, total 
 and their equal mixture. Each seed's baseline classifier (balanced softmax on digits_lt, ERM
 on digits_groups, as the final models) guides the sampler, and one generator per seed is
 shared by every synthetic row. Every cell is its own run directory, so an interrupted table
-resumes where it stopped. Prints mean and standard deviation over seeds; writes
-``OUT/table.csv`` (per seed) and ``OUT/summary.csv``.
+resumes where it stopped; ``--summarize`` only reads what is there.
+
+Besides the test metrics, every synthetic cell records what the guiding classifier makes of its
+samples (accuracy and mean entropy: guidance should lower the one and raise the other). Prints
+mean and standard deviation over seeds and the per-seed difference of every guided row to the
+unguided one; writes ``OUT/table.csv`` (per seed), ``OUT/summary.csv``, ``OUT/paired.csv``
+and ``OUT/table.png``.
 """
 
 from __future__ import annotations
@@ -20,15 +25,25 @@ import argparse
 import time
 from pathlib import Path
 
-import pandas as pd
+import matplotlib
 
-from ray_lt import workflow
-from ray_lt.config import load_config
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from ray_lt import workflow  # noqa: E402
+from ray_lt.config import load_config  # noqa: E402
+from ray_lt.generate.synthesize import decode_png, synthetic_files  # noqa: E402
+from ray_lt.train.trainer import load_classifier  # noqa: E402
 
 COLUMNS = ["overall", "many", "medium", "few", "worst_group"]
+SAMPLE_COLUMNS = ["synthetic_rows", "guide_accuracy", "guide_entropy", "guidance_norm"]
+UNGUIDED = "+ unguided synthetic"
 EQUAL = "{entropy: 0.25, loss: 0.25, hardness: 0.25, total_uncertainty: 0.25}"
 SYNTHETIC_ROWS = {
-    "+ unguided synthetic": ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"],
+    UNGUIDED: ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"],
     "+ FG loss": ["synthesis.criteria={loss: 1.0}"],
     "+ FG entropy": ["synthesis.criteria={entropy: 1.0}"],
     "+ FG hardness": ["synthesis.criteria={hardness: 1.0}"],
@@ -38,6 +53,30 @@ SYNTHETIC_ROWS = {
 # The loss of the final model, also that of the guiding baseline.
 FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
               "digits_groups": "train.balanced_softmax_weight=0"}
+
+
+def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
+    return out / dataset / f"seed{seed}" / setting.strip("+ ").replace(" ", "_")
+
+
+@torch.no_grad()
+def sample_stats(folder: Path) -> dict:
+    """The guiding classifier's accuracy and mean predictive entropy on a cell's synthetic
+    images, and the mean guidance norm the sampler recorded."""
+    frame = pd.concat([pd.read_parquet(f) for f in synthetic_files(folder)], ignore_index=True)
+    if frame.empty:
+        return {"synthetic_rows": 0}
+    classifier = load_classifier(folder / "classifier")
+    channels = classifier.mean.shape[1]
+    images = np.stack([decode_png(b, channels) for b in frame["image"]])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    probs = torch.cat([classifier(chunk).softmax(1) for chunk in x.split(256)])
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+    labels = torch.tensor(frame["label"].to_numpy())
+    return {"synthetic_rows": len(frame),
+            "guide_accuracy": float((probs.argmax(1) == labels).float().mean()),
+            "guide_entropy": float(entropy.mean()),
+            "guidance_norm": float(frame["guidance_norm"].mean())}
 
 
 def cell(name: str, seed: int, dataset: str, metrics: dict, seconds: float) -> dict:
@@ -61,7 +100,7 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str]) -> list[dict]
     workflow.train_generator(cfg, guide)
     for name, overrides in SYNTHETIC_ROWS.items():
         started = time.perf_counter()
-        folder = base / name.strip("+ ").replace(" ", "_")
+        folder = cell_dir(out, dataset, seed, name)
         folder.mkdir(parents=True, exist_ok=True)
         for stage in ("classifier", "generator", "metrics.json"):
             link = folder / stage
@@ -74,6 +113,55 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str]) -> list[dict]
     return rows
 
 
+def with_sample_stats(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    stats = [sample_stats(cell_dir(out, r.dataset, r.seed, r.setting))
+             if r.setting in SYNTHETIC_ROWS else {} for r in table.itertuples()]
+    return pd.concat([table.drop(columns=SAMPLE_COLUMNS, errors="ignore"),
+                      pd.DataFrame(stats, index=table.index, columns=SAMPLE_COLUMNS)], axis=1)
+
+
+def paired(table: pd.DataFrame) -> pd.DataFrame:
+    """Each guided row minus the unguided row of the same data set and seed."""
+    rows = []
+    for (dataset, seed), group in table.groupby(["dataset", "seed"]):
+        unguided = group[group["setting"] == UNGUIDED]
+        if unguided.empty:
+            continue
+        for r in group[group["setting"].str.startswith("+ FG")].itertuples():
+            rows.append({"dataset": dataset, "setting": r.setting, "seed": seed,
+                         **{k: getattr(r, k) - unguided[k].iloc[0]
+                            for k in ("few", "worst_group", "overall")}})
+    if not rows:
+        return pd.DataFrame()
+    diffs = pd.DataFrame(rows)
+    return diffs.groupby(["dataset", "setting"], sort=False).agg(
+        seeds=("seed", "count"), few=("few", "mean"), few_std=("few", "std"),
+        few_wins=("few", lambda d: int((d > 0).sum())),
+        worst_group=("worst_group", "mean"), worst_group_std=("worst_group", "std"),
+        worst_group_wins=("worst_group", lambda d: int((d > 0).sum())),
+        overall=("overall", "mean"))
+
+
+def plot(summary: pd.DataFrame, path: Path) -> None:
+    """Few accuracy (digits_lt) and worst-group accuracy (digits_groups), mean +- std."""
+    panels = [(d, "worst_group" if d == "digits_groups" else "few")
+              for d in summary.index.get_level_values("dataset").unique()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (dataset, metric) in zip(axes[0], panels, strict=True):
+        part = summary.loc[dataset]
+        mean, std = part[(metric, "mean")], part[(metric, "std")].fillna(0)
+        colours = ["#999999" if not s.startswith("+") else
+                   "#4c72b0" if s == UNGUIDED else "#dd8452" for s in part.index]
+        ax.bar(range(len(part)), mean, yerr=std, color=colours, capsize=3)
+        ax.set_xticks(range(len(part)), part.index, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(metric.replace("_", "-") + " accuracy (test)")
+        ax.set_title(dataset)
+        ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,19 +169,33 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/table"))
     parser.add_argument("--set", dest="overrides", nargs="+", default=[])
+    parser.add_argument("--summarize", action="store_true",
+                        help="only summarise the cells already in OUT/table.csv")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for seed in args.seeds:
-        for dataset in args.datasets:
-            rows += run_seed(dataset, seed, args.out, args.overrides)
-            table = pd.DataFrame(rows)
-            table.to_csv(args.out / "table.csv", index=False)
-    summary = table.groupby(["dataset", "setting"], sort=False)[COLUMNS].agg(["mean", "std"])
+    if args.summarize:
+        table = pd.read_csv(args.out / "table.csv")
+    else:
+        rows = []
+        for seed in args.seeds:
+            for dataset in args.datasets:
+                rows += run_seed(dataset, seed, args.out, args.overrides)
+                pd.DataFrame(rows).to_csv(args.out / "table.csv", index=False)
+        table = pd.DataFrame(rows)
+    table = with_sample_stats(table, args.out)
+    table.to_csv(args.out / "table.csv", index=False)
+    summary = table.groupby(["dataset", "setting"], sort=False)[COLUMNS + SAMPLE_COLUMNS[1:]]
+    summary = summary.agg(["mean", "std"])
     summary.to_csv(args.out / "summary.csv")
-    pd.set_option("display.width", 200)
+    diffs = paired(table)
+    diffs.to_csv(args.out / "paired.csv")
+    plot(summary, args.out / "table.png")
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 30)
     print(summary.round(3).to_string())
-    print(f"\nper seed: {args.out / 'table.csv'}")
+    print("\nguided minus unguided, per seed (mean, std, seeds where guided is higher):")
+    print(diffs.round(3).to_string())
+    print(f"\nper seed: {args.out / 'table.csv'}; plot: {args.out / 'table.png'}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ synthesis on Few and worst-group accuracy?
 
     python bench/digits_table.py [--datasets digits_lt digits_groups] [--seeds 0 1 2]
                                  [--out runs/table] [--set key=value ...] [--summarize]
+                                 [--criteria entropy ...] [--scales 0.1 0.3]
 
 For every data set and seed (the seed changes the split, the initialisation and the samples):
 ERM and balanced softmax on the real data, then the same synthesis + final training with
@@ -10,7 +11,9 @@ guidance off (unguided) and with each criterion (loss, entropy, hardness, total 
 and their equal mixture. Each seed's baseline classifier (balanced softmax on digits_lt, ERM
 on digits_groups, as the final models) guides the sampler, and one generator per seed is
 shared by every synthetic row. Every cell is its own run directory, so an interrupted table
-resumes where it stopped; ``--summarize`` only reads what is there.
+resumes where it stopped, and every run adds its cells to ``OUT/table.csv``; ``--summarize``
+only reads what is there. ``--scales`` runs the chosen ``--criteria`` at other guidance scales
+(settings ``+ FG entropy @ 0.1``, ...) beside the same unguided row: the guidance-scale study.
 
 Besides the test metrics, every synthetic cell records what the guiding classifier makes of its
 samples (accuracy and mean entropy: guidance should lower the one and raise the other). Prints
@@ -32,37 +35,69 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from sklearn.svm import SVC  # noqa: E402
 
 from ray_lt import workflow  # noqa: E402
-from ray_lt.config import load_config  # noqa: E402
+from ray_lt.config import DigitsLTData, load_config  # noqa: E402
+from ray_lt.data.digits import digits_groups_tables, digits_lt_tables  # noqa: E402
 from ray_lt.generate.synthesize import decode_png, synthetic_files  # noqa: E402
 from ray_lt.train.trainer import load_classifier  # noqa: E402
 
 COLUMNS = ["overall", "many", "medium", "few", "worst_group"]
-SAMPLE_COLUMNS = ["synthetic_rows", "guide_accuracy", "guide_entropy", "guidance_norm"]
+SAMPLE_COLUMNS = ["synthetic_rows", "judge_accuracy", "guide_accuracy", "guide_entropy",
+                  "guidance_norm"]
 UNGUIDED = "+ unguided synthetic"
 EQUAL = "{entropy: 0.25, loss: 0.25, hardness: 0.25, total_uncertainty: 0.25}"
-SYNTHETIC_ROWS = {
-    UNGUIDED: ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"],
-    "+ FG loss": ["synthesis.criteria={loss: 1.0}"],
-    "+ FG entropy": ["synthesis.criteria={entropy: 1.0}"],
-    "+ FG hardness": ["synthesis.criteria={hardness: 1.0}"],
-    "+ FG total uncertainty": ["synthesis.criteria={total_uncertainty: 1.0}"],
-    "+ FG equal mixture": [f"synthesis.criteria={EQUAL}"],
-}
+CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{hardness: 1.0}",
+            "total uncertainty": "{total_uncertainty: 1.0}", "equal mixture": EQUAL}
+
+
+def synthetic_rows(criteria: list[str], scales: list[float] | None) -> dict[str, list[str]]:
+    """Setting name -> config overrides: unguided, then each criterion at the config's
+    guidance scale (``scales`` None) or at each of ``scales`` (named ``... @ scale``)."""
+    rows = {UNGUIDED: ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"]}
+    for name in criteria:
+        for scale in scales or [None]:
+            setting = f"+ FG {name}" + ("" if scale is None else f" @ {scale:g}")
+            rows[setting] = [f"synthesis.criteria={CRITERIA[name]}"] + (
+                [] if scale is None else [f"synthesis.guidance_scale={scale}"])
+    return rows
+
+
 # The loss of the final model, also that of the guiding baseline.
 FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
               "digits_groups": "train.balanced_softmax_weight=0"}
 
 
 def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
-    return out / dataset / f"seed{seed}" / setting.strip("+ ").replace(" ", "_")
+    name = setting.strip("+ ").replace(" @ ", "_s").replace(" ", "_")
+    return out / dataset / f"seed{seed}" / name
+
+
+def fit_judge(folder: Path) -> tuple[SVC, str]:
+    """An RBF SVM fitted on the balanced val + test images of the cell's data set: an
+    independent judge of whether a synthetic image shows its class (digits_lt) or its class
+    and background colour (digits_groups), unaffected by the long tail."""
+    cfg = load_config(folder / "config.yaml")
+    d = cfg.dataset
+    if isinstance(d, DigitsLTData):
+        tables = digits_lt_tables(cfg.seed, d.imbalance_factor, d.max_per_class,
+                                  d.val_per_class, d.test_per_class, d.image_size, d.channels)
+    else:
+        tables = digits_groups_tables(cfg.seed, d.context_names, d.train_per_class,
+                                      d.majority_fraction, d.empty_groups_per_class,
+                                      d.val_per_group, d.test_per_group, d.image_size)
+    real = pd.concat([tables["val"], tables["test"]], ignore_index=True)
+    target = "label" if isinstance(d, DigitsLTData) else "group"
+    x = np.stack(real["image"]).reshape(len(real), -1) / 255.0
+    return SVC(C=10.0).fit(x, real[target]), target
 
 
 @torch.no_grad()
 def sample_stats(folder: Path) -> dict:
-    """The guiding classifier's accuracy and mean predictive entropy on a cell's synthetic
-    images, and the mean guidance norm the sampler recorded."""
+    """The independent judge's accuracy on a cell's synthetic images, the guiding
+    classifier's accuracy and mean predictive entropy there, and the mean guidance norm the
+    sampler recorded."""
     frame = pd.concat([pd.read_parquet(f) for f in synthetic_files(folder)], ignore_index=True)
     if frame.empty:
         return {"synthetic_rows": 0}
@@ -73,7 +108,10 @@ def sample_stats(folder: Path) -> dict:
     probs = torch.cat([classifier(chunk).softmax(1) for chunk in x.split(256)])
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
     labels = torch.tensor(frame["label"].to_numpy())
+    judge, target = fit_judge(folder)
+    verdict = judge.predict(images.reshape(len(images), -1) / 255.0)
     return {"synthetic_rows": len(frame),
+            "judge_accuracy": float((verdict == frame[target].to_numpy()).mean()),
             "guide_accuracy": float((probs.argmax(1) == labels).float().mean()),
             "guide_entropy": float(entropy.mean()),
             "guidance_norm": float(frame["guidance_norm"].mean())}
@@ -84,7 +122,8 @@ def cell(name: str, seed: int, dataset: str, metrics: dict, seconds: float) -> d
             **{k: metrics.get(k) for k in COLUMNS}}
 
 
-def run_seed(dataset: str, seed: int, out: Path, extra: list[str]) -> list[dict]:
+def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
+             settings: dict[str, list[str]]) -> list[dict]:
     config = f"configs/{dataset}.yaml"
     base = out / dataset / f"seed{seed}"
     rows = []
@@ -98,7 +137,7 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str]) -> list[dict]
     guide = base / "guide"
     cfg = load_config(config, [*extra, FINAL_LOSS[dataset], f"seed={seed}"])
     workflow.train_generator(cfg, guide)
-    for name, overrides in SYNTHETIC_ROWS.items():
+    for name, overrides in settings.items():
         started = time.perf_counter()
         folder = cell_dir(out, dataset, seed, name)
         folder.mkdir(parents=True, exist_ok=True)
@@ -113,9 +152,19 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str]) -> list[dict]
     return rows
 
 
+def merge(table: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the cells of ``new`` added or replaced (one row per data set, setting
+    and seed), so that partial runs of this script build up one table."""
+    key = ["dataset", "setting", "seed"]
+    if table.empty:
+        return new
+    kept = table.merge(new[key], on=key, how="left", indicator=True)["_merge"] == "left_only"
+    return pd.concat([table[kept.to_numpy()], new], ignore_index=True)
+
+
 def with_sample_stats(table: pd.DataFrame, out: Path) -> pd.DataFrame:
     stats = [sample_stats(cell_dir(out, r.dataset, r.seed, r.setting))
-             if r.setting in SYNTHETIC_ROWS else {} for r in table.itertuples()]
+             if r.setting.startswith("+") else {} for r in table.itertuples()]
     return pd.concat([table.drop(columns=SAMPLE_COLUMNS, errors="ignore"),
                       pd.DataFrame(stats, index=table.index, columns=SAMPLE_COLUMNS)], axis=1)
 
@@ -169,19 +218,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/table"))
     parser.add_argument("--set", dest="overrides", nargs="+", default=[])
+    parser.add_argument("--criteria", nargs="+", choices=list(CRITERIA), default=list(CRITERIA))
+    parser.add_argument("--scales", type=float, nargs="+", default=None,
+                        help="guidance scales to run each criterion at (default: the config's)")
     parser.add_argument("--summarize", action="store_true",
                         help="only summarise the cells already in OUT/table.csv")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.summarize:
-        table = pd.read_csv(args.out / "table.csv")
-    else:
-        rows = []
+    path = args.out / "table.csv"
+    table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if not args.summarize:
+        settings = synthetic_rows(args.criteria, args.scales)
         for seed in args.seeds:
             for dataset in args.datasets:
-                rows += run_seed(dataset, seed, args.out, args.overrides)
-                pd.DataFrame(rows).to_csv(args.out / "table.csv", index=False)
-        table = pd.DataFrame(rows)
+                new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, settings))
+                table = merge(table, new)
+                table.to_csv(path, index=False)
     table = with_sample_stats(table, args.out)
     table.to_csv(args.out / "table.csv", index=False)
     summary = table.groupby(["dataset", "setting"], sort=False)[COLUMNS + SAMPLE_COLUMNS[1:]]

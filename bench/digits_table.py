@@ -154,10 +154,13 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
 
 def merge(table: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """``table`` with the cells of ``new`` added or replaced (one row per data set, setting
-    and seed), so that partial runs of this script build up one table."""
+    and seed), so that partial runs of this script build up one table. A replaced cell keeps
+    its longest ``seconds``: rerunning a finished cell only reads its results."""
     key = ["dataset", "setting", "seed"]
     if table.empty:
         return new
+    both = new.merge(table[[*key, "seconds"]], on=key, how="left", suffixes=("", "_old"))
+    new = new.assign(seconds=both[["seconds", "seconds_old"]].max(axis=1).to_numpy())
     kept = table.merge(new[key], on=key, how="left", indicator=True)["_merge"] == "left_only"
     return pd.concat([table[kept.to_numpy()], new], ignore_index=True)
 

@@ -49,7 +49,7 @@ SAMPLE_COLUMNS = ["synthetic_rows", "judge_accuracy", "guide_accuracy", "guide_e
 UNGUIDED = "+ unguided synthetic"
 EQUAL = "{entropy: 0.25, loss: 0.25, hardness: 0.25, total_uncertainty: 0.25}"
 CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{hardness: 1.0}",
-            "total uncertainty": "{total_uncertainty: 1.0}", "equal mixture": EQUAL}
+            "total_uncertainty": "{total_uncertainty: 1.0}", "equal_mixture": EQUAL}
 
 
 def synthetic_rows(criteria: list[str], scales: list[float] | None) -> dict[str, list[str]]:
@@ -58,7 +58,7 @@ def synthetic_rows(criteria: list[str], scales: list[float] | None) -> dict[str,
     rows = {UNGUIDED: ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"]}
     for name in criteria:
         for scale in scales or [None]:
-            setting = f"+ FG {name}" + ("" if scale is None else f" @ {scale:g}")
+            setting = f"+ FG {name.replace('_', ' ')}" + ("" if scale is None else f" @ {scale:g}")
             rows[setting] = [f"synthesis.criteria={CRITERIA[name]}"] + (
                 [] if scale is None else [f"synthesis.guidance_scale={scale}"])
     return rows

@@ -38,6 +38,9 @@ def ray_head():
     import urllib.error
     import urllib.request
 
+    # `ray start` wants the token to exist already (a fresh machine has none); this keeps
+    # one that does.
+    subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True)
     port, dashboard = _free_port(), _free_port()
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",

@@ -39,7 +39,7 @@ from sklearn.svm import SVC  # noqa: E402
 
 from ray_lt import workflow  # noqa: E402
 from ray_lt.config import DigitsLTData, load_config  # noqa: E402
-from ray_lt.data.digits import digits_groups_tables, digits_lt_tables  # noqa: E402
+from ray_lt.data import digits_tables  # noqa: E402
 from ray_lt.generate.synthesize import decode_png, synthetic_files  # noqa: E402
 from ray_lt.train.trainer import load_classifier  # noqa: E402
 
@@ -75,26 +75,19 @@ def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
 
 
 def fit_judge(folder: Path) -> tuple[SVC, str]:
-    """An RBF SVM fitted on the balanced val + test images of the cell's data set: an
+    """An RBF SVM fitted on the balanced val + test images of the run's data set: an
     independent judge of whether a synthetic image shows its class (digits_lt) or its class
     and background colour (digits_groups), unaffected by the long tail."""
     cfg = load_config(folder / "config.yaml")
-    d = cfg.dataset
-    if isinstance(d, DigitsLTData):
-        tables = digits_lt_tables(cfg.seed, d.imbalance_factor, d.max_per_class,
-                                  d.val_per_class, d.test_per_class, d.image_size, d.channels)
-    else:
-        tables = digits_groups_tables(cfg.seed, d.context_names, d.train_per_class,
-                                      d.majority_fraction, d.empty_groups_per_class,
-                                      d.val_per_group, d.test_per_group, d.image_size)
+    tables = digits_tables(cfg.dataset, cfg.seed)
     real = pd.concat([tables["val"], tables["test"]], ignore_index=True)
-    target = "label" if isinstance(d, DigitsLTData) else "group"
+    target = "label" if isinstance(cfg.dataset, DigitsLTData) else "group"
     x = np.stack(real["image"]).reshape(len(real), -1) / 255.0
     return SVC(C=10.0).fit(x, real[target]), target
 
 
 @torch.no_grad()
-def sample_stats(folder: Path) -> dict:
+def sample_stats(folder: Path, judge: SVC, target: str) -> dict:
     """The independent judge's accuracy on a cell's synthetic images, the guiding
     classifier's accuracy and mean predictive entropy there, and the mean guidance norm the
     sampler recorded."""
@@ -108,7 +101,6 @@ def sample_stats(folder: Path) -> dict:
     probs = torch.cat([classifier(chunk).softmax(1) for chunk in x.split(256)])
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
     labels = torch.tensor(frame["label"].to_numpy())
-    judge, target = fit_judge(folder)
     verdict = judge.predict(images.reshape(len(images), -1) / 255.0)
     return {"synthetic_rows": len(frame),
             "judge_accuracy": float((verdict == frame[target].to_numpy()).mean()),
@@ -154,20 +146,29 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
 
 def merge(table: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     """``table`` with the cells of ``new`` added or replaced (one row per data set, setting
-    and seed), so that partial runs of this script build up one table. A replaced cell keeps
-    its longest ``seconds``: rerunning a finished cell only reads its results."""
-    key = ["dataset", "setting", "seed"]
+    and seed, in their first position), so that partial runs of this script build up one
+    table. A replaced cell keeps its longest ``seconds``: rerunning a finished cell only
+    reads its results."""
     if table.empty:
         return new
-    both = new.merge(table[[*key, "seconds"]], on=key, how="left", suffixes=("", "_old"))
-    new = new.assign(seconds=both[["seconds", "seconds_old"]].max(axis=1).to_numpy())
-    kept = table.merge(new[key], on=key, how="left", indicator=True)["_merge"] == "left_only"
-    return pd.concat([table[kept.to_numpy()], new], ignore_index=True)
+    key = ["dataset", "setting", "seed"]
+    old, new = table.set_index(key), new.set_index(key)
+    new["seconds"] = np.fmax(new["seconds"], old["seconds"].reindex(new.index))
+    order = old.index.append(new.index[~new.index.isin(old.index)])
+    return pd.concat([old[~old.index.isin(new.index)], new]).loc[order].reset_index()
 
 
 def with_sample_stats(table: pd.DataFrame, out: Path) -> pd.DataFrame:
-    stats = [sample_stats(cell_dir(out, r.dataset, r.seed, r.setting))
-             if r.setting.startswith("+") else {} for r in table.itertuples()]
+    judges = {}  # one judge per data set and seed, fitted on the seed's guide run
+    stats = []
+    for r in table.itertuples():
+        if not r.setting.startswith("+"):
+            stats.append({})
+            continue
+        if (r.dataset, r.seed) not in judges:
+            judges[r.dataset, r.seed] = fit_judge(out / r.dataset / f"seed{r.seed}" / "guide")
+        stats.append(sample_stats(cell_dir(out, r.dataset, r.seed, r.setting),
+                                  *judges[r.dataset, r.seed]))
     return pd.concat([table.drop(columns=SAMPLE_COLUMNS, errors="ignore"),
                       pd.DataFrame(stats, index=table.index, columns=SAMPLE_COLUMNS)], axis=1)
 

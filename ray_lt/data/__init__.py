@@ -79,20 +79,27 @@ def _from_files(tables: dict[str, pd.DataFrame], cfg: ListFileData | NicoData, s
     return out
 
 
+def digits_tables(cfg: DigitsLTData | DigitsGroupsData, seed: int) -> dict[str, pd.DataFrame]:
+    """The in-memory train / val / test tables of an embedded digits data set."""
+    if isinstance(cfg, DigitsLTData):
+        return digits_lt_tables(seed, cfg.imbalance_factor, cfg.max_per_class,
+                                cfg.val_per_class, cfg.test_per_class, cfg.image_size,
+                                cfg.channels)
+    return digits_groups_tables(seed, cfg.context_names, cfg.train_per_class,
+                                cfg.majority_fraction, cfg.empty_groups_per_class,
+                                cfg.val_per_group, cfg.test_per_group, cfg.image_size)
+
+
 def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
     """Build the Ray Datasets of any configured data set; raises DataError on bad input."""
     if isinstance(cfg, DigitsLTData):
-        tables = digits_lt_tables(seed, cfg.imbalance_factor, cfg.max_per_class,
-                                  cfg.val_per_class, cfg.test_per_class, cfg.image_size,
-                                  cfg.channels)
+        tables = digits_tables(cfg, seed)
         counts = np.bincount(tables["train"]["label"], minlength=10)
         ds = _from_memory(tables, seed)
         return LongTailData(ds["train"], ds["val"], ds["test"], counts, list(DIGIT_NAMES),
                             (cfg.image_size, cfg.image_size, cfg.channels))
     if isinstance(cfg, DigitsGroupsData):
-        tables = digits_groups_tables(seed, cfg.context_names, cfg.train_per_class,
-                                      cfg.majority_fraction, cfg.empty_groups_per_class,
-                                      cfg.val_per_group, cfg.test_per_group, cfg.image_size)
+        tables = digits_tables(cfg, seed)
         n_groups = 10 * len(cfg.context_names)
         ds = _from_memory(tables, seed)
         return LongTailData(

@@ -15,8 +15,11 @@ resumes where it stopped, and every run adds its cells to ``OUT/table.csv``; ``-
 only reads what is there. ``--scales`` runs the chosen ``--criteria`` at other guidance scales
 (settings ``+ FG entropy @ 0.1``, ...) beside the same unguided row: the guidance-scale study.
 
-Besides the test metrics, every synthetic cell records what the guiding classifier makes of its
-samples (accuracy and mean entropy: guidance should lower the one and raise the other). Prints
+On digits_groups the table also gives the mean accuracy over the empty class x colour groups
+(``empty_groups``: 100 test images, where worst-group accuracy moves in steps of one image in
+10). Besides the test metrics, every synthetic cell records what an independent judge (an SVM
+on held-out real images) and the guiding classifier make of its samples (accuracy and mean
+entropy: guidance should lower the guide's accuracy and raise its entropy). Prints
 mean and standard deviation over seeds and the per-seed difference of every guided row to the
 unguided one; writes ``OUT/table.csv`` (per seed), ``OUT/summary.csv``, ``OUT/paired.csv``
 and ``OUT/table.png``.
@@ -25,6 +28,7 @@ and ``OUT/table.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -44,6 +48,7 @@ from ray_lt.generate.synthesize import decode_png, synthetic_files  # noqa: E402
 from ray_lt.train.trainer import load_classifier  # noqa: E402
 
 COLUMNS = ["overall", "many", "medium", "few", "worst_group"]
+GROUP_COLUMNS = ["empty_groups"]  # read back from each cell's metrics.json
 SAMPLE_COLUMNS = ["synthetic_rows", "judge_accuracy", "guide_accuracy", "guide_entropy",
                   "guidance_norm"]
 UNGUIDED = "+ unguided synthetic"
@@ -64,6 +69,8 @@ def synthetic_rows(criteria: list[str], scales: list[float] | None) -> dict[str,
     return rows
 
 
+BASELINES = {"ERM": "train.balanced_softmax_weight=0",
+             "balanced softmax": "train.balanced_softmax_weight=1"}
 # The loss of the final model, also that of the guiding baseline.
 FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
               "digits_groups": "train.balanced_softmax_weight=0"}
@@ -72,6 +79,33 @@ FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
 def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
     name = setting.strip("+ ").replace(" @ ", "_s").replace(" ", "_")
     return out / dataset / f"seed{seed}" / name
+
+
+def result_file(out: Path, dataset: str, seed: int, setting: str) -> Path:
+    """A cell's test metrics: the final model's for synthetic rows, else the baseline's (the
+    baseline trained with the final loss is the seed's ``guide``)."""
+    if setting.startswith("+"):
+        return cell_dir(out, dataset, seed, setting) / "final" / "metrics.json"
+    loss = BASELINES[setting]
+    name = "guide" if loss == FINAL_LOSS[dataset] else setting.replace(" ", "_")
+    return out / dataset / f"seed{seed}" / name / "metrics.json"
+
+
+def empty_group_accuracy(metrics: dict) -> float:
+    """Mean test accuracy over the class x context groups that have no training image: 100
+    test images on digits_groups, against the 10 that worst-group accuracy rests on."""
+    counts = metrics.get("group_counts")
+    if counts is None:
+        return float("nan")
+    per_group = np.asarray(metrics["per_group"], dtype=float)
+    empty = np.asarray(counts) == 0
+    return float(np.nanmean(per_group[empty])) if empty.any() else float("nan")
+
+
+def with_empty_groups(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    values = [empty_group_accuracy(json.loads(result_file(out, *key).read_text()))
+              for key in table[["dataset", "seed", "setting"]].itertuples(index=False)]
+    return table.assign(empty_groups=values)
 
 
 def fit_judge(folder: Path) -> tuple[SVC, str]:
@@ -119,9 +153,8 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
     config = f"configs/{dataset}.yaml"
     base = out / dataset / f"seed{seed}"
     rows = []
-    for name, loss in (("ERM", "train.balanced_softmax_weight=0"),
-                       ("balanced softmax", "train.balanced_softmax_weight=1")):
-        folder = base / ("guide" if loss == FINAL_LOSS[dataset] else name.replace(" ", "_"))
+    for name, loss in BASELINES.items():
+        folder = result_file(out, dataset, seed, name).parent
         started = time.perf_counter()
         cfg = load_config(config, [*extra, loss, f"seed={seed}"])
         rows.append(cell(name, seed, dataset, workflow.train(cfg, folder),
@@ -183,7 +216,7 @@ def paired(table: pd.DataFrame) -> pd.DataFrame:
         for r in group[group["setting"].str.startswith("+ FG")].itertuples():
             rows.append({"dataset": dataset, "setting": r.setting, "seed": seed,
                          **{k: getattr(r, k) - unguided[k].iloc[0]
-                            for k in ("few", "worst_group", "overall")}})
+                            for k in ("few", "worst_group", "empty_groups", "overall")}})
     if not rows:
         return pd.DataFrame()
     diffs = pd.DataFrame(rows)
@@ -192,6 +225,8 @@ def paired(table: pd.DataFrame) -> pd.DataFrame:
         few_wins=("few", lambda d: int((d > 0).sum())),
         worst_group=("worst_group", "mean"), worst_group_std=("worst_group", "std"),
         worst_group_wins=("worst_group", lambda d: int((d > 0).sum())),
+        empty_groups=("empty_groups", "mean"), empty_groups_std=("empty_groups", "std"),
+        empty_groups_wins=("empty_groups", lambda d: int((d > 0).sum())),
         overall=("overall", "mean"))
 
 
@@ -238,9 +273,10 @@ def main() -> None:
                 new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, settings))
                 table = merge(table, new)
                 table.to_csv(path, index=False)
-    table = with_sample_stats(table, args.out)
+    table = with_sample_stats(with_empty_groups(table, args.out), args.out)
     table.to_csv(args.out / "table.csv", index=False)
-    summary = table.groupby(["dataset", "setting"], sort=False)[COLUMNS + SAMPLE_COLUMNS[1:]]
+    summary = table.groupby(["dataset", "setting"], sort=False)[
+        COLUMNS + GROUP_COLUMNS + SAMPLE_COLUMNS[1:]]
     summary = summary.agg(["mean", "std"])
     summary.to_csv(args.out / "summary.csv")
     diffs = paired(table)

@@ -208,7 +208,8 @@ def with_sample_stats(table: pd.DataFrame, out: Path) -> pd.DataFrame:
 
 def paired(table: pd.DataFrame) -> pd.DataFrame:
     """Each guided row minus the unguided row of the same data set and seed."""
-    rows = []
+    rows, metrics = [], ["few", "worst_group", "empty_groups", "overall"]
+    table = table.assign(**{k: pd.to_numeric(table[k], errors="coerce") for k in metrics})
     for (dataset, seed), group in table.groupby(["dataset", "seed"]):
         unguided = group[group["setting"] == UNGUIDED]
         if unguided.empty:
@@ -216,7 +217,7 @@ def paired(table: pd.DataFrame) -> pd.DataFrame:
         for r in group[group["setting"].str.startswith("+ FG")].itertuples():
             rows.append({"dataset": dataset, "setting": r.setting, "seed": seed,
                          **{k: getattr(r, k) - unguided[k].iloc[0]
-                            for k in ("few", "worst_group", "empty_groups", "overall")}})
+                            for k in metrics}})
     if not rows:
         return pd.DataFrame()
     diffs = pd.DataFrame(rows)

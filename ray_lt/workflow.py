@@ -33,6 +33,7 @@ from ray_lt.generate.synthesize import (
     data_info,
     filter_synthetic,
     load_synthetic,
+    plan,
     require_stage,
     synthetic_count,
 )
@@ -329,6 +330,7 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     check_run_config(cfg)
     out_dir, data = prepare(cfg, out_dir)
+    plan(cfg, data)  # an empty quota is refused before any training
     check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
     stage = partial(banner, total=8, since=started)
     stage(1, name="baseline classifier", note=f"{cfg.model.name}, {cfg.train.epochs} epochs")

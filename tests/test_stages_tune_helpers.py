@@ -6,9 +6,12 @@ import pytest
 from conftest import ROOT
 
 from ray_lt.config import config_from_dict, load_config
+from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError
+from ray_lt.generate.synthesize import plan
 from ray_lt.stages import check_stage, check_stages, record_stage, stage_keys, stage_matches
 from ray_lt.tune import (
+    check_trial_quota,
     mixture,
     objective_metrics,
     pareto_front,
@@ -127,3 +130,22 @@ def test_best_config_validates_and_keeps_the_full_quota(tmp_path):
     assert again.synthesis.guidance_scale == 0.05
     assert again.synthesis.criteria == {"entropy": 0.75, "loss": 0.25}
     assert again.synthesis.quota_scale == cfg.synthesis.quota_scale
+
+
+def test_an_empty_quota_is_refused_naming_the_keys(ray_session):
+    groups = ROOT / "configs" / "digits_groups.yaml"
+    cfg = load_config(groups, ["synthesis.target=4", "synthesis.quota_scale=0.2"])
+    data = load_dataset(cfg.dataset, cfg.seed)
+    # 0.2 of (4 - 0) rounds to 1 image for each empty group: a plan
+    shards = plan(cfg, data)
+    assert sum(sh["n"] for sh in shards) == int((data.group_counts == 0).sum())
+    # the config's tune.quota_scale 0.5 makes it 0.1 of 4, which rounds to 0 everywhere
+    with pytest.raises(ConfigError, match=r"tune.quota_scale: 0.5 times synthesis.quota_scale "
+                                          r"0.2 .*quota is 0 for every group"):
+        check_trial_quota(cfg, data)
+    check_trial_quota(load_config(groups, ["synthesis.target=4", "synthesis.quota_scale=0.2",
+                                           "tune.quota_scale=1"]), data)
+    lt = load_config(CONFIG, ["synthesis.target=1"])  # every class already has 1 image
+    with pytest.raises(ConfigError, match=r"quota is 0 for every class \(synthesis.target 1, "
+                                          r"quota_scale 1"):
+        plan(lt, load_dataset(lt.dataset, lt.seed))

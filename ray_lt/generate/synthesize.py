@@ -217,9 +217,15 @@ def plan(cfg: Config, data: LongTailData) -> list[dict[str, Any]]:
         if data.group_counts is None:
             raise ConfigError("synthesis.balance: 'group' needs a data set with groups")
         quotas = group_quotas(data.group_counts, s.target, s.quota_scale, s.quota_minimum)
-        return plan_shards(quotas, s.max_shard_size, cfg.seed, True, len(data.context_names))
-    quotas = class_quotas(data.class_counts, s.target, s.quota_scale, s.quota_minimum)
-    return plan_shards(quotas, s.max_shard_size, cfg.seed, False)
+        shards = plan_shards(quotas, s.max_shard_size, cfg.seed, True, len(data.context_names))
+    else:
+        quotas = class_quotas(data.class_counts, s.target, s.quota_scale, s.quota_minimum)
+        shards = plan_shards(quotas, s.max_shard_size, cfg.seed, False)
+    if not shards:
+        raise ConfigError(f"synthesis: the quota is 0 for every {s.balance} (synthesis.target "
+                          f"{s.target}, quota_scale {s.quota_scale:g}, quota_minimum "
+                          f"{s.quota_minimum}); raise target or quota_scale")
+    return shards
 
 
 def finished_shards(out: Path) -> set[int]:

@@ -19,6 +19,7 @@ import pandas as pd
 import yaml
 
 from ray_lt.config import Config, config_from_dict
+from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError
 
 TUNE_DIR = "tune"
@@ -92,6 +93,20 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], quota_scale: floa
     return raw
 
 
+def check_trial_quota(cfg: Config, data: LongTailData) -> None:
+    """Refuse, before any training, a ``tune.quota_scale`` that leaves a trial nothing to
+    generate."""
+    from ray_lt.generate.synthesize import plan
+
+    raw = trial_config(cfg.model_dump(mode="json"), {}, cfg.tune.quota_scale)
+    try:
+        plan(config_from_dict(raw, source="trial config"), data)
+    except ConfigError as err:
+        raise ConfigError(f"tune.quota_scale: {cfg.tune.quota_scale:g} times "
+                          f"synthesis.quota_scale {cfg.synthesis.quota_scale:g} leaves a trial "
+                          f"no synthetic image ({err})") from None
+
+
 def pareto_front(table: pd.DataFrame, metrics: list[str]) -> np.ndarray:
     """Mask of the rows no other row beats on every metric (maximised) and strictly on one."""
     values = table[metrics].to_numpy(dtype=float)
@@ -152,6 +167,7 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
     out_dir, data = workflow.prepare(cfg, out_dir)
     has_few = bool((data.class_counts < cfg.evaluate.few_threshold).any())
     metrics = objective_metrics(cfg, data.group_counts is not None, has_few)
+    check_trial_quota(cfg, data)
     print("[ray-lt] tune: shared stages (baseline classifier, statistics, generator)")
     baseline = workflow.baseline_stage(cfg, out_dir, data)
     workflow.criterion_support(cfg, out_dir, data)

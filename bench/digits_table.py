@@ -14,6 +14,9 @@ shared by every synthetic row. Every cell is its own run directory, so an interr
 resumes where it stopped, and every run adds its cells to ``OUT/table.csv``; ``--summarize``
 only reads what is there. ``--scales`` runs the chosen ``--criteria`` at other guidance scales
 (settings ``+ FG entropy @ 0.1``, ...) beside the same unguided row: the guidance-scale study.
+``--round-two`` guides the chosen criteria with the unguided row's final model, already trained
+on real + unguided synthetic data (settings ``+ FG entropy, round 2``): does a guide that knows
+the tail (or the empty groups) steer better than the baseline?
 
 On digits_groups the table also gives the mean accuracy over the empty class x colour groups
 (``empty_groups``: 100 test images, where worst-group accuracy moves in steps of one image in
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -57,13 +61,19 @@ CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{ha
             "total_uncertainty": "{total_uncertainty: 1.0}", "equal_mixture": EQUAL}
 
 
-def synthetic_rows(criteria: list[str], scales: list[float] | None) -> dict[str, list[str]]:
+ROUND_TWO = ", round 2"  # guided by the unguided row's final model instead of the baseline
+
+
+def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: bool = False
+                   ) -> dict[str, list[str]]:
     """Setting name -> config overrides: unguided, then each criterion at the config's
-    guidance scale (``scales`` None) or at each of ``scales`` (named ``... @ scale``)."""
+    guidance scale (``scales`` None) or at each of ``scales`` (named ``... @ scale``);
+    ``round_two`` names them ``..., round 2``: guided by the unguided row's final model."""
     rows = {UNGUIDED: ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"]}
     for name in criteria:
         for scale in scales or [None]:
             setting = f"+ FG {name.replace('_', ' ')}" + ("" if scale is None else f" @ {scale:g}")
+            setting += ROUND_TWO if round_two else ""
             rows[setting] = [f"synthesis.criteria={CRITERIA[name]}"] + (
                 [] if scale is None else [f"synthesis.guidance_scale={scale}"])
     return rows
@@ -77,7 +87,8 @@ FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
 
 
 def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
-    name = setting.strip("+ ").replace(" @ ", "_s").replace(" ", "_")
+    name = setting.strip("+ ").replace(" @ ", "_s").replace(ROUND_TWO, "_round2")
+    name = name.replace(" ", "_")
     return out / dataset / f"seed{seed}" / name
 
 
@@ -166,7 +177,17 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
         started = time.perf_counter()
         folder = cell_dir(out, dataset, seed, name)
         folder.mkdir(parents=True, exist_ok=True)
-        for stage in ("classifier", "generator", "metrics.json"):
+        if name.endswith(ROUND_TWO):
+            # The guide is the classifier already trained on real + unguided synthetic data
+            # (a copy: the criterion statistics are written beside it); its test metrics
+            # become the cell's baseline.
+            if not (folder / "classifier").exists():
+                shutil.copytree(cell_dir(out, dataset, seed, UNGUIDED) / "final" / "classifier",
+                                folder / "classifier")
+            stages = ("generator",)
+        else:
+            stages = ("classifier", "generator", "metrics.json")
+        for stage in stages:
             link = folder / stage
             if not link.exists():
                 link.symlink_to((guide / stage).resolve())
@@ -261,6 +282,9 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", choices=list(CRITERIA), default=list(CRITERIA))
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="guidance scales to run each criterion at (default: the config's)")
+    parser.add_argument("--round-two", action="store_true",
+                        help="guide with the unguided row's final model (trained on real + "
+                             "unguided synthetic) instead of the baseline: rows '..., round 2'")
     parser.add_argument("--summarize", action="store_true",
                         help="only summarise the cells already in OUT/table.csv")
     args = parser.parse_args()
@@ -268,7 +292,7 @@ def main() -> None:
     path = args.out / "table.csv"
     table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     if not args.summarize:
-        settings = synthetic_rows(args.criteria, args.scales)
+        settings = synthetic_rows(args.criteria, args.scales, args.round_two)
         for seed in args.seeds:
             for dataset in args.datasets:
                 new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, settings))

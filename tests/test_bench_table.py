@@ -1,0 +1,37 @@
+"""The headline-table bench: setting names, cell folders and paired differences."""
+
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("digits_table", ROOT / "bench" / "digits_table.py")
+table_bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(table_bench)
+
+
+def test_settings_and_their_folders(tmp_path):
+    rows = table_bench.synthetic_rows(["entropy", "total_uncertainty"], [0.1], round_two=True)
+    assert list(rows) == ["+ unguided synthetic", "+ FG entropy @ 0.1, round 2",
+                          "+ FG total uncertainty @ 0.1, round 2"]
+    assert rows["+ FG entropy @ 0.1, round 2"] == ["synthesis.criteria={entropy: 1.0}",
+                                                   "synthesis.guidance_scale=0.1"]
+    folder = table_bench.cell_dir(tmp_path, "digits_groups", 2, "+ FG entropy @ 0.1, round 2")
+    assert folder == tmp_path / "digits_groups" / "seed2" / "FG_entropy_s0.1_round2"
+    plain = table_bench.synthetic_rows(["loss"], None)
+    assert list(plain) == ["+ unguided synthetic", "+ FG loss"]
+
+
+def test_paired_differences_without_few_classes():
+    table = pd.DataFrame({
+        "dataset": "digits_groups", "seed": [0, 0, 1, 1],
+        "setting": ["+ unguided synthetic", "+ FG entropy"] * 2,
+        "few": [None] * 4, "worst_group": [0.5, 0.6, 0.3, 0.2],
+        "empty_groups": [0.80, 0.83, 0.70, 0.71], "overall": [0.9, 0.91, 0.88, 0.87]})
+    diffs = table_bench.paired(table).loc[("digits_groups", "+ FG entropy")]
+    assert diffs["seeds"] == 2 and np.isnan(diffs["few"])
+    assert diffs["worst_group"] == pytest.approx(0.0)
+    assert diffs["worst_group_wins"] == 1 and diffs["empty_groups_wins"] == 2
+    assert diffs["empty_groups"] == pytest.approx(0.02)

@@ -48,7 +48,8 @@ from sklearn.svm import SVC  # noqa: E402
 from ray_lt import workflow  # noqa: E402
 from ray_lt.config import DigitsLTData, load_config  # noqa: E402
 from ray_lt.data import digits_tables  # noqa: E402
-from ray_lt.generate.synthesize import decode_png, synthetic_files  # noqa: E402
+from ray_lt.generate.codec import decode_png  # noqa: E402
+from ray_lt.generate.synthetic import synthetic_files  # noqa: E402
 from ray_lt.train.trainer import load_classifier  # noqa: E402
 
 COLUMNS = ["overall", "many", "medium", "few", "worst_group"]

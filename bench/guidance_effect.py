@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from ray_lt.config import load_config
+from ray_lt.generate.factory import build_generator, build_scorer
 from ray_lt.generate.sampler import Guidance, guided_sample
-from ray_lt.generate.synthesize import build_generator, build_scorer
 from ray_lt.train.trainer import load_classifier
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     cfg = load_config(args.run / "config.yaml", [f"synthesis.num_steps={args.steps}"])
     s = cfg.synthesis
     device = torch.device("cpu")
-    info = {"class_names": [], "context_names": [], "image_size": 0, "references": {}}
+    info = {"class_names": [], "context_names": [], "image_size": 0}
     generator = build_generator(cfg, args.run, device, info)
     scorer = build_scorer(cfg, args.run, device, [args.criterion])
     classifier = load_classifier(args.run / "classifier")

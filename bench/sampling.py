@@ -6,7 +6,8 @@
    generator (the digits_lt architecture) and a tiny unCLIP built from configs;
 2. one batch of 32 vs 32 one-by-one calls;
 3. with ``--actors-run DIR`` (a run directory holding ``classifier/`` and ``generator/``):
-   Ray Data synthesis throughput with 2 sampler actors vs 1 on this machine.
+   Ray Data synthesis throughput with 2 sampler actors vs 1 on this machine (twice each,
+   alternating), with actor start-up and in the steady state after the first shard.
 Weights are random: the cost of a step does not depend on them.
 """
 
@@ -97,30 +98,46 @@ def batching_costs(parts, batch: int, steps: int) -> None:
               f"speed-up {single / batched:.1f}x")
 
 
-def actor_costs(run_dir: Path) -> None:
+def actor_costs(run_dir: Path, quota_scale: float) -> None:
+    import ray
+
     from ray_lt import workflow
     from ray_lt.config import load_config
+    from ray_lt.generate import synthesize
 
-    print("\nRay Data synthesis on this machine, same plan (quota_scale 0.3, 30 steps, k=5)")
+    print(f"\nRay Data synthesis on this machine, same plan (quota_scale {quota_scale:g}, "
+          "30 steps, k=5); steady state: rows after the first finished shard / time since it")
     rates = {}
-    for actors in (1, 2):
+    for actors in (1, 2, 1, 2):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
             out.mkdir()
             for stage in ("classifier", "generator"):
                 shutil.copytree(run_dir / stage, out / stage)
             cfg = load_config("configs/digits_lt.yaml", [
-                "synthesis.quota_scale=0.3", "synthesis.max_shard_size=16",
-                f"synthesis.num_actors={actors}", "synthesis.cpus_per_actor=0.9"])
-            started = time.perf_counter()
-            workflow.synthesize(cfg, out)
-            seconds = time.perf_counter() - started
-            files = list((out / "synthetic").glob("shard_*.parquet"))
-            total = sum(len(pd.read_parquet(p, columns=["label"])) for p in files)
-            rates[actors] = total / seconds
-            print(f"  {actors} actor(s): {total} samples in {len(files)} shards, {seconds:.1f} s "
-                  f"wall (actor start-up included), {rates[actors]:.2f} samples/s")
-    print(f"  throughput 2 actors / 1 actor: {rates[2] / rates[1]:.2f}")
+                f"synthesis.quota_scale={quota_scale}", "synthesis.max_shard_size=16",
+                f"synthesis.num_actors={actors}", "synthesis.cpus_per_actor=0.85",
+                "synthesis.writer_cpus=0.25", "ray.address=local"])
+            workflow.init_ray(cfg.ray)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            _, data = workflow.prepare(cfg, out)
+            workflow.criterion_support(cfg, out, data)
+            started = time.time()
+            synthesize.synthesize(cfg, data, out)
+            wall = time.time() - started
+            manifest = pd.read_json(out / "synthetic" / "manifest.jsonl", lines=True)
+            arrivals = sorted(zip(manifest["finished"], manifest["n"], strict=True))
+            total = sum(n for _, n in arrivals)
+            first, first_n = arrivals[0]
+            steady = (total - first_n) / (arrivals[-1][0] - first)
+            rates.setdefault(actors, []).append((total / wall, steady))
+            print(f"  {actors} actor(s): {total} samples in {len(arrivals)} shards, wall "
+                  f"{wall:.1f} s ({total / wall:.2f} samples/s, actor start-up included); "
+                  f"steady state {steady:.2f} samples/s")
+    for i, name in enumerate(("wall, start-up included", "steady state")):
+        one = np.mean([r[i] for r in rates[1]])
+        two = np.mean([r[i] for r in rates[2]])
+        print(f"  throughput 2 actors / 1 actor, {name}: {two / one:.2f}")
 
 
 def main() -> None:
@@ -128,7 +145,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--actors-run", type=Path, default=None)
+    parser.add_argument("--quota-scale", type=float, default=0.5)
+    parser.add_argument("--actors-only", action="store_true",
+                        help="with --actors-run: skip the single-process measurements")
     args = parser.parse_args()
+    if args.actors_only and args.actors_run is not None:
+        actor_costs(args.actors_run, args.quota_scale)
+        return
     torch.set_num_threads(2)
     pixel = pixel_parts()
     guidance_costs("pixel generator (digits_lt UNet2DModel, 16x16x1)", pixel, args.batch,
@@ -137,7 +160,7 @@ def main() -> None:
                    args.steps)
     batching_costs(pixel, args.batch, args.steps)
     if args.actors_run is not None:
-        actor_costs(args.actors_run)
+        actor_costs(args.actors_run, args.quota_scale)
 
 
 if __name__ == "__main__":

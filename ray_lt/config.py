@@ -246,8 +246,10 @@ class SynthesisConfig(Strict):
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
+    writer_cpus: float = Field(0.25, gt=0.0)  # per task of the PNG / Parquet writer stage
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     epistemic_heads: int = Field(5, ge=2)
+    hardness_covariance: Literal["full", "tied"] = "full"
     filter: FilterConfig = Field(default_factory=FilterConfig)
     grid_scales: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1])
     grid_criteria: list[str] = Field(

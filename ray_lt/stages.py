@@ -7,6 +7,8 @@ finished stage and refuse one whose config changed (instead of quietly mixing tw
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,9 @@ STAGES_FILE = "stages.json"
 # (included prefixes, excluded prefixes): keys that change what a stage writes. Resources,
 # batch sizes of inference, reporting and anything read only at sampling time are left out.
 _DATA_EXCLUDED = ("dataset.verify_images", "generator.threads")
+_SAMPLER_RESOURCES = ("synthesis.num_actors", "synthesis.cpus_per_actor",
+                      "synthesis.gpus_per_actor", "synthesis.writer_cpus", "synthesis.batch_size",
+                      "synthesis.max_shard_size")
 STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classifier": (("seed", "dataset.", "model.", "train."),
                    _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),
@@ -26,20 +31,14 @@ STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                                     "generator.prompt_template", "generator.references_per_group",
                                     "generator.height", "generator.width")),
     "synthesis": (("seed", "dataset.", "generator.", "synthesis."),
-                  _DATA_EXCLUDED + ("synthesis.filter.", "synthesis.grid_", "synthesis.num_actors",
-                                    "synthesis.cpus_per_actor", "synthesis.gpus_per_actor",
-                                    "synthesis.batch_size", "synthesis.max_shard_size")),
+                  _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.filter.", "synthesis.grid_")),
     "filter": (("synthesis.filter.",), ()),
     "final": (("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis."),
-              _DATA_EXCLUDED + ("synthesis.grid_", "synthesis.num_actors",
-                                "synthesis.cpus_per_actor", "synthesis.gpus_per_actor",
-                                "synthesis.batch_size", "synthesis.max_shard_size")),
+              _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.grid_",)),
     "grid": (("seed", "dataset.", "generator.", "synthesis."),
-             _DATA_EXCLUDED + ("synthesis.filter.", "synthesis.num_actors",
-                               "synthesis.cpus_per_actor", "synthesis.gpus_per_actor",
-                               "synthesis.batch_size", "synthesis.max_shard_size",
-                               "synthesis.criteria.", "synthesis.balance", "synthesis.target",
-                               "synthesis.quota_")),
+             _DATA_EXCLUDED + _SAMPLER_RESOURCES + (
+                 "synthesis.filter.", "synthesis.criteria.", "synthesis.balance",
+                 "synthesis.target", "synthesis.quota_")),
 }
 
 
@@ -61,9 +60,25 @@ def stage_keys(cfg: Config, stage: str) -> dict[str, Any]:
             if k.startswith(included) and not k.startswith(excluded)}
 
 
-def _records(out_dir: Path) -> dict[str, dict[str, Any]]:
+def _document(out_dir: Path) -> dict[str, Any]:
+    """``stages.json``: ``{"config": {stage: keys}, "timings": {stage: [measurement, ...]}}``
+    (a file of the first format, stage -> keys at the top level, reads as its config part)."""
     path = Path(out_dir) / STAGES_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    doc = json.loads(path.read_text()) if path.is_file() else {}
+    if doc and set(doc) - {"config", "timings"}:
+        doc = {"config": doc}
+    return {"config": doc.get("config", {}), "timings": doc.get("timings", {})}
+
+
+def _write(out_dir: Path, doc: dict[str, Any]) -> None:
+    path = Path(out_dir) / STAGES_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _records(out_dir: Path) -> dict[str, dict[str, Any]]:
+    return _document(out_dir)["config"]
 
 
 def check_stage(cfg: Config, out_dir: Path, stage: str, output: Path) -> None:
@@ -95,15 +110,58 @@ def stage_matches(cfg: Config, out_dir: Path, stage: str) -> bool:
 
 def record_stage(cfg: Config, out_dir: Path, stage: str) -> None:
     """Note that ``stage`` finished in ``out_dir`` with this config."""
-    path = Path(out_dir) / STAGES_FILE
-    records = _records(out_dir)
-    records[stage] = stage_keys(cfg, stage)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
-    tmp.replace(path)
+    doc = _document(out_dir)
+    doc["config"][stage] = stage_keys(cfg, stage)
+    _write(out_dir, doc)
 
 
 def forget_stage(out_dir: Path, stage: str) -> None:
-    records = _records(out_dir)
-    if records.pop(stage, None) is not None:
-        (Path(out_dir) / STAGES_FILE).write_text(json.dumps(records, indent=1, sort_keys=True))
+    doc = _document(out_dir)
+    if doc["config"].pop(stage, None) is not None:
+        _write(out_dir, doc)
+
+
+def record_timing(out_dir: Path, stage: str, seconds: float, driver_peak_rss_mb: float) -> None:
+    """Append one measurement of ``stage`` (wall time, the driver's peak resident memory) to
+    its history in ``stages.json``: a rerun that skips finished work adds a short entry."""
+    doc = _document(out_dir)
+    doc["timings"].setdefault(stage, []).append({
+        "seconds": round(seconds, 3), "driver_peak_rss_mb": round(driver_peak_rss_mb, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    _write(out_dir, doc)
+
+
+def timings(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every recorded measurement per stage, oldest first."""
+    return _document(out_dir)["timings"]
+
+
+class StageMeter:
+    """Wall time and peak resident memory of this process over a ``with`` block, the memory
+    sampled by a background thread every ``every`` seconds."""
+
+    def __init__(self, every: float = 0.1):
+        self.every = every
+        self.seconds = 0.0
+        self.peak_rss_mb = 0.0
+
+    def __enter__(self) -> StageMeter:
+        import psutil
+
+        self._process = psutil.Process()
+        self._peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self._peak = max(self._peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.seconds = time.perf_counter() - self._started
+        self.peak_rss_mb = max(self._peak, self._process.memory_info().rss) / 2**20

@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,31 @@ from ray._private.utils import read_ray_address
 
 from ray_lt.config import Config, RayConfig, dump_config, final_train_config
 from ray_lt.data import LongTailData, load_dataset
-from ray_lt.errors import ConfigError, DataError
+from ray_lt.errors import ConfigError, DataError, require_stage
 from ray_lt.evaluate import METRICS_FILE, evaluate_classifier
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
+from ray_lt.generate.factory import check_generator, generator_info
 from ray_lt.generate.feature import train_feature_generator
+from ray_lt.generate.filtering import filter_synthetic
 from ray_lt.generate.pixel import fit_pixel_generator
-from ray_lt.generate.statistics import FEATURES_FILE, fit_criterion_support
-from ray_lt.generate.synthesize import (
+from ray_lt.generate.plan import plan
+from ray_lt.generate.statistics import fit_criterion_support, load_training_features
+from ray_lt.generate.synthesize import prepare_references
+from ray_lt.generate.synthesize import synthesize as run_synthesis
+from ray_lt.generate.synthetic import (
     FILTER_FILE,
     SYNTHETIC_DIR,
-    check_generator,
-    data_info,
-    filter_synthetic,
     load_synthetic,
-    plan,
-    require_stage,
     synthetic_count,
 )
-from ray_lt.generate.synthesize import synthesize as run_synthesis
 from ray_lt.stages import (
     STAGES_FILE,
+    StageMeter,
     check_stage,
     check_stages,
     forget_stage,
     record_stage,
+    record_timing,
     stage_matches,
 )
 from ray_lt.train import fit_classifier
@@ -135,7 +135,7 @@ def criterion_support(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
     classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
                                    "ray-lt train").parent
     fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
-                          cfg.seed)
+                          cfg.seed, cfg.synthesis.hardness_covariance)
     return classifier_dir
 
 
@@ -155,9 +155,9 @@ def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
         return folder
     if g.kind == "feature":
         classifier_dir = criterion_support(cfg, out_dir, data)
-        real = np.load(classifier_dir / FEATURES_FILE)
+        features, labels = load_training_features(classifier_dir)
         task = ray.remote(train_feature_generator).options(num_cpus=cfg.scaling.cpus_per_worker)
-        folder = ray.get(task.remote(real["features"], real["labels"], data.num_classes,
+        folder = ray.get(task.remote(features, labels, data.num_classes,
                                      g.train_steps, g.batch_size, g.lr, g.label_dropout,
                                      cfg.seed, folder))
     else:
@@ -213,12 +213,12 @@ def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
     train_cfg = final_train_config(cfg)
     baseline = out_dir / "classifier"
     if cfg.generator.kind == "feature":
-        real = np.load(baseline / FEATURES_FILE)
+        real = load_training_features(baseline)
         rows = load_synthetic(out_dir, data.image_shape[2]).select_columns(
             ["feature", "label"]).to_pandas()
         task = ray.remote(fit_head).options(num_cpus=cfg.scaling.cpus_per_worker)
         folder = ray.get(task.remote(
-            baseline, (real["features"], real["labels"]),
+            baseline, real,
             (np.stack(rows["feature"].to_numpy()).astype(np.float32),
              rows["label"].to_numpy()),
             data.class_counts.tolist(), train_cfg.model_dump(mode="json"), cfg.seed, folder))
@@ -277,9 +277,11 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
     if path.is_file() and stage_matches(cfg, out_dir, "grid"):
         print(f"[ray-lt] sample grid already drawn: {path}")
         return path
+    prepare_references(cfg, data, out_dir)
     task = ray.remote(render_grid).options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor)
-    images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out_dir),
-                                 data_info(cfg, data), label, s.gpus_per_actor > 0))
+    info = generator_info(data.class_names, data.context_names, data.image_shape[0])
+    images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out_dir), info, label,
+                                 s.gpus_per_actor > 0))
     save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales], path,
               title=f"{data.class_names[label]}: criterion x guidance scale")
     record_stage(cfg, out_dir, "grid")
@@ -324,35 +326,46 @@ def grid(cfg: Config, out_dir: Path) -> Path | None:
 def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """The whole pipeline into one run directory, each stage skipped when its output is
     complete: baseline -> criterion statistics -> generator -> guided synthesis (+ filter)
-    -> classifier on real + synthetic -> evaluation -> sample grid -> report."""
+    -> classifier on real + synthetic -> evaluation -> sample grid -> report. Each stage's wall
+    time and the driver's peak memory go to ``stages.json`` and the report."""
     from ray_lt.evaluate.report import write_report
 
     started = time.perf_counter()
     check_run_config(cfg)
-    out_dir, data = prepare(cfg, out_dir)
-    plan(cfg, data)  # an empty quota is refused before any training
-    check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
-    stage = partial(banner, total=8, since=started)
-    stage(1, name="baseline classifier", note=f"{cfg.model.name}, {cfg.train.epochs} epochs")
-    baseline = baseline_stage(cfg, out_dir, data)
-    stage(2, name="criterion statistics", note=", ".join(cfg.synthesis.criteria))
-    criterion_support(cfg, out_dir, data)
-    stage(3, name="generator", note=cfg.generator.kind)
-    generator_stage(cfg, out_dir, data)
-    stage(4, name="synthesis", note=f"guidance {cfg.synthesis.guidance_scale:g}, "
-           f"{cfg.synthesis.num_actors} sampler actor(s)")
-    synthesis_stage(cfg, out_dir, data)
-    stage(5, name="final classifier", note=f"real + synthetic, init {cfg.final.init}")
-    final_stage(cfg, out_dir, data)
-    stage(6, name="evaluation")
-    final = evaluate_stage(cfg, out_dir, data)
-    stage(7, name="sample grid")
-    if cfg.report.grid:
-        grid_stage(cfg, out_dir, data)
-    stage(8, name="report")
-    path = write_report(cfg, out_dir, data, baseline, final)
+    with StageMeter() as meter:
+        out_dir, data = prepare(cfg, out_dir)
+        plan(cfg, data)  # an empty quota is refused before any training
+        check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
+    measured = {"data": meter}
+    record_timing(out_dir, "data", meter.seconds, meter.peak_rss_mb)
+    s = cfg.synthesis
+    steps = [
+        ("classifier", "baseline classifier", f"{cfg.model.name}, {cfg.train.epochs} epochs",
+         lambda: baseline_stage(cfg, out_dir, data)),
+        ("statistics", "criterion statistics", ", ".join(s.criteria),
+         lambda: criterion_support(cfg, out_dir, data)),
+        ("generator", "generator", cfg.generator.kind,
+         lambda: generator_stage(cfg, out_dir, data)),
+        ("synthesis", "synthesis", f"guidance {s.guidance_scale:g}, {s.num_actors} sampler "
+         f"actor(s)", lambda: synthesis_stage(cfg, out_dir, data)),
+        ("final", "final classifier", f"real + synthetic, init {cfg.final.init}",
+         lambda: final_stage(cfg, out_dir, data)),
+        ("evaluation", "evaluation", "", lambda: evaluate_stage(cfg, out_dir, data)),
+        ("grid", "sample grid", "", lambda: grid_stage(cfg, out_dir, data)
+         if cfg.report.grid else None),
+    ]
+    results = {}
+    for step, (key, name, note, call) in enumerate(steps, start=1):
+        banner(step, len(steps) + 1, name, note, since=started)
+        with StageMeter() as meter:
+            results[key] = call()
+        measured[key] = meter
+        record_timing(out_dir, key, meter.seconds, meter.peak_rss_mb)
+    banner(len(steps) + 1, len(steps) + 1, "report", since=started)
+    times = {key: (m.seconds, m.peak_rss_mb) for key, m in measured.items()}
+    path = write_report(cfg, out_dir, data, results["classifier"], results["evaluation"], times)
     print(f"[ray-lt] done in {time.perf_counter() - started:.0f} s; report: {path}")
-    return final
+    return results["evaluation"]
 
 
 def stage_outputs(cfg: Config, out_dir: Path) -> dict[str, Path]:

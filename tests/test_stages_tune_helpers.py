@@ -8,7 +8,7 @@ from conftest import ROOT
 from ray_lt.config import config_from_dict, load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError
-from ray_lt.generate.synthesize import plan
+from ray_lt.generate.plan import plan
 from ray_lt.stages import check_stage, check_stages, record_stage, stage_keys, stage_matches
 from ray_lt.tune import (
     check_trial_quota,

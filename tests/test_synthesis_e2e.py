@@ -21,7 +21,9 @@ from ray_lt import workflow
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError, StageError
-from ray_lt.generate.synthesize import MANIFEST_FILE, filter_synthetic, load_synthetic
+from ray_lt.generate.filtering import filter_synthetic
+from ray_lt.generate.plan import MANIFEST_FILE
+from ray_lt.generate.synthetic import load_synthetic
 
 BASE = ["train.epochs=1", "generator.train_steps=12", "generator.checkpoint_every=6",
         "generator.block_out_channels=[16, 32]", "generator.batch_size=16",

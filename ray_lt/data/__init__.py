@@ -8,6 +8,7 @@ image decoded once on Ray, before anything trains.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ import ray
 from ray_lt.config import DatasetConfig, DigitsGroupsData, DigitsLTData, ListFileData, NicoData
 from ray_lt.data.digits import DIGIT_NAMES, digits_groups_tables, digits_lt_tables
 from ray_lt.data.files import read_class_names, read_nico_metadata, read_split_list
-from ray_lt.data.images import decode_batch, verify_images
+from ray_lt.data.images import DECODE_BLOCK_ROWS, decode_batch, row_blocks, verify_images
 from ray_lt.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -24,7 +25,12 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class LongTailData:
-    """The three splits of one data set and what the later stages need to know about them."""
+    """The three splits of one data set and what the later stages need to know about them.
+
+    ``train_index`` is the training split's table (label, group and the file ``path`` under
+    ``root``, or the ``image`` itself for the embedded data sets), read by stages that pick
+    rows by index instead of streaming the split.
+    """
 
     train: ray.data.Dataset
     val: ray.data.Dataset
@@ -34,6 +40,13 @@ class LongTailData:
     image_shape: tuple[int, int, int]
     context_names: list[str] = field(default_factory=list)
     group_counts: np.ndarray | None = None
+    train_index: pd.DataFrame | None = None
+    root: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.train_index is None:
+            raise ValueError("LongTailData needs train_index: the training split's label and "
+                             "group per row, with its path (file data sets) or image")
 
     @property
     def num_classes(self) -> int:
@@ -73,10 +86,15 @@ def _from_files(tables: dict[str, pd.DataFrame], cfg: ListFileData | NicoData, s
     for split, table in tables.items():
         if split == "train":
             table = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-        out[split] = ray.data.from_pandas(table[["path", "label", "group"]]).map_batches(
-            decode_batch, batch_format="pandas", batch_size=64,
+        blocks = row_blocks(table[["path", "label", "group"]], DECODE_BLOCK_ROWS)
+        out[split] = ray.data.from_pandas(blocks).map_batches(
+            decode_batch, batch_format="pandas", batch_size=DECODE_BLOCK_ROWS,
             fn_kwargs={"root": str(cfg.root), "size": cfg.image_size, "channels": cfg.channels})
     return out
+
+
+def _index(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    return table[["label", "group", column]].reset_index(drop=True)
 
 
 def digits_tables(cfg: DigitsLTData | DigitsGroupsData, seed: int) -> dict[str, pd.DataFrame]:
@@ -97,7 +115,8 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
         counts = np.bincount(tables["train"]["label"], minlength=10)
         ds = _from_memory(tables, seed)
         return LongTailData(ds["train"], ds["val"], ds["test"], counts, list(DIGIT_NAMES),
-                            (cfg.image_size, cfg.image_size, cfg.channels))
+                            (cfg.image_size, cfg.image_size, cfg.channels),
+                            train_index=_index(tables["train"], "image"))
     if isinstance(cfg, DigitsGroupsData):
         tables = digits_tables(cfg, seed)
         n_groups = 10 * len(cfg.context_names)
@@ -106,7 +125,8 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
             ds["train"], ds["val"], ds["test"],
             np.bincount(tables["train"]["label"], minlength=10), list(DIGIT_NAMES),
             (cfg.image_size, cfg.image_size, 3), list(cfg.context_names),
-            np.bincount(tables["train"]["group"], minlength=n_groups))
+            np.bincount(tables["train"]["group"], minlength=n_groups),
+            train_index=_index(tables["train"], "image"))
     if not cfg.root.is_dir():
         raise DataError(f"dataset.root: data folder {cfg.root} does not exist")
     class_names = read_class_names(cfg.class_names_file, cfg.num_classes)
@@ -117,7 +137,8 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
         counts = _require_every_class(tables["train"]["label"].to_numpy(), cfg.num_classes,
                                       str(cfg.root / cfg.list_name("train")))
         ds = _from_files(tables, cfg, seed)
-        return LongTailData(ds["train"], ds["val"], ds["test"], counts, class_names, shape)
+        return LongTailData(ds["train"], ds["val"], ds["test"], counts, class_names, shape,
+                            train_index=_index(tables["train"], "path"), root=cfg.root)
     n_ctx = len(cfg.context_names)
     tables = read_nico_metadata(cfg.root / cfg.metadata, cfg.root, cfg.num_classes, n_ctx)
     counts = _require_every_class(tables["train"]["label"].to_numpy(), cfg.num_classes,
@@ -125,4 +146,5 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
     group_counts = np.bincount(tables["train"]["group"], minlength=cfg.num_classes * n_ctx)
     ds = _from_files(tables, cfg, seed)
     return LongTailData(ds["train"], ds["val"], ds["test"], counts, class_names, shape,
-                        list(cfg.context_names), group_counts)
+                        list(cfg.context_names), group_counts,
+                        train_index=_index(tables["train"], "path"), root=cfg.root)

@@ -16,10 +16,10 @@ from ray_lt.errors import DataError
 COLUMNS = ["path", "label", "group", "source"]
 
 
-def _checked_path(root: Path, rel: str, source: str) -> str:
+def _checked_path(root: Path, rel: str, source: str, resolved_root: Path) -> str:
     """The relative path, after checking it stays inside ``root`` and names an existing file."""
-    full = (root / rel).resolve()
-    if not full.is_relative_to(root.resolve()):
+    full = (resolved_root / rel).resolve()
+    if not full.is_relative_to(resolved_root):
         raise DataError(f"{source}: path {rel!r} resolves outside the data root {root}")
     if not full.is_file():
         raise DataError(f"{source}: image file {full} does not exist")
@@ -41,6 +41,7 @@ def read_split_list(list_file: Path, root: Path, num_classes: int) -> pd.DataFra
     if not list_file.is_file():
         raise DataError(f"split list {list_file} does not exist")
     rows = []
+    resolved = root.resolve()
     for number, line in enumerate(list_file.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -49,7 +50,7 @@ def read_split_list(list_file: Path, root: Path, num_classes: int) -> pd.DataFra
         if len(parts) != 2:
             raise DataError(f"{source}: expected 'relative/path label', got {line.strip()!r}")
         label = _checked_label(parts[1], num_classes, source)
-        rows.append((_checked_path(root, parts[0], source), label, -1, source))
+        rows.append((_checked_path(root, parts[0], source, resolved), label, -1, source))
     if not rows:
         raise DataError(f"split list {list_file} has no entries")
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -69,6 +70,7 @@ def read_nico_metadata(
     if not metadata.is_file():
         raise DataError(f"metadata file {metadata} does not exist")
     tables: dict[str, list] = {name: [] for name in NICO_SPLITS}
+    resolved = root.resolve()
     split_names = {v: k for k, v in NICO_SPLITS.items()}
     with metadata.open(newline="") as handle:
         reader = csv.reader(handle)
@@ -85,7 +87,7 @@ def read_nico_metadata(
             split = _checked_label(split_text, 3, source, what="split")
             y = _checked_label(y_text, num_classes, source, what="class y")
             a = _checked_label(a_text, num_contexts, source, what="context a")
-            path = _checked_path(root, rel, source)
+            path = _checked_path(root, rel, source, resolved)
             tables[split_names[split]].append((path, y, y * num_contexts + a, source))
     for name, rows in tables.items():
         if not rows:

@@ -17,13 +17,21 @@ from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.evaluate.plots import plot_per_class_accuracy
 from ray_lt.evaluate.quality import quality_table
+from ray_lt.generate.codec import decode_png
 from ray_lt.generate.grid import save_grid
-from ray_lt.generate.synthesize import SYNTHETIC_DIR, decode_png, synthetic_files
+from ray_lt.generate.plan import PLAN_FILE
+from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, shard_file, synthetic_files
 from ray_lt.train.features import predict
 
 REPORT_DIR = "report"
 QUALITY_FILE = "quality.csv"
 METRIC_COLUMNS = ("overall", "many", "medium", "few", "worst_group")
+MOSAIC_CLASSES = 20
+"""Classes shown in the synthetic-sample mosaic: the rarest ones."""
+CLASS_TABLE_ROWS = 50
+"""Above this many classes the report lists the rarest ones and writes the rest to a CSV."""
+QUALITY_SAMPLES = 5000
+"""Synthetic rows (a seeded sample of whole shards) the quality metrics are computed on."""
 
 
 @dataclass
@@ -108,11 +116,33 @@ def to_html(blocks: list[Block], title: str) -> str:
             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
 
 
-def synthetic_rows(run_dir: Path, channels: int) -> pd.DataFrame:
-    """Every synthetic row (images decoded or feature vectors), without filtered-out rows."""
-    frames = [pd.read_parquet(f) for f in synthetic_files(run_dir)]
+def planned_shards(run_dir: Path) -> pd.DataFrame:
+    """The synthesis plan (one row per shard: shard_id, label, group, n)."""
+    return pd.DataFrame(json.loads((Path(run_dir) / SYNTHETIC_DIR / PLAN_FILE).read_text()))
+
+
+def synthetic_counts(run_dir: Path, num_classes: int) -> np.ndarray:
+    """Synthetic rows per class that training uses: the plan less the filter's drops (reads
+    no shard file)."""
+    shards = planned_shards(run_dir)
+    counts = np.bincount(shards["label"], weights=shards["n"], minlength=num_classes)
+    verdicts = Path(run_dir) / SYNTHETIC_DIR / FILTER_FILE
+    if verdicts.is_file():
+        dropped = pd.read_parquet(verdicts).query("~keep")
+        labels = shards.set_index("shard_id").loc[dropped["shard_id"], "label"]
+        counts -= np.bincount(labels, minlength=num_classes)
+    return counts.astype(np.int64)
+
+
+def synthetic_rows(run_dir: Path, channels: int, shard_ids: list[int]) -> pd.DataFrame:
+    """The rows of the given shards (images decoded or feature vectors), without filtered-out
+    rows: the report reads a bounded sample of shards, never the whole synthetic set."""
+    out = Path(run_dir) / SYNTHETIC_DIR
+    frames = [pd.read_parquet(shard_file(out, i)) for i in shard_ids]
+    if not frames:
+        return pd.DataFrame({"label": [], "criterion": []})
     rows = pd.concat(frames, ignore_index=True)
-    verdicts = run_dir / SYNTHETIC_DIR / "filter.parquet"
+    verdicts = out / FILTER_FILE
     if verdicts.is_file():
         keep = pd.read_parquet(verdicts)
         rows = rows.merge(keep[["shard_id", "seed", "keep"]], on=["shard_id", "seed"])
@@ -120,6 +150,27 @@ def synthetic_rows(run_dir: Path, channels: int) -> pd.DataFrame:
     if "image" in rows:
         rows["image"] = [decode_png(b, channels) for b in rows["image"]]
     return rows
+
+
+def sample_shards(shards: pd.DataFrame, max_rows: int, seed: int) -> list[int]:
+    """Shard ids in a seeded random order, as many as hold ``max_rows`` rows."""
+    order = shards.sample(frac=1.0, random_state=seed)
+    take = order["n"].cumsum().shift(fill_value=0) < max_rows
+    return sorted(order.loc[take, "shard_id"].tolist())
+
+
+def mosaic_shards(shards: pd.DataFrame, class_counts: np.ndarray, per_class: int,
+                  max_classes: int = MOSAIC_CLASSES) -> list[int]:
+    """Enough shards to show ``per_class`` samples of each of the ``max_classes`` classes with
+    the fewest real images (every class when there are fewer)."""
+    labels = shards["label"].unique()
+    shown = labels[np.argsort(class_counts[labels], kind="stable")][:max_classes]
+    ids: list[int] = []
+    for label in sorted(shown.tolist()):
+        own = shards[shards["label"] == label]
+        take = own["n"].cumsum().shift(fill_value=0) < per_class
+        ids += own.loc[take, "shard_id"].tolist()
+    return ids
 
 
 def sample_mosaic(rows: pd.DataFrame, class_names: list[str], per_class: int, path: Path,
@@ -172,8 +223,10 @@ def synthetic_quality(cfg: Config, run_dir: Path, data: LongTailData, rows: pd.D
 
 
 def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[str, Any],
-                 final: dict[str, Any]) -> Path:
-    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns the Markdown path."""
+                 final: dict[str, Any], times: dict[str, tuple[float, float]] | None = None
+                 ) -> Path:
+    """Write ``report.md`` and ``report.html`` into ``run_dir``; returns the Markdown path.
+    ``times`` maps a stage to its (seconds, driver peak RSS in MB) in this run."""
     run_dir = Path(run_dir)
     folder = run_dir / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -201,17 +254,25 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
         blocks += [Block("p", "The five worst groups of the final model:"),
                    Block("table", worst)]
 
-    rows = synthetic_rows(run_dir, data.image_shape[2])
+    shards = planned_shards(run_dir)
+    counts = synthetic_counts(run_dir, data.num_classes)
     blocks += [Block("h2", "Synthetic data"),
-               Block("p", f"{len(rows)} synthetic samples from the {cfg.generator.kind} "
-                          f"generator, guidance scale {s.guidance_scale:g} every "
-                          f"{s.guidance_every} of {s.num_steps} steps, CFG {s.cfg_scale:g}, "
-                          f"criteria {json.dumps(s.criteria)}.")]
-    counts = rows.groupby("label").size().reindex(range(data.num_classes), fill_value=0)
-    blocks.append(Block("table", pd.DataFrame({
-        "class": data.class_names, "real": data.class_counts,
-        "synthetic": counts.to_numpy(), "total": data.class_counts + counts.to_numpy()})))
-    mosaic = sample_mosaic(rows, data.class_names, cfg.report.samples_per_class,
+               Block("p", f"{int(counts.sum())} synthetic samples in {len(shards)} shards from "
+                          f"the {cfg.generator.kind} generator, guidance scale "
+                          f"{s.guidance_scale:g} every {s.guidance_every} of {s.num_steps} "
+                          f"steps, CFG {s.cfg_scale:g}, criteria {json.dumps(s.criteria)}.")]
+    per_class = pd.DataFrame({"class": data.class_names, "real": data.class_counts,
+                              "synthetic": counts, "total": data.class_counts + counts})
+    if len(per_class) > CLASS_TABLE_ROWS:
+        per_class.to_csv(folder / "per_class_counts.csv", index=False)
+        blocks.append(Block("p", f"The {CLASS_TABLE_ROWS} classes with the fewest real images "
+                                 f"(all {len(per_class)}: report/per_class_counts.csv)."))
+        per_class = per_class.sort_values("real", kind="stable").head(CLASS_TABLE_ROWS)
+    blocks.append(Block("table", per_class))
+    shown = synthetic_rows(run_dir, data.image_shape[2],
+                           mosaic_shards(shards, data.class_counts,
+                                         cfg.report.samples_per_class))
+    mosaic = sample_mosaic(shown, data.class_names, cfg.report.samples_per_class,
                            folder / "synthetic_samples.png", cfg.seed)
     if mosaic is not None:
         blocks.append(Block("image", str(mosaic.relative_to(run_dir)), "synthetic samples"))
@@ -224,11 +285,22 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
                               "images drawn to the same class proportions. FID: lower is "
                               "closer; density ~1 and coverage near 1: samples lie where "
                               f"real data lies and cover it (k = {cfg.report.quality_k})."),
-                   Block("table", synthetic_quality(cfg, run_dir, data, rows))]
+                   Block("table", synthetic_quality(
+                       cfg, run_dir, data, synthetic_rows(
+                           run_dir, data.image_shape[2],
+                           sample_shards(shards, QUALITY_SAMPLES, cfg.seed))))]
     report_csv = run_dir / SYNTHETIC_DIR / "filter_report.csv"
     if s.filter.enabled and report_csv.is_file():
         blocks += [Block("p", "Filter: samples dropped per class."),
                    Block("table", pd.read_csv(report_csv))]
+    if times:
+        blocks += [Block("h2", "Stages"),
+                   Block("p", "Wall time of each stage in this run and the peak resident "
+                              "memory of the driver process during it (history in "
+                              "stages.json)."),
+                   Block("table", pd.DataFrame(
+                       [{"stage": k, "seconds": round(v[0], 1), "driver peak RSS (MB)":
+                         round(v[1])} for k, v in times.items()]))]
     blocks += [Block("h2", "Config"),
                Block("code", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))]
     (run_dir / "report.html").write_text(to_html(blocks, f"ray_lt report: {name}"))

@@ -6,7 +6,7 @@ uncertainty). Every criterion returns one value per sample, shape (B,), and is d
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
 if TYPE_CHECKING:
     from ray_lt.train.models import Classifier
+
+Covariance = Literal["full", "tied"]
+Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
+"""Starts one pass over the training set as (features (b, d), labels (b,)) batches."""
+FULL_COVARIANCE_LIMIT = 2 * 1024**3
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -37,12 +41,17 @@ def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def hardness(features: torch.Tensor, labels: torch.Tensor, stats: ClassStatistics
              ) -> torch.Tensor:
     """Negative Gaussian log-likelihood of the embedding under its class (Sehwag et al. 2022):
-    ``1/2 (phi - mu_y)^T Sigma_y^-1 (phi - mu_y) + 1/2 log((2 pi)^d det Sigma_y)``.
-    ``stats`` must be on the features' device."""
+    ``1/2 (phi - mu_y)^T Sigma_y^-1 (phi - mu_y) + 1/2 log((2 pi)^d det Sigma_y)``, with
+    ``Sigma_y = Sigma`` for every class in the tied form. ``stats`` must be on the features'
+    device."""
     diff = features - stats.means[labels]
-    mahalanobis = torch.einsum("bi,bij,bj->b", diff, stats.precisions[labels], diff)
-    return 0.5 * (mahalanobis + features.shape[-1] * math.log(2 * math.pi)
-                  + stats.logdets[labels])
+    if stats.covariance == "tied":
+        mahalanobis = ((diff @ stats.precisions) * diff).sum(dim=-1)
+        logdets = stats.logdets
+    else:
+        mahalanobis = torch.einsum("bi,bij,bj->b", diff, stats.precisions[labels], diff)
+        logdets = stats.logdets[labels]
+    return 0.5 * (mahalanobis + features.shape[-1] * math.log(2 * math.pi) + logdets)
 
 
 def total_uncertainty(head_logits: torch.Tensor) -> torch.Tensor:
@@ -55,8 +64,9 @@ def total_uncertainty(head_logits: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class ClassStatistics:
-    """Per-class Gaussians of the classifier embedding: means (C, d), precisions (C, d, d),
-    log-determinants of the covariances (C,)."""
+    """Gaussians of the classifier embedding: class means (C, d) with either one covariance per
+    class (``full``: precisions (C, d, d), covariance log-determinants (C,)) or one covariance
+    shared by every class (``tied``: precision (d, d), log-determinant (1,))."""
 
     means: torch.Tensor
     precisions: torch.Tensor
@@ -64,19 +74,40 @@ class ClassStatistics:
 
     def __post_init__(self) -> None:
         c, d = self.means.shape
-        if self.precisions.shape != (c, d, d) or self.logdets.shape != (c,):
+        shapes = {"full": ((c, d, d), (c,)), "tied": ((d, d), (1,))}
+        got = (tuple(self.precisions.shape), tuple(self.logdets.shape))
+        if got not in shapes.values():
             raise ValueError(f"class statistics: means {tuple(self.means.shape)} need precisions "
-                             f"({c}, {d}, {d}) and logdets ({c},), got "
-                             f"{tuple(self.precisions.shape)} and {tuple(self.logdets.shape)}")
+                             f"({c}, {d}, {d}) and logdets ({c},) (full) or precisions "
+                             f"({d}, {d}) and logdets (1,) (tied), got {got[0]} and {got[1]}")
+
+    @property
+    def covariance(self) -> Covariance:
+        return "tied" if self.precisions.ndim == 2 else "full"
 
     def save(self, path: str | Path) -> None:
         save_file({"means": self.means.contiguous(), "precisions": self.precisions.contiguous(),
-                   "logdets": self.logdets.contiguous()}, str(path))
+                   "logdets": self.logdets.contiguous()}, str(path),
+                  metadata={"covariance": self.covariance})
 
     @classmethod
     def load(cls, path: str | Path) -> ClassStatistics:
         tensors = _load_tensors(path, ("means", "precisions", "logdets"))
-        return cls(tensors["means"], tensors["precisions"], tensors["logdets"])
+        stats = cls(tensors["means"], tensors["precisions"], tensors["logdets"])
+        stored = cls.stored_covariance(path)
+        if stored != stats.covariance:
+            raise ValueError(f"{path}: metadata says covariance {stored!r}, but the precisions "
+                             f"{tuple(stats.precisions.shape)} are {stats.covariance!r}")
+        return stats
+
+    @staticmethod
+    def stored_covariance(path: str | Path) -> str | None:
+        """The form saved at ``path`` from its metadata alone (``full`` for files written before
+        the form was recorded), or None when there is no file."""
+        if not Path(path).is_file():
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("covariance", "full")
 
 
 def _load_tensors(path: str | Path, keys: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -90,38 +121,130 @@ def _load_tensors(path: str | Path, keys: Sequence[str]) -> dict[str, torch.Tens
     return tensors
 
 
-def fit_class_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                         variance_floor: float = 1e-3) -> ClassStatistics:
-    """Ledoit-Wolf mean and covariance of each class's embeddings. A class of one sample gets
-    the pooled within-class variance times the identity; every covariance gets
-    ``variance_floor * pooled variance`` on its diagonal so that it is positive definite."""
-    x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(labels).astype(np.int64)
-    if x.ndim != 2 or y.shape != (x.shape[0],):
-        raise ValueError(f"features must be (N, d) and labels (N,), got {x.shape} and {y.shape}")
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
-    counts = np.bincount(y, minlength=num_classes)
-    if (counts == 0).any():
-        raise ValueError(f"classes {np.flatnonzero(counts == 0).tolist()} have no training "
-                         "samples; every class needs at least one for its statistics")
-    d = x.shape[1]
-    rows = [x[y == c] for c in range(num_classes)]
-    means = np.stack([r.mean(axis=0) for r in rows])
-    squares = sum(((r - m) ** 2).sum() for r, m in zip(rows, means, strict=True))
-    dof = int((counts - 1).sum())
-    pooled = squares / (dof * d) if dof > 0 else float(x.var(axis=0).mean())
+def check_covariance_size(num_classes: int, dim: int, covariance: Covariance) -> None:
+    """Refuse the ``full`` form when its float32 precisions, ``C d^2 4`` bytes, exceed
+    FULL_COVARIANCE_LIMIT: every sampler would hold them on its GPU."""
+    if covariance not in ("full", "tied"):
+        raise ValueError(f"synthesis.hardness_covariance must be 'full' or 'tied', got "
+                         f"{covariance!r}")
+    size = num_classes * dim**2 * 4
+    if covariance == "full" and size > FULL_COVARIANCE_LIMIT:
+        raise ValueError(
+            f"synthesis.hardness_covariance: 'full' stores {num_classes} precisions of "
+            f"{dim} x {dim} float32 = {size / 2**30:.1f} GiB on every sampler, more than "
+            f"{FULL_COVARIANCE_LIMIT / 2**30:.0f} GiB; set synthesis.hardness_covariance: tied "
+            f"(one shared covariance, {dim**2 * 4 / 2**30:.3f} GiB)")
+
+
+def _checked(batches: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int
+             ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    dim = None
+    for features, labels in batches:
+        x = np.asarray(features, dtype=np.float64)
+        y = np.asarray(labels).astype(np.int64)
+        if x.ndim != 2 or y.shape != (x.shape[0],) or dim not in (None, x.shape[1]):
+            raise ValueError(f"features must be (N, d) and labels (N,) with one d, got "
+                             f"{x.shape} and {y.shape}" + (f" after d = {dim}" if dim else ""))
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+        dim = x.shape[1]
+        if y.size:
+            yield x, y
+
+
+def _by_class(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The classes present in a batch and the rows of each."""
+    order = np.argsort(y, kind="stable")
+    ys = y[order]
+    starts = np.flatnonzero(np.r_[True, ys[1:] != ys[:-1]])
+    return ys[starts], np.split(x[order], starts[1:])
+
+
+def ledoit_wolf(scatter: np.ndarray, fourth: float, n: int) -> np.ndarray:
+    """Ledoit-Wolf covariance from the centred scatter ``sum_i r_i r_i^T`` and fourth moment
+    ``sum_i ||r_i||^4`` of n rows (sklearn's estimator): ``S = scatter / n`` shrunk towards
+    ``mu I`` (``mu = tr S / d``) by ``min(beta, delta) / delta`` with
+    ``delta = ||S - mu I||_F^2 / d``, ``beta = (fourth / n - ||S||_F^2) / (d n)``."""
+    d = scatter.shape[0]
+    s = scatter / n
+    if d == 1:
+        return s
+    trace = float(np.trace(s))
+    mu = trace / d
+    frobenius = float((s**2).sum())
+    delta = (frobenius - 2 * mu * trace + d * mu**2) / d
+    beta = min((fourth / n - frobenius) / (d * n), delta)
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    cov = (1 - shrinkage) * s
+    cov.flat[::d + 1] += shrinkage * mu
+    return cov
+
+
+def _precision(cov: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    chol = torch.linalg.cholesky(torch.from_numpy(cov))
+    return torch.cholesky_inverse(chol).float(), 2 * torch.log(torch.diagonal(chol)).sum()
+
+
+def fit_class_statistics_streamed(batches: Batches, num_classes: int,
+                                  covariance: Covariance = "full",
+                                  variance_floor: float = 1e-3) -> ClassStatistics:
+    """Class means and Ledoit-Wolf covariances from two passes over the batches: counts and
+    sums give ``mu_c``; the centred scatter and ``sum ||x_i - mu_{y_i}||^4`` (per class for
+    ``full``, pooled over the within-class residuals of all N rows for ``tied``) give the
+    covariances exactly. A class of one sample gets the pooled within-class variance times the
+    identity (``full``); every covariance gets ``variance_floor * pooled variance`` on its
+    diagonal so that it is positive definite."""
+    counts, sums = np.zeros(num_classes, dtype=np.int64), None
+    for x, y in _checked(batches(), num_classes):
+        if sums is None:
+            check_covariance_size(num_classes, x.shape[1], covariance)
+            sums = np.zeros((num_classes, x.shape[1]))
+        counts += np.bincount(y, minlength=num_classes)
+        present, rows = _by_class(x, y)
+        sums[present] += np.stack([r.sum(axis=0) for r in rows])
+    if sums is None or (counts == 0).any():
+        empty = np.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"classes {empty} have no training samples; every class needs at "
+                         "least one for its statistics")
+    d = sums.shape[1]
+    means = sums / counts[:, None]
+    groups = num_classes if covariance == "full" else 1
+    scatter, fourth = np.zeros((groups, d, d)), np.zeros(groups)
+    for x, y in _checked(batches(), num_classes):
+        r = x - means[y]
+        if covariance == "tied":
+            scatter[0] += r.T @ r
+            fourth[0] += (np.einsum("ij,ij->i", r, r) ** 2).sum()
+            continue
+        for c, rc in zip(*_by_class(r, y), strict=True):
+            scatter[c] += rc.T @ rc
+            fourth[c] += (np.einsum("ij,ij->i", rc, rc) ** 2).sum()
+    n, dof = int(counts.sum()), int((counts - 1).sum())
+    if dof > 0:
+        pooled = np.trace(scatter, axis1=1, axis2=2).sum() / (dof * d)
+    else:
+        pooled = (counts * ((means - sums.sum(axis=0) / n) ** 2).sum(axis=1)).sum() / (n * d)
     pooled = pooled if pooled > 0 else 1.0
-    identity = np.eye(d)
-    precisions, logdets = [], []
-    for r in rows:
-        cov = LedoitWolf().fit(r).covariance_ if len(r) > 1 else pooled * identity
-        cov = cov + variance_floor * pooled * identity
-        chol = torch.linalg.cholesky(torch.from_numpy(cov))
-        precisions.append(torch.cholesky_inverse(chol).float())
-        logdets.append(2 * torch.log(torch.diagonal(chol)).sum())
-    return ClassStatistics(torch.from_numpy(means).float(), torch.stack(precisions),
-                           torch.stack(logdets).float())
+    floor = variance_floor * pooled * np.eye(d)
+    if covariance == "tied":
+        precision, logdet = _precision(ledoit_wolf(scatter[0], fourth[0], n) + floor)
+        return ClassStatistics(torch.from_numpy(means).float(), precision,
+                               logdet.reshape(1).float())
+    precisions = torch.empty(num_classes, d, d)
+    logdets = torch.empty(num_classes)
+    for c in range(num_classes):
+        cov = (ledoit_wolf(scatter[c], fourth[c], counts[c]) if counts[c] > 1
+               else pooled * np.eye(d))
+        precisions[c], logdets[c] = _precision(cov + floor)
+    return ClassStatistics(torch.from_numpy(means).float(), precisions, logdets)
+
+
+def fit_class_statistics(features: np.ndarray, labels: np.ndarray, num_classes: int,
+                         variance_floor: float = 1e-3, covariance: Covariance = "full"
+                         ) -> ClassStatistics:
+    """``fit_class_statistics_streamed`` over in-memory arrays, as one batch."""
+    return fit_class_statistics_streamed(lambda: [(features, labels)], num_classes, covariance,
+                                         variance_floor)
 
 
 class EpistemicHead(nn.Module):
@@ -156,33 +279,92 @@ class EpistemicHead(nn.Module):
         return head
 
 
-def fit_epistemic_head(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 5,
-                       epochs: int = 30, lr: float = 1e-2, seed: int = 0,
-                       batch_size: int = 256) -> EpistemicHead:
+_POISSON_CDF = np.cumsum([math.exp(-1) / math.factorial(j) for j in range(20)])
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def bootstrap_weights(seed: int, rows: np.ndarray, k: int) -> np.ndarray:
+    """Weights ``w_ki ~ Poisson(1)`` of rows i (positions in the training set) for heads k,
+    shape (len(rows), k): the online bootstrap (Oza and Russell 2001), a hash of
+    (seed, row, head) so that no N-sized resample index is kept."""
+    keys = np.asarray(rows, dtype=np.uint64)[:, None] * np.uint64(k) + np.arange(k, dtype=np.uint64)
+    bits = _splitmix64(keys ^ _splitmix64(np.array([seed], dtype=np.uint64)))
+    uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.searchsorted(_POISSON_CDF, uniform, side="right").astype(np.float32)
+
+
+def _minibatches(batches: Batches, k: int, seed: int, batch_size: int, buffer_rows: int,
+                 gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One pass as minibatches (features, labels, bootstrap weights (b, k)), shuffled within
+    a buffer of at least ``buffer_rows`` rows."""
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    held = position = 0
+    stream = iter(batches())
+    while True:
+        chunk = next(stream, None)
+        if chunk is not None:
+            x, y = np.asarray(chunk[0], dtype=np.float32), np.asarray(chunk[1]).astype(np.int64)
+            pending.append((x, y, bootstrap_weights(seed, np.arange(position, position + len(y)),
+                                                    k)))
+            position, held = position + len(y), held + len(y)
+            if held < buffer_rows:
+                continue
+        if not held:
+            return
+        x, y, w = (torch.from_numpy(np.concatenate(parts)) for parts in zip(*pending, strict=True))
+        order = torch.randperm(held, generator=gen)
+        emit = held if chunk is None else held - held % batch_size
+        for start in range(0, emit, batch_size):
+            rows = order[start:min(start + batch_size, emit)]
+            yield x[rows], y[rows], w[rows]
+        rest = order[emit:]
+        pending, held = [(x[rest].numpy(), y[rest].numpy(), w[rest].numpy())], len(rest)
+        if chunk is None:
+            return
+
+
+def fit_epistemic_head_streamed(batches: Batches, num_classes: int, k: int = 5,
+                                epochs: int = 30, lr: float = 1e-2, seed: int = 0,
+                                batch_size: int = 256, buffer_rows: int = 16384
+                                ) -> EpistemicHead:
     """Train K linear heads with cross-entropy (Adam, CPU), each from its own random
-    initialisation on its own bootstrap resample of the rows; deterministic given ``seed``."""
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    n, dim = x.shape
+    initialisation on its own bootstrap of the rows (loss ``sum_i w_ki CE_ki``, weights from
+    ``bootstrap_weights``); each epoch streams the batches through a seeded shuffle buffer.
+    Deterministic given ``seed`` and the order of the batches."""
+    first = next(iter(batches()), None)
+    if first is None:
+        raise ValueError("epistemic head: no training samples")
+    dim = np.asarray(first[0]).shape[1]
     gen = torch.Generator().manual_seed(seed)
     head = EpistemicHead(dim, num_classes, k)
     bound = 1 / math.sqrt(dim)  # nn.Linear's default initialisation, one draw per head
     with torch.no_grad():
         head.weight.uniform_(-bound, bound, generator=gen)
         head.bias.uniform_(-bound, bound, generator=gen)
-    rows = torch.randint(0, n, (k, n), generator=gen)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(epochs):
-        order = torch.argsort(torch.rand(k, n, generator=gen), dim=1)
-        epoch_rows = rows.gather(1, order)
-        for start in range(0, n, batch_size):
-            batch = epoch_rows[:, start:start + batch_size]
-            logits = torch.einsum("kbd,kcd->kbc", x[batch], head.weight) + head.bias[:, None]
-            step_loss = F.cross_entropy(logits.flatten(0, 1), y[batch].flatten())
+        for x, y, w in _minibatches(batches, k, seed, batch_size, buffer_rows, gen):
+            logits = head(x)
+            ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none")
+            step_loss = (ce.view(k, -1) * w.T).sum() / ce.numel()
             optimizer.zero_grad()
             step_loss.backward()
             optimizer.step()
     return head.requires_grad_(False)
+
+
+def fit_epistemic_head(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 5,
+                       epochs: int = 30, lr: float = 1e-2, seed: int = 0,
+                       batch_size: int = 256) -> EpistemicHead:
+    """``fit_epistemic_head_streamed`` over in-memory arrays, as one batch."""
+    return fit_epistemic_head_streamed(lambda: [(features, labels)], num_classes, k, epochs, lr,
+                                       seed, batch_size)
 
 
 @dataclass

@@ -4,8 +4,17 @@ features (METHOD.md section 7)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
+
+from ray_lt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ray_lt.config import Config
+    from ray_lt.data import LongTailData
 
 REASONS = ("confidently_other_class", "far_from_class")
 """Why a sample is dropped; a kept sample's reason is ``""``."""
@@ -126,3 +135,39 @@ def _checked_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
         raise ValueError(f"labels must be integers in [0, {num_classes}), got "
                          f"{labels.dtype} in [{labels.min()}, {labels.max()}]")
     return labels.astype(np.int64)
+
+
+def filter_synthetic(run_dir: Path, data: LongTailData, cfg: Config) -> pd.DataFrame:
+    """DiffuLT filtering with the real-data classifier: record a keep/drop verdict per sample
+    (``filter.parquet``) and the drops per class (``filter_report.csv``); returns the report."""
+    from ray_lt.generate.statistics import load_training_features
+    from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, load_synthetic
+    from ray_lt.train.features import predict
+
+    f = cfg.synthesis.filter
+    if cfg.generator.kind == "feature":
+        raise ConfigError("synthesis.filter.enabled: filtering works on images; the feature "
+                          "generator writes feature vectors")
+    run_dir = Path(run_dir)
+    out = run_dir / SYNTHETIC_DIR
+    classifier_dir = run_dir / "classifier"
+    ev = cfg.evaluate
+    ds = load_synthetic(run_dir, data.image_shape[2], filtered=False)
+    ids = ds.select_columns(["shard_id", "seed"]).to_pandas()
+    rows = predict(ds, classifier_dir, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
+                   ev.gpus_per_actor, features=f.distance_quantile is not None)
+    features = means = radius = None
+    if f.distance_quantile is not None:
+        real_features, real_labels = load_training_features(classifier_dir)
+        means = class_means(real_features, real_labels, data.num_classes)
+        radius = class_distance_quantiles(real_features, real_labels, data.num_classes,
+                                          f.distance_quantile)
+        features = np.stack(rows["features"].to_numpy())
+    labels = rows["label"].to_numpy()
+    keep, reasons = filter_mask(rows["pred"].to_numpy(), rows["confidence"].to_numpy(), labels,
+                                features, means, radius, f.confidence_threshold)
+    pd.DataFrame({"shard_id": ids["shard_id"], "seed": ids["seed"], "keep": keep,
+                  "reason": reasons}).to_parquet(out / FILTER_FILE, index=False)
+    report = drop_report(labels, keep, reasons, data.num_classes)
+    report.to_csv(out / "filter_report.csv", index=False)
+    return report

@@ -75,20 +75,20 @@ def tile(images: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def render_grid(config: dict, run_dir: str, data_info: dict, label: int, use_gpu: bool
+def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: bool
                 ) -> np.ndarray:
     """Samples of one class: (criteria, scales, H', W', C) uint8 mosaics, the same seeds in every
     cell so that only the criterion and the guidance scale differ (Figure 3 of the FG paper)."""
     import torch
 
     from ray_lt.config import Config
+    from ray_lt.generate.factory import PRECISIONS, build_generator, build_scorer
     from ray_lt.generate.sampler import Guidance, guided_sample
-    from ray_lt.generate.synthesize import PRECISIONS, build_generator, build_scorer
 
     cfg = Config.model_validate(config)
     s = cfg.synthesis
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    generator = build_generator(cfg, Path(run_dir), device, data_info)
+    generator = build_generator(cfg, Path(run_dir), device, info)
     scorer = build_scorer(cfg, Path(run_dir), device, list(s.grid_criteria))
     seeds = [cfg.seed * 7919 + i for i in range(s.grid_samples)]
     n = len(seeds)

@@ -1,44 +1,120 @@
 """What the criteria need beside the classifier, computed once from the real training set and
-saved beside the classifier checkpoint: class means / shrunk covariances (hardness) and the
-epistemic head (total uncertainty)."""
+saved beside the classifier checkpoint: the training embeddings (Parquet files written by the
+Ray Data workers), class means / shrunk covariances (hardness) and the epistemic head (total
+uncertainty), both fitted by streaming over those files."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ray_lt.config import EvaluateConfig
 from ray_lt.data import LongTailData
 from ray_lt.generate.criteria import (
+    Batches,
     ClassStatistics,
+    Covariance,
     EpistemicHead,
-    fit_class_statistics,
-    fit_epistemic_head,
+    fit_class_statistics_streamed,
+    fit_epistemic_head_streamed,
 )
-from ray_lt.train.features import predict
+from ray_lt.train.features import predict_dataset
 
 STATISTICS_FILE = "class_statistics.safetensors"
 HEAD_FILE = "epistemic_head.safetensors"
-FEATURES_FILE = "train_features.npz"
+FEATURES_DIR = "train_features"
+READ_ROWS = 4096
+
+
+def feature_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Label, group and the embedding as a fixed-size list column (a Ray Data batch UDF)."""
+    features = np.ascontiguousarray(batch["features"], dtype=np.float32)
+    return pa.table({
+        "label": pa.array(np.asarray(batch["label"], dtype=np.int64)),
+        "group": pa.array(np.asarray(batch["group"], dtype=np.int64)),
+        "features": pa.FixedSizeListArray.from_arrays(pa.array(features.reshape(-1)),
+                                                      features.shape[1]),
+    })
+
+
+def write_training_features(classifier_dir: Path, data: LongTailData,
+                            evaluate: EvaluateConfig) -> Path:
+    """Embed the training set on Ray Data; the workers write Parquet files to
+    ``classifier_dir/train_features/``, renamed into place once complete."""
+    out = Path(classifier_dir) / FEATURES_DIR
+    partial = out.with_name(f"{FEATURES_DIR}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    predict_dataset(data.train, classifier_dir, evaluate.batch_size, evaluate.num_actors,
+                    evaluate.cpus_per_actor, evaluate.gpus_per_actor, features=True
+                    ).map_batches(feature_table, batch_format="numpy").write_parquet(
+                        str(partial.resolve()))
+    partial.rename(out)
+    return out
+
+
+def _feature_files(classifier_dir: Path) -> list[Path]:
+    folder = Path(classifier_dir) / FEATURES_DIR
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no Parquet files; they are written by "
+                                "fit_criterion_support when the criteria are first needed")
+    return files
+
+
+def _as_matrix(column: pa.Array) -> np.ndarray:
+    if isinstance(column.type, pa.ExtensionType):
+        column = column.storage
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
+
+
+def feature_batches(classifier_dir: Path, rows: int = READ_ROWS) -> Batches:
+    """Passes over the training features as (features (b, d) float32, labels (b,)) batches of
+    at most ``rows`` rows, in file order: memory O(rows x d)."""
+    files = _feature_files(classifier_dir)
+
+    def one_pass():
+        for file in files:
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=rows,
+                                                           columns=["features", "label"]):
+                yield (_as_matrix(batch.column("features")),
+                       batch.column("label").to_numpy().astype(np.int64))
+
+    return one_pass
+
+
+def load_training_features(classifier_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every training embedding (N, d) float32 and its label (N,), for the consumers that need
+    them all at once (DiffuLT's distance filter, the LDMLR feature generator)."""
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in _feature_files(classifier_dir))
+    features, labels, start = None, np.empty(n, dtype=np.int64), 0
+    for x, y in feature_batches(classifier_dir)():
+        if features is None:
+            features = np.empty((n, x.shape[1]), dtype=np.float32)
+        features[start:start + len(y)], labels[start:start + len(y)] = x, y
+        start += len(y)
+    return (features if features is not None else np.zeros((0, 0), np.float32)), labels
 
 
 def fit_criterion_support(classifier_dir: Path, data: LongTailData, heads: int,
-                          evaluate: EvaluateConfig, seed: int) -> None:
-    """Embed the training set on Ray Data and save statistics and epistemic head (skipped when
-    both files exist)."""
+                          evaluate: EvaluateConfig, seed: int, covariance: Covariance = "full"
+                          ) -> None:
+    """Embed the training set on Ray Data into ``train_features/`` and fit, by streaming over
+    those files, the class statistics in the ``covariance`` form and the epistemic head. Each
+    piece on disk is kept (the statistics only when stored in the same form)."""
     classifier_dir = Path(classifier_dir)
-    if (classifier_dir / STATISTICS_FILE).is_file() and (classifier_dir / HEAD_FILE).is_file():
-        return
-    rows = predict(data.train, classifier_dir, evaluate.batch_size, evaluate.num_actors,
-                   evaluate.cpus_per_actor, evaluate.gpus_per_actor, features=True)
-    features = np.stack(rows["features"].to_numpy()).astype(np.float32)
-    labels = rows["label"].to_numpy()
-    np.savez_compressed(classifier_dir / FEATURES_FILE, features=features, labels=labels)
-    fit_class_statistics(features, labels, data.num_classes).save(
-        classifier_dir / STATISTICS_FILE)
-    fit_epistemic_head(features, labels, data.num_classes, k=heads, seed=seed).save(
-        classifier_dir / HEAD_FILE)
+    if not (classifier_dir / FEATURES_DIR).is_dir():
+        write_training_features(classifier_dir, data, evaluate)
+    batches = feature_batches(classifier_dir)
+    if ClassStatistics.stored_covariance(classifier_dir / STATISTICS_FILE) != covariance:
+        fit_class_statistics_streamed(batches, data.num_classes, covariance).save(
+            classifier_dir / STATISTICS_FILE)
+    if not (classifier_dir / HEAD_FILE).is_file():
+        fit_epistemic_head_streamed(batches, data.num_classes, k=heads, seed=seed).save(
+            classifier_dir / HEAD_FILE)
 
 
 def load_criterion_support(classifier_dir: Path) -> tuple[ClassStatistics | None,

@@ -38,6 +38,7 @@ from transformers import (
 
 from ray_lt.errors import ConfigError, DataError
 from ray_lt.generate.base import Conditioning, sample_generators
+from ray_lt.generate.references import References
 
 # Subfolder of the Hugging Face layout -> class that loads it.
 COMPONENTS: dict[str, Any] = {
@@ -60,8 +61,11 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 class UnCLIPGenerator:
     """SD 2.1 unCLIP behind the ``Generator`` protocol (``ray_lt.generate.base``).
 
-    ``reference_images`` is ``{"class": {label: [image, ...]}, "group": {group: [image, ...]}}``
-    with uint8 (H, W, C) real training images; a group without images falls back to its class.
+    The image conditions are ``references`` (CLIP embeddings stored by
+    ``ray_lt.generate.references``, what synthesis uses) or, for small in-memory use,
+    ``reference_images`` ``{"class": {label: [image, ...]}, "group": {group: [image, ...]}}``
+    with uint8 (H, W, C) real training images, embedded on first use; a group without
+    references falls back to its class.
     ``predict_noise`` always returns epsilon (a v-prediction UNet is converted), and
     ``scheduler`` is the DDIM scheduler configured for epsilon accordingly.
     """
@@ -71,7 +75,9 @@ class UnCLIPGenerator:
                  feature_extractor: CLIPImageProcessor,
                  image_normalizer: StableUnCLIPImageNormalizer,
                  image_noising_scheduler: DDPMScheduler, scheduler: DDIMScheduler, *,
-                 class_names: list[str], reference_images: dict[str, dict[int, list[np.ndarray]]],
+                 class_names: list[str],
+                 reference_images: dict[str, dict[int, list[np.ndarray]]] | None = None,
+                 references: References | None = None,
                  context_names: list[str] | None = None,
                  prompt_template: str = "a photo of a {class_name}",
                  embedding_dropout: float = 0.5, noise_level: int = 0, image_size: int = 256,
@@ -111,10 +117,16 @@ class UnCLIPGenerator:
                               f"multiple of the VAE's downscaling factor {self.vae_scale}")
 
         self._images: list[np.ndarray] = []
-        self._class_refs = self._index_references(reference_images.get("class", {}))
-        self._group_refs = self._index_references(reference_images.get("group", {}))
         self._text_cache: dict[str, torch.Tensor] = {}
         self._image_cache: dict[int, torch.Tensor] = {}
+        if (reference_images is None) == (references is None):
+            raise ValueError("give the reference images or the stored references, not both")
+        if references is not None:
+            self._class_refs, self._group_refs = references.by_class, references.by_group
+            self._image_cache.update(enumerate(references.embeds.to(self.device)))
+        else:
+            self._class_refs = self._index_references(reference_images.get("class", {}))
+            self._group_refs = self._index_references(reference_images.get("group", {}))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu",
@@ -227,7 +239,7 @@ class UnCLIPGenerator:
         """CLIP image embeddings (B, E) float32 of reference images, cached per image."""
         for chunk in sorted({i // EMBED_CHUNK for i in refs if i not in self._image_cache}):
             idx = range(chunk * EMBED_CHUNK, min((chunk + 1) * EMBED_CHUNK, len(self._images)))
-            pixels = self.feature_extractor(images=[_rgb(self._images[i]) for i in idx],
+            pixels = self.feature_extractor(images=[rgb(self._images[i]) for i in idx],
                                             return_tensors="pt").pixel_values
             out = self.image_encoder(pixels.to(self.device, self.dtype)).image_embeds.float()
             self._image_cache.update(zip(idx, out, strict=True))
@@ -292,7 +304,7 @@ class UnCLIPGenerator:
         return x
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
+def rgb(image: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) for CLIP's image processor, from (H, W), (H, W, 1) or (H, W, 3)."""
     image = np.asarray(image)
     if image.ndim == 2:
@@ -337,20 +349,23 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dic
     """Every unCLIP component from a folder laid out like the Hugging Face repo
     ``stabilityai/stable-diffusion-2-1-unclip`` (or that repo id in the local cache), offline."""
     root = check_pretrained(path)
-    out = {}
-    for name, loader in COMPONENTS.items():
-        kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
-        if name in ("unet", "vae"):
-            kwargs["torch_dtype"] = dtype
-        elif name in ("text_encoder", "image_encoder"):
-            kwargs["dtype"] = dtype
-        try:
-            out[name] = loader.from_pretrained(root, **kwargs)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"generator.pretrained: component {name!r} in {root / name} could "
-                              f"not be loaded offline ({err}); weights are never downloaded"
-                              ) from None
-    return out
+    return {name: load_component(root, name, dtype) for name in COMPONENTS}
+
+
+def load_component(path: str | Path, name: str, dtype: torch.dtype = torch.float32) -> Any:
+    """One component (a key of ``COMPONENTS``) of the unCLIP folder, offline."""
+    root = check_pretrained(path)
+    kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
+    if name in ("unet", "vae"):
+        kwargs["torch_dtype"] = dtype
+    elif name in ("text_encoder", "image_encoder"):
+        kwargs["dtype"] = dtype
+    try:
+        return COMPONENTS[name].from_pretrained(root, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"generator.pretrained: component {name!r} in {root / name} could "
+                          f"not be loaded offline ({err}); weights are never downloaded"
+                          ) from None
 
 
 def save_components(components: dict[str, Any], path: str | Path) -> None:

@@ -39,11 +39,12 @@ class Predictor:
         return out
 
 
-def predict(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 256,
-            num_actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
-            features: bool = False, keep: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Predicted class, confidence, entropy (and features) of every row, in row order, with
-    the ``keep`` columns passed through."""
+def predict_dataset(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 256,
+                    num_actors: int = 1, cpus_per_actor: float = 0.5,
+                    gpus_per_actor: float = 0.0, features: bool = False,
+                    keep: tuple[str, ...] = ()) -> ray.data.Dataset:
+    """The lazy Dataset of ``Predictor`` rows: predicted class, confidence, entropy (and
+    features) of every row, with the ``keep`` columns passed through."""
     return dataset.select_columns(["image", "label", "group", *keep]).map_batches(
         Predictor,
         fn_constructor_kwargs={"classifier_dir": str(Path(classifier_dir).resolve()),
@@ -52,4 +53,12 @@ def predict(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 2
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         batch_size=batch_size, batch_format="numpy",
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-    ).to_pandas()
+    )
+
+
+def predict(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 256,
+            num_actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
+            features: bool = False, keep: tuple[str, ...] = ()) -> pd.DataFrame:
+    """``predict_dataset`` gathered on the driver, in row order."""
+    return predict_dataset(dataset, classifier_dir, batch_size, num_actors, cpus_per_actor,
+                           gpus_per_actor, features, keep).to_pandas()

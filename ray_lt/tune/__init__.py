@@ -28,7 +28,7 @@ RESULTS_FILE = "results.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"few": ["val_few"], "worst_group": ["val_worst_group"],
               "both": ["val_few", "val_worst_group"]}
-SHARED_STAGES = ("classifier", "generator")
+SHARED_STAGES = ("classifier", "generator", "references")
 
 
 def objective_metrics(cfg: Config, has_groups: bool, has_few: bool) -> list[str]:
@@ -96,7 +96,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], quota_scale: floa
 def check_trial_quota(cfg: Config, data: LongTailData) -> None:
     """Refuse, before any training, a ``tune.quota_scale`` that leaves a trial nothing to
     generate."""
-    from ray_lt.generate.synthesize import plan
+    from ray_lt.generate.plan import plan
 
     raw = trial_config(cfg.model_dump(mode="json"), {}, cfg.tune.quota_scale)
     try:
@@ -172,6 +172,7 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
     baseline = workflow.baseline_stage(cfg, out_dir, data)
     workflow.criterion_support(cfg, out_dir, data)
     workflow.generator_stage(cfg, out_dir, data)
+    workflow.prepare_references(cfg, data, out_dir)
     t = cfg.tune
     print(f"[ray-lt] tune: {t.num_trials} trials, {t.max_concurrent_trials} at a time, "
           f"maximising {metrics} on the validation split; TensorBoard: "

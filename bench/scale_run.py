@@ -1,0 +1,156 @@
+"""The whole pipeline on a data set of ImageNet-LT's (or Places-LT's) real shape, stage by
+stage, with each stage's wall time and this driver's peak resident memory.
+
+    python bench/lt_shape.py imagenet_lt --out /data/lt/imagenet_lt --unclip /data/lt/unclip
+    python bench/scale_run.py --root /data/lt/imagenet_lt --unclip /data/lt/unclip \
+        --out runs/scale_imagenet_lt [--set key=value ...]
+
+Quotas and the plan are those of the full data set (1.18M samples for ImageNet-LT) when the
+plan is timed; the sampled share is cut by ``synthesis.quota_scale`` so that a CPU finishes.
+Prints one line per stage and writes ``stages.csv`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ray_lt import workflow  # noqa: E402
+from ray_lt.config import load_config  # noqa: E402
+
+
+@contextmanager
+def meter(rows: list[dict], stage: str, every: float = 0.05):
+    """Wall time and peak RSS of this process over the block, sampled by a thread."""
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], process.memory_info().rss)
+        row = {"stage": stage, "seconds": time.perf_counter() - started,
+               "driver_peak_rss_mb": peak[0] / 2**20}
+        rows.append(row)
+        print(f"{stage:24s} {row['seconds']:8.1f} s   driver peak RSS "
+              f"{row['driver_peak_rss_mb']:7.0f} MB", flush=True)
+
+
+def actor_payload(cfg, data, out_dir: Path) -> int:
+    """Pickled bytes of one sampler actor's constructor arguments."""
+    from ray_lt.generate import synthesize
+
+    if hasattr(synthesize, "sampler_kwargs"):
+        return len(pickle.dumps(synthesize.sampler_kwargs(cfg, data, out_dir)))
+    return len(pickle.dumps({"config": cfg.model_dump(mode="json"), "run_dir": str(out_dir),
+                             "data_info": synthesize.data_info(cfg, data)}))
+
+
+def full_plan(cfg, data, rows: list[dict]) -> None:
+    """Plan, store, manifest and count check of the full quota (quota_scale 1)."""
+    from ray_lt.generate.quota import class_quotas, plan_shards
+
+    s = cfg.synthesis
+    with meter(rows, "plan (full quota)"):
+        shards = plan_shards(class_quotas(data.class_counts, s.target, 1.0, s.quota_minimum),
+                             s.max_shard_size, cfg.seed, False)
+    print(f"  full plan: {len(shards)} shards, {sum(x['n'] for x in shards)} samples")
+    try:
+        from ray_lt.generate.plan import check_counts, finished_shards, store_plan
+    except ImportError:
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for shard in shards:  # stand-in shard files: label and group columns only
+            n = shard["n"]
+            pq.write_table(pa.table({"label": [shard["label"]] * n,
+                                     "group": [shard["group"]] * n}),
+                           out / f"shard_{shard['shard_id']:06d}.parquet")
+        with (out / "manifest.jsonl").open("w") as f:
+            for shard in shards:
+                f.write(json.dumps({"shard_id": shard["shard_id"], "n": shard["n"]}) + "\n")
+        with meter(rows, "store + manifest + count"):
+            store_plan(out, shards)
+            done = finished_shards(out)
+            counts = check_counts(out, shards)
+        print(f"  {len(done)} finished shards, {int(counts['written'].sum())} rows checked")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--unclip", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", default=str(ROOT / "configs/imagenet_lt.yaml"))
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--set", nargs="*", default=[])
+    args = parser.parse_args()
+    overrides = [f"dataset.root={args.root}", f"dataset.num_classes={args.num_classes}",
+                 "dataset.image_size=16", "dataset.class_names_file=null",
+                 f"generator.pretrained={args.unclip}", "generator.height=32",
+                 "generator.width=32", "model.name=small_cnn", "model.checkpoint=null",
+                 "train.epochs=1", "train.batch_size=256", "synthesis.num_steps=10",
+                 "synthesis.quota_scale=0.0005", "synthesis.batch_size=16",
+                 "synthesis.precision=fp32", "synthesis.cpus_per_actor=0.9",
+                 "scaling.num_workers=1", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
+                 "synthesis.gpus_per_actor=0", "synthesis.num_actors=1",
+                 "evaluate.gpus_per_actor=0", "evaluate.num_actors=1",
+                 "evaluate.cpus_per_actor=0.5", "report.quality=false", "report.grid=false",
+                 "ray.address=local",
+                 *args.set]
+    cfg = load_config(args.config, overrides)
+    rows: list[dict] = []
+    with meter(rows, "load + check data"):
+        out_dir, data = workflow.prepare(cfg, args.out)
+    print(f"  {data.num_classes} classes, {int(data.class_counts.sum())} training images")
+    full_plan(cfg, data, rows)
+    print(f"  sampler actor constructor: {actor_payload(cfg, data, out_dir) / 2**20:.2f} MB")
+    with meter(rows, "baseline classifier"):
+        baseline = workflow.baseline_stage(cfg, out_dir, data)
+    with meter(rows, "criterion statistics"):
+        workflow.criterion_support(cfg, out_dir, data)
+    with meter(rows, "generator"):
+        workflow.generator_stage(cfg, out_dir, data)
+    with meter(rows, "synthesis"):
+        workflow.synthesis_stage(cfg, out_dir, data)
+    with meter(rows, "final classifier"):
+        workflow.final_stage(cfg, out_dir, data)
+    with meter(rows, "evaluation"):
+        final = workflow.evaluate_stage(cfg, out_dir, data)
+    from ray_lt.evaluate.report import write_report
+
+    with meter(rows, "report"):
+        write_report(cfg, out_dir, data, baseline, final)
+    table = pd.DataFrame(rows)
+    table.to_csv(out_dir / "stages.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
+
+
+if __name__ == "__main__":
+    main()

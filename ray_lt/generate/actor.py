@@ -1,0 +1,96 @@
+"""``GuidedSampler``: the Ray Data callable class that samples whole shards on a sampler actor.
+
+The generator and the criterion scorer are built once per actor from the run directory; the
+constructor takes the config, the run directory and a few names, nothing that grows with the
+data set. A finished shard leaves the actor as raw pixels in an Arrow IPC buffer: PNG encoding
+and Parquet writing happen in the writer stage after it (``ray_lt.generate.writer``), so the
+actor goes straight on to its next shard.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from ray_lt.config import Config
+from ray_lt.generate.codec import to_ipc
+from ray_lt.generate.criteria import draw_criteria
+from ray_lt.generate.factory import PRECISIONS, build_generator, build_scorer
+from ray_lt.generate.quota import per_sample_seeds
+from ray_lt.generate.sampler import Guidance, guided_sample
+
+
+class GuidedSampler:
+    """Samples shards ``{shard_id, label, group, n, seed}``; each output row is one shard:
+    ``shard_id``, ``n``, ``seconds`` and ``payload`` (the rows as Arrow IPC bytes)."""
+
+    def __init__(self, config: dict[str, Any], run_dir: str, use_gpu: bool,
+                 info: dict[str, Any]):
+        self.cfg = Config.model_validate(config)
+        self.run_dir = Path(run_dir)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.generator = build_generator(self.cfg, self.run_dir, self.device, info)
+        self.scorer = build_scorer(self.cfg, self.run_dir, self.device)
+        s = self.cfg.synthesis
+        self.names = list(s.criteria)
+        self.probabilities = [s.criteria[n] for n in self.names]
+        self.guidance = Guidance(s.guidance_scale, s.guidance_every, s.guidance_mode,
+                                 s.reuse_gradient, s.through_unet)
+
+    def sample_shard(self, shard: dict[str, Any]) -> pa.Table:
+        """All rows of one shard, deterministic in its seed: ``pixels`` (raw uint8 bytes, the
+        shape in the schema metadata) or ``feature``, plus the per-sample columns."""
+        s = self.cfg.synthesis
+        n = int(shard["n"])
+        seeds = per_sample_seeds(int(shard["seed"]), n)
+        ids = draw_criteria(self.names, self.probabilities, n,
+                            torch.Generator().manual_seed(int(shard["seed"])))
+        parts, shape = [], None
+        for start in range(0, n, s.batch_size):
+            chunk = seeds[start:start + s.batch_size]
+            size = len(chunk)
+            out = guided_sample(
+                self.generator, self.scorer, torch.full((size,), int(shard["label"])),
+                torch.full((size,), int(shard["group"])), ids[start:start + size], chunk,
+                s.num_steps, s.cfg_scale, self.guidance, s.eta, PRECISIONS[s.precision])
+            with torch.no_grad():
+                decoded = self.generator.decode_output(out.latents).cpu().float()
+            if decoded.dim() == 2:  # feature generator: pseudo-feature vectors
+                payload = {"feature": pa.array(list(decoded.numpy()),
+                                               type=pa.list_(pa.float32()))}
+            else:
+                pixels = (decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+                shape = pixels.shape[1:]
+                payload = {"pixels": pa.array([p.tobytes() for p in pixels], type=pa.binary())}
+            parts.append(pa.table({
+                **payload,
+                "label": pa.array(np.full(size, int(shard["label"]), np.int64)),
+                "group": pa.array(np.full(size, int(shard["group"]), np.int64)),
+                "criterion": [self.names[i] for i in ids[start:start + size].tolist()],
+                "guidance_scale": pa.array(np.full(size, s.guidance_scale, np.float64)),
+                "seed": pa.array(chunk, type=pa.int64()),
+                "shard_id": pa.array(np.full(size, int(shard["shard_id"]), np.int64)),
+                "criterion_before": out.criterion_before.numpy(),
+                "criterion_after": out.criterion_after.numpy(),
+                "guidance_norm": out.guidance_norm.numpy(),
+                "nonfinite_steps": out.nonfinite_steps.numpy(),
+            }))
+        table = pa.concat_tables(parts)
+        if shape is not None:
+            table = table.replace_schema_metadata({"shape": ",".join(map(str, shape))})
+        return table
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        done = []
+        for shard in batch.to_dict("records"):
+            started = time.perf_counter()
+            table = self.sample_shard(shard)
+            done.append({"shard_id": int(shard["shard_id"]), "n": table.num_rows,
+                         "seconds": time.perf_counter() - started, "payload": to_ipc(table)})
+        return pd.DataFrame(done)

@@ -1,0 +1,97 @@
+"""Building the configured generator and criterion scorer inside a worker (sampler actor, grid
+task), and the cheap checks that fail on a missing stage before any actor starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ray_lt.config import Config
+from ray_lt.errors import ConfigError, require_stage
+from ray_lt.generate.criteria import CriterionScorer
+from ray_lt.generate.feature import FeatureGenerator
+from ray_lt.generate.pixel import PixelGenerator
+from ray_lt.generate.references import REFERENCES_DIR, load_references
+from ray_lt.generate.statistics import load_criterion_support
+from ray_lt.train.trainer import MODEL_FILE, load_classifier
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def generator_info(class_names: list[str], context_names: list[str], image_size: int
+                   ) -> dict[str, Any]:
+    """What a worker needs to know about the data set to build its generator: names and the
+    image size, nothing that grows with the number of images."""
+    return {"class_names": list(class_names), "context_names": list(context_names),
+            "image_size": int(image_size)}
+
+
+def build_generator(cfg: Config, run_dir: Path, device: torch.device,
+                    info: dict[str, Any]) -> Any:
+    """The configured generator: trained in the run directory (pixel, feature) or pretrained
+    (unclip, with the references stored in the run directory)."""
+    g = cfg.generator
+    if g.kind == "pixel":
+        folder = require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
+        return PixelGenerator.from_pretrained(folder, device)
+    if g.kind == "feature":
+        folder = require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
+        return FeatureGenerator.from_pretrained(folder, device)
+    if g.kind == "unclip":
+        from ray_lt.generate.unclip import UnCLIPGenerator
+
+        dtype = PRECISIONS[cfg.synthesis.precision] if device.type == "cuda" else None
+        return UnCLIPGenerator.from_pretrained(
+            g.pretrained, device=device, dtype=dtype or torch.float32,
+            class_names=info["class_names"], context_names=info["context_names"],
+            references=load_references(Path(run_dir) / REFERENCES_DIR),
+            prompt_template=g.prompt_template, embedding_dropout=g.embedding_dropout,
+            noise_level=g.noise_level, image_size=info["image_size"], height=g.height,
+            width=g.width)
+    raise ConfigError(f"generator.kind: {g.kind!r} is not available for synthesis yet")
+
+
+def check_generator(cfg: Config, run_dir: Path) -> None:
+    """Fail on a missing generator before any actor starts (loads no weights)."""
+    if cfg.generator.kind in ("pixel", "feature"):
+        require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
+    elif cfg.generator.kind == "unclip":
+        from ray_lt.generate.unclip import check_pretrained
+
+        if cfg.generator.pretrained is None:
+            raise ConfigError("generator.pretrained: set the local folder (or cached hub id) of "
+                              "Stable Diffusion 2.1 unCLIP")
+        check_pretrained(cfg.generator.pretrained)
+    else:
+        raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not available for "
+                          f"synthesis yet")
+
+
+def build_scorer(cfg: Config, run_dir: Path, device: torch.device,
+                 names: list[str] | None = None) -> CriterionScorer:
+    """The baseline classifier scoring ``names`` (default: those of ``synthesis.criteria``)."""
+    classifier_dir = run_dir / "classifier"
+    require_stage(classifier_dir / MODEL_FILE, "classifier", "ray-lt train")
+    statistics, head = load_criterion_support(classifier_dir)
+    names = names or list(cfg.synthesis.criteria)
+    inputs = "features" if cfg.generator.kind == "feature" else "images"
+    return CriterionScorer(load_classifier(classifier_dir, device), names, statistics, head,
+                           inputs=inputs).to(device)
+
+
+def check_scorer(cfg: Config, run_dir: Path, names: list[str] | None = None) -> None:
+    """Fail, loading nothing, when the classifier or what the criteria need beside it (class
+    statistics, epistemic head) is missing from the run directory."""
+    from ray_lt.generate.criteria import CRITERIA
+    from ray_lt.generate.statistics import HEAD_FILE, STATISTICS_FILE
+
+    classifier_dir = Path(run_dir) / "classifier"
+    require_stage(classifier_dir / MODEL_FILE, "classifier", "ray-lt train")
+    files = {"statistics": STATISTICS_FILE, "epistemic_head": HEAD_FILE}
+    for name in names or list(cfg.synthesis.criteria):
+        needs = CRITERIA[name].needs
+        if needs is not None:
+            require_stage(classifier_dir / files[needs], f"criterion support ({name})",
+                          "ray-lt synthesize")

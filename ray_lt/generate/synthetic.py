@@ -1,0 +1,61 @@
+"""The synthetic data set on disk: ``DIR/synthetic/shard_*.parquet`` (one file per shard) and the
+filter's verdicts, read back as a Ray Dataset for training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import ray
+
+from ray_lt.errors import StageError, require_stage
+from ray_lt.generate.codec import decode_png
+
+SYNTHETIC_DIR = "synthetic"
+FILTER_FILE = "filter.parquet"
+
+
+def shard_file(out: Path, shard_id: int) -> Path:
+    """Where shard ``shard_id`` is written."""
+    return Path(out) / f"shard_{int(shard_id):06d}.parquet"
+
+
+def synthetic_files(run_dir: Path) -> list[str]:
+    out = require_stage(Path(run_dir) / SYNTHETIC_DIR, "synthesis", "ray-lt synthesize")
+    files = sorted(str(p) for p in out.glob("shard_*.parquet"))
+    if not files:
+        raise StageError(f"{out} holds no synthetic shard: run `ray-lt synthesize` first")
+    return files
+
+
+def synthetic_count(run_dir: Path) -> int:
+    """Synthetic rows training will see: the rows on disk less those the filter dropped (from
+    the Parquet footers; no image is read)."""
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in synthetic_files(run_dir))
+    verdicts = Path(run_dir) / SYNTHETIC_DIR / FILTER_FILE
+    if verdicts.is_file():
+        total -= int((~pd.read_parquet(verdicts, columns=["keep"])["keep"]).sum())
+    return total
+
+
+def _decode_images(batch: pd.DataFrame, channels: int) -> pd.DataFrame:
+    batch = batch.copy()
+    batch["image"] = [decode_png(b, channels) for b in batch["image"]]
+    return batch
+
+
+def load_synthetic(run_dir: Path, channels: int, filtered: bool = True) -> ray.data.Dataset:
+    """The synthetic rows as a Ray Dataset with decoded ``image`` arrays (training format),
+    without the rows the filter dropped when it ran (``filtered``)."""
+    ds = ray.data.read_parquet(synthetic_files(run_dir))
+    verdicts = Path(run_dir) / SYNTHETIC_DIR / FILTER_FILE
+    if filtered and verdicts.is_file():
+        dropped = pd.read_parquet(verdicts).query("~keep")
+        drop = set(zip(dropped["shard_id"].tolist(), dropped["seed"].tolist(), strict=True))
+        if drop:
+            ds = ds.filter(lambda row: (row["shard_id"], row["seed"]) not in drop)
+    if "image" not in ds.columns():
+        return ds  # pseudo-features (feature generator)
+    return ds.map_batches(_decode_images, fn_kwargs={"channels": channels},
+                          batch_format="pandas")

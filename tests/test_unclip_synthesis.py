@@ -1,0 +1,85 @@
+"""unCLIP synthesis on a real local Ray cluster over a small data set in ImageNet-LT's layout:
+references chosen by index and embedded once on an actor pool, small actor constructors, the
+writer stage, exact quotas, and a rerun that redoes nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT
+
+from ray_lt import workflow
+from ray_lt.config import load_config
+from ray_lt.generate.quota import class_quotas
+from ray_lt.generate.references import META_FILE, REFERENCES_DIR, load_references
+from ray_lt.generate.synthesize import actor_payload_bytes, sampler_kwargs
+from ray_lt.train.models import build_model
+from ray_lt.train.trainer import MODEL_FILE, SPEC_FILE
+
+spec = importlib.util.spec_from_file_location("lt_shape", ROOT / "bench" / "lt_shape.py")
+lt_shape = importlib.util.module_from_spec(spec)
+sys.modules["lt_shape"] = lt_shape
+spec.loader.exec_module(lt_shape)
+CLASSES = 6
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ray_session):
+    """A written ImageNet-LT-layout data set, a tiny unCLIP folder, a config and a run
+    directory holding an (untrained) classifier."""
+    base = tmp_path_factory.mktemp("lt")
+    lt_shape.write_lt_shape(base / "data", "imagenet_lt", image_size=16, num_classes=CLASSES,
+                            workers=1)
+    unclip = lt_shape.save_tiny_unclip(base / "unclip")
+    cfg = load_config(ROOT / "configs" / "imagenet_lt.yaml", [
+        f"dataset.root={base / 'data'}", f"dataset.num_classes={CLASSES}",
+        "dataset.image_size=16", "dataset.class_names_file=null", "model.name=small_cnn",
+        "model.checkpoint=null", f"generator.pretrained={unclip}", "generator.height=32",
+        "generator.width=32", "generator.references_per_group=3", "synthesis.num_steps=3",
+        "synthesis.guidance_every=1", "synthesis.quota_scale=0.004", "synthesis.max_shard_size=2",
+        "synthesis.batch_size=2", "synthesis.precision=fp32", "synthesis.cpus_per_actor=0.5",
+        "synthesis.criteria={entropy: 1.0}", "synthesis.num_actors=1",
+        "synthesis.gpus_per_actor=0", "evaluate.num_actors=1", "evaluate.gpus_per_actor=0",
+        "evaluate.cpus_per_actor=0.5", "scaling.use_gpu=false"])
+    out = base / "run"
+    classifier = out / "classifier"
+    classifier.mkdir(parents=True)
+    model_spec = {"name": "small_cnn", "num_classes": CLASSES, "in_channels": 3, "width": 32,
+                  "mean": cfg.model.mean, "std": cfg.model.std, "checkpoint": None}
+    torch.manual_seed(0)
+    torch.save(build_model(**model_spec).state_dict(), classifier / MODEL_FILE)
+    (classifier / SPEC_FILE).write_text(json.dumps(model_spec))
+    return cfg, out
+
+
+def test_unclip_synthesis_uses_stored_references(run, capsys):
+    cfg, out = run
+    workflow.synthesize(cfg, out)
+    references = load_references(out / REFERENCES_DIR)
+    meta = json.loads((out / REFERENCES_DIR / META_FILE).read_text())
+    assert references.embeds.shape == (meta["rows"], 32)  # tiny CLIP: 32-d embeddings
+    assert sorted(references.by_class) == list(range(CLASSES))
+    assert all(1 <= len(pool) <= 3 for pool in references.by_class.values())
+
+    _, data = workflow.prepare(cfg, out)
+    s = cfg.synthesis
+    expected = class_quotas(data.class_counts, s.target, s.quota_scale, s.quota_minimum)
+    assert expected.min() >= 1 and expected.sum() > 2 * CLASSES
+    rows = pd.concat(pd.read_parquet(p) for p in sorted((out / "synthetic").glob("shard_*")))
+    assert rows.groupby("label").size().to_dict() == dict(enumerate(expected.tolist()))
+    assert rows["image"].map(len).gt(0).all() and rows["seed"].is_unique
+    assert actor_payload_bytes(sampler_kwargs(cfg, data, out)) < 64 * 1024
+    manifest = [json.loads(line) for line in
+                (out / "synthetic" / "manifest.jsonl").read_text().splitlines()]
+    assert all(m["write_seconds"] >= 0 and m["seconds"] > 0 for m in manifest)
+
+    capsys.readouterr()
+    stamp = (out / REFERENCES_DIR / META_FILE).stat().st_mtime_ns
+    workflow.synthesize(cfg, out)
+    assert "0 to go" in capsys.readouterr().out
+    assert (out / REFERENCES_DIR / META_FILE).stat().st_mtime_ns == stamp

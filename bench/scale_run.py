@@ -14,63 +14,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import sys
 import tempfile
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
-import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ray_lt import workflow  # noqa: E402
 from ray_lt.config import load_config  # noqa: E402
+from ray_lt.stages import StageMeter  # noqa: E402
 
 
 @contextmanager
-def meter(rows: list[dict], stage: str, every: float = 0.05):
-    """Wall time and peak RSS of this process over the block, sampled by a thread."""
-    process = psutil.Process()
-    peak = [process.memory_info().rss]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(every):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    started = time.perf_counter()
-    try:
+def meter(rows: list[dict], stage: str):
+    """Wall time and peak RSS of this process over the block, one printed line."""
+    with StageMeter(every=0.05) as measured:
         yield
-    finally:
-        stop.set()
-        thread.join()
-        peak[0] = max(peak[0], process.memory_info().rss)
-        row = {"stage": stage, "seconds": time.perf_counter() - started,
-               "driver_peak_rss_mb": peak[0] / 2**20}
-        rows.append(row)
-        print(f"{stage:24s} {row['seconds']:8.1f} s   driver peak RSS "
-              f"{row['driver_peak_rss_mb']:7.0f} MB", flush=True)
+    rows.append({"stage": stage, "seconds": measured.seconds,
+                 "driver_peak_rss_mb": measured.peak_rss_mb})
+    print(f"{stage:24s} {measured.seconds:8.1f} s   driver peak RSS "
+          f"{measured.peak_rss_mb:7.0f} MB", flush=True)
 
 
 def actor_payload(cfg, data, out_dir: Path) -> int:
     """Pickled bytes of one sampler actor's constructor arguments."""
-    from ray_lt.generate import synthesize
+    from ray_lt.generate.synthesize import actor_payload_bytes, sampler_kwargs
 
-    if hasattr(synthesize, "sampler_kwargs"):
-        return len(pickle.dumps(synthesize.sampler_kwargs(cfg, data, out_dir)))
-    return len(pickle.dumps({"config": cfg.model_dump(mode="json"), "run_dir": str(out_dir),
-                             "data_info": synthesize.data_info(cfg, data)}))
+    return actor_payload_bytes(sampler_kwargs(cfg, data, out_dir))
 
 
 def full_plan(cfg, data, rows: list[dict]) -> None:
     """Plan, store, manifest and count check of the full quota (quota_scale 1)."""
+    from ray_lt.generate.plan import check_counts, finished_shards, store_plan
     from ray_lt.generate.quota import class_quotas, plan_shards
 
     s = cfg.synthesis
@@ -78,10 +57,6 @@ def full_plan(cfg, data, rows: list[dict]) -> None:
         shards = plan_shards(class_quotas(data.class_counts, s.target, 1.0, s.quota_minimum),
                              s.max_shard_size, cfg.seed, False)
     print(f"  full plan: {len(shards)} shards, {sum(x['n'] for x in shards)} samples")
-    try:
-        from ray_lt.generate.plan import check_counts, finished_shards, store_plan
-    except ImportError:
-        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -84,6 +84,19 @@ def ray_session(ray_head):
     yield ray_head
 
 
+def load_bench(name: str):
+    """The module ``bench/<name>.py``, loaded once per session and registered under ``name``
+    (pools pickle its functions by module name, so every test must share one copy)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the installed ``ray-lt`` console script."""
     exe = shutil.which("ray-lt") or str(Path(sys.executable).with_name("ray-lt"))

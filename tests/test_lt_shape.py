@@ -1,22 +1,17 @@
 """The ImageNet-LT / Places-LT shape bench: class profiles, the written tree, the tiny unCLIP."""
 
 import hashlib
-import importlib.util
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import load_bench
 from PIL import Image
 
 from ray_lt.data.files import read_class_names, read_split_list
 from ray_lt.generate.unclip import load_components, tiny_unclip_components
 
-spec = importlib.util.spec_from_file_location("lt_shape", ROOT / "bench" / "lt_shape.py")
-lt_shape = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = lt_shape  # the writer's pool pickles its functions by module name
-spec.loader.exec_module(lt_shape)
+lt_shape = load_bench("lt_shape")
 
 
 def _tree_hash(root) -> str:

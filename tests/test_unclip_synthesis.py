@@ -4,14 +4,12 @@ writer stage, exact quotas, and a rerun that redoes nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, load_bench
 
 from ray_lt import workflow
 from ray_lt.config import load_config
@@ -21,10 +19,7 @@ from ray_lt.generate.synthesize import actor_payload_bytes, sampler_kwargs
 from ray_lt.train.models import build_model
 from ray_lt.train.trainer import MODEL_FILE, SPEC_FILE
 
-spec = importlib.util.spec_from_file_location("lt_shape", ROOT / "bench" / "lt_shape.py")
-lt_shape = importlib.util.module_from_spec(spec)
-sys.modules["lt_shape"] = lt_shape
-spec.loader.exec_module(lt_shape)
+lt_shape = load_bench("lt_shape")
 CLASSES = 6
 
 

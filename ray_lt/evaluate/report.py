@@ -180,6 +180,7 @@ def sample_mosaic(rows: pd.DataFrame, class_names: list[str], per_class: int, pa
         return None
     rng = np.random.default_rng(seed)
     labels = sorted(rows["label"].unique().tolist())
+    per_class = min(per_class, int(rows["label"].value_counts().max()))
     shape = rows["image"].iloc[0].shape
     grid = np.zeros((len(labels), per_class, *shape), np.uint8)
     for r, label in enumerate(labels):

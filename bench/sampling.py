@@ -98,6 +98,30 @@ def batching_costs(parts, batch: int, steps: int) -> None:
               f"speed-up {single / batched:.1f}x")
 
 
+def _matmul_steps(n: int) -> float:
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512)
+    started = time.perf_counter()
+    for _ in range(n):
+        a = torch.tanh(a @ a / 512)
+    return time.perf_counter() - started
+
+
+def process_scaling(steps: int = 400) -> None:
+    """What this machine gives two single-thread processes against one, without Ray: the
+    ceiling for the 2-vs-1 actor ratio."""
+    import multiprocessing as mp
+
+    rates = {}
+    for procs in (1, 2, 1, 2):
+        with mp.get_context("spawn").Pool(procs) as pool:
+            started = time.perf_counter()
+            pool.map(_matmul_steps, [steps] * procs)
+            rates.setdefault(procs, []).append(procs * steps / (time.perf_counter() - started))
+    print(f"\nplain torch, one thread per process: 2 processes / 1 process "
+          f"{np.mean(rates[2]) / np.mean(rates[1]):.2f}")
+
+
 def actor_costs(run_dir: Path, quota_scale: float) -> None:
     import ray
 
@@ -150,6 +174,7 @@ def main() -> None:
                         help="with --actors-run: skip the single-process measurements")
     args = parser.parse_args()
     if args.actors_only and args.actors_run is not None:
+        process_scaling()
         actor_costs(args.actors_run, args.quota_scale)
         return
     torch.set_num_threads(2)
@@ -160,6 +185,7 @@ def main() -> None:
                    args.steps)
     batching_costs(pixel, args.batch, args.steps)
     if args.actors_run is not None:
+        process_scaling()
         actor_costs(args.actors_run, args.quota_scale)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ from transformers import (
 
 from ray_lt.errors import ConfigError, DataError
 from ray_lt.generate.base import Conditioning, sample_generators
-from ray_lt.generate.references import References
+
+if TYPE_CHECKING:
+    from ray_lt.generate.references import References
 
 # Subfolder of the Hugging Face layout -> class that loads it.
 COMPONENTS: dict[str, Any] = {

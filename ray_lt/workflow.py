@@ -336,8 +336,8 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         out_dir, data = prepare(cfg, out_dir)
         plan(cfg, data)  # an empty quota is refused before any training
         check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
-    measured = {"data": meter}
-    record_timing(out_dir, "data", meter.seconds, meter.peak_rss_mb)
+    times = {"data": (meter.seconds, meter.peak_rss_mb)}
+    record_timing(out_dir, "data", *times["data"])
     s = cfg.synthesis
     steps = [
         ("classifier", "baseline classifier", f"{cfg.model.name}, {cfg.train.epochs} epochs",
@@ -359,10 +359,9 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         banner(step, len(steps) + 1, name, note, since=started)
         with StageMeter() as meter:
             results[key] = call()
-        measured[key] = meter
-        record_timing(out_dir, key, meter.seconds, meter.peak_rss_mb)
+        times[key] = (meter.seconds, meter.peak_rss_mb)
+        record_timing(out_dir, key, *times[key])
     banner(len(steps) + 1, len(steps) + 1, "report", since=started)
-    times = {key: (m.seconds, m.peak_rss_mb) for key, m in measured.items()}
     path = write_report(cfg, out_dir, data, results["classifier"], results["evaluation"], times)
     print(f"[ray-lt] done in {time.perf_counter() - started:.0f} s; report: {path}")
     return results["evaluation"]

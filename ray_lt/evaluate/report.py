@@ -152,11 +152,15 @@ def synthetic_rows(run_dir: Path, channels: int, shard_ids: list[int]) -> pd.Dat
     return rows
 
 
+def _leading_shards(shards: pd.DataFrame, rows: int) -> list[int]:
+    """The ids of the first shards, in table order, that together hold ``rows`` rows."""
+    take = shards["n"].cumsum().shift(fill_value=0) < rows
+    return shards.loc[take, "shard_id"].tolist()
+
+
 def sample_shards(shards: pd.DataFrame, max_rows: int, seed: int) -> list[int]:
     """Shard ids in a seeded random order, as many as hold ``max_rows`` rows."""
-    order = shards.sample(frac=1.0, random_state=seed)
-    take = order["n"].cumsum().shift(fill_value=0) < max_rows
-    return sorted(order.loc[take, "shard_id"].tolist())
+    return sorted(_leading_shards(shards.sample(frac=1.0, random_state=seed), max_rows))
 
 
 def mosaic_shards(shards: pd.DataFrame, class_counts: np.ndarray, per_class: int,
@@ -167,9 +171,7 @@ def mosaic_shards(shards: pd.DataFrame, class_counts: np.ndarray, per_class: int
     shown = labels[np.argsort(class_counts[labels], kind="stable")][:max_classes]
     ids: list[int] = []
     for label in sorted(shown.tolist()):
-        own = shards[shards["label"] == label]
-        take = own["n"].cumsum().shift(fill_value=0) < per_class
-        ids += own.loc[take, "shard_id"].tolist()
+        ids += _leading_shards(shards[shards["label"] == label], per_class)
     return ids
 
 

@@ -136,9 +136,10 @@ def embed_references(chosen: pd.DataFrame, folder: Path, settings: dict[str, Any
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    from ray_lt.data.images import row_blocks
+
     size = max(batch_size, -(-len(chosen) // (4 * num_actors)))
-    parts = [chosen.iloc[start:start + size] for start in range(0, len(chosen), size)]
-    ds = ray.data.from_pandas(parts).map_batches(
+    ds = ray.data.from_pandas(row_blocks(chosen, size)).map_batches(
         ReferenceEmbedder,
         fn_constructor_kwargs={"pretrained": settings["pretrained"],
                                "root": str(root) if root else None,

@@ -9,6 +9,8 @@ and hand float (B, 3, 224, 224) batches in [0, 1] to the consuming process, on K
 * ``ray``: the dataset ``ray_lt.data`` builds for training (``decode_batch`` in
   ``map_batches`` on a local K-CPU Ray instance), read with ``iter_torch_batches`` and
   augmented with ``augment_batch`` in this process, as the Ray Train worker does;
+* ``ray-gpu-crop``: the same without the crop and flip, which the Ray Train worker runs on
+  its training device (``augment_batch`` after ``to_images``): what a GPU node's CPUs do;
 * ``dataloader``: ``torch.utils.data.DataLoader`` with K workers over the files with
   ``RandomResizedCrop(224)``, ``RandomHorizontalFlip()`` and ``PILToTensor()``.
 
@@ -122,16 +124,19 @@ def ray_dataset(root: Path, table: pd.DataFrame) -> ray.data.Dataset:
 
 
 def ray_pass(ds: ray.data.Dataset, batch_size: int, shuffle_buffer: int,
-             generator: torch.Generator) -> int:
+             generator: torch.Generator, crop: bool = True) -> int:
     """One epoch as the Ray Train worker reads it: ``iter_torch_batches``, ``to_images``,
-    ``augment_batch``; returns the number of images."""
+    ``augment_batch``; returns the number of images. ``crop=False`` leaves out the crop and
+    flip, which the worker runs on its training device: on a GPU node they cost no CPU."""
     from ray_lt.train.augment import augment_batch
     from ray_lt.train.loop import to_images
 
     seen = 0
     for batch in ds.iter_torch_batches(batch_size=batch_size,
                                        local_shuffle_buffer_size=shuffle_buffer or None):
-        x = augment_batch(to_images(batch, torch.device("cpu")), 0, SCALE, True, generator)
+        x = to_images(batch, torch.device("cpu"))
+        if crop:
+            x = augment_batch(x, 0, SCALE, True, generator)
         seen += len(x)
     return seen
 
@@ -162,20 +167,21 @@ def summary(results: dict[str, list[tuple[float, float]]], cpus: int) -> Iterabl
     """The table lines: median images/s, per core and CPU ms per image of each side, then the
     Ray / DataLoader ratios (also per pair of passes run one after the other, which keeps
     load from other work on the machine out of the ratio)."""
-    yield (f"{'pipeline':<12}{'K':>3}{'images/s':>10}{'per core':>10}{'cpu ms/img':>12}"
+    yield (f"{'pipeline':<14}{'K':>3}{'images/s':>10}{'per core':>10}{'cpu ms/img':>12}"
            "   passes (images/s)")
     rate, cpu_ms = {}, {}
     for name, passes in results.items():
         rate[name] = statistics.median(r for r, _ in passes)
         cpu_ms[name] = statistics.median(c for _, c in passes)
         shown = " ".join(f"{r:.0f}" for r, _ in passes)
-        yield (f"{name:<12}{cpus:>3}{rate[name]:>10.1f}{rate[name] / cpus:>10.1f}"
+        yield (f"{name:<14}{cpus:>3}{rate[name]:>10.1f}{rate[name] / cpus:>10.1f}"
                f"{cpu_ms[name]:>12.2f}   {shown}")
-    pairs = zip(results["ray"], results["dataloader"], strict=True)
-    paired = statistics.median(r / d for (r, _), (d, _) in pairs)
-    yield (f"ray / dataloader: images/s per core {rate['ray'] / rate['dataloader']:.2f} "
-           f"(median of the passes' pairwise ratios {paired:.2f}), "
-           f"CPU per image {cpu_ms['ray'] / cpu_ms['dataloader']:.2f}")
+    for name in [n for n in results if n != "dataloader"]:
+        pairs = zip(results[name], results["dataloader"], strict=True)
+        paired = statistics.median(r / d for (r, _), (d, _) in pairs)
+        yield (f"{name} / dataloader: images/s per core {rate[name] / rate['dataloader']:.2f} "
+               f"(median of the passes' pairwise ratios {paired:.2f}), "
+               f"CPU per image {cpu_ms[name] / cpu_ms['dataloader']:.2f}")
 
 
 def main() -> None:
@@ -210,16 +216,18 @@ def main() -> None:
         ds = ray_dataset(root, table)
         generator = torch.Generator().manual_seed(0)
         sides = {"ray": lambda: ray_pass(ds, args.batch_size, args.shuffle_buffer, generator),
+                 "ray-gpu-crop": lambda: ray_pass(ds, args.batch_size, args.shuffle_buffer,
+                                                  generator, crop=False),
                  "dataloader": lambda: dataloader_pass(loader)}
         warm["ray"] = timed(sides["ray"])[0]
         print("warm-up: " + ", ".join(f"{k} {v:.0f} images/s" for k, v in warm.items()),
               flush=True)
-        results: dict[str, list[tuple[float, float]]] = {"ray": [], "dataloader": []}
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
         for i in range(args.repeats):
             for name, run in sides.items():
                 rate, cpu_ms = timed(run)
                 results[name].append((rate, cpu_ms))
-                print(f"pass {i + 1} {name:<10} {rate:7.1f} images/s {cpu_ms:6.2f} CPU ms/image",
+                print(f"pass {i + 1} {name:<12} {rate:7.1f} images/s {cpu_ms:6.2f} CPU ms/image",
                       flush=True)
         ray.shutdown()
     for line in summary(results, args.cpus):

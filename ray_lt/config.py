@@ -246,8 +246,20 @@ class SynthesisConfig(Strict):
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
-    writer_cpus: float = Field(0.25, gt=0.0)  # per task of the PNG / Parquet writer stage
+    writer_cpus: float = Field(0.25, gt=0.0)  # per actor of the PNG / Parquet writer pool
+    writer_actors: int = Field(1, ge=1)  # the writer pool grows from 1 up to this many actors
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # The criterion gradient of a guided step, taken in micro-batches of this many samples
+    # (None: the whole batch at once); exact, it bounds memory (docs/performance.md).
+    guidance_micro_batch: int | None = Field(None, ge=1)
+    # What decodes the predicted x0 for the criterion (unclip): the full VAE, a tiny
+    # AutoencoderTiny from ``tiny_decoder``, or the full VAE on the latent resized so that it
+    # decodes straight to the classifier's input size. Final images always use the full VAE.
+    guidance_decoder: Literal["vae", "tiny", "latent_resize"] = "vae"
+    tiny_decoder: str | None = None
+    decoder_checkpointing: bool = False  # gradient checkpointing in the guidance decoder
+    compile: bool = False  # torch.compile the UNet and the guidance decode
+    compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
     epistemic_heads: int = Field(5, ge=2)
     hardness_covariance: Literal["full", "tied"] = "full"
     filter: FilterConfig = Field(default_factory=FilterConfig)
@@ -266,6 +278,9 @@ class SynthesisConfig(Strict):
         if not self.criteria or any(p < 0 for p in self.criteria.values()) or \
                 abs(sum(self.criteria.values()) - 1.0) > 1e-6:
             raise ValueError("criteria: probabilities must be >= 0 and sum to 1")
+        if self.guidance_decoder == "tiny" and not self.tiny_decoder:
+            raise ValueError("tiny_decoder: guidance_decoder 'tiny' needs the local folder of an "
+                             "AutoencoderTiny (TAESD-style weights) in synthesis.tiny_decoder")
         return self
 
 
@@ -363,6 +378,14 @@ class Config(Strict):
     report: ReportConfig = Field(default_factory=ReportConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _decoder_needs_a_vae(self) -> Config:
+        if self.synthesis.guidance_decoder != "vae" and self.generator.kind != "unclip":
+            raise ValueError(f"synthesis.guidance_decoder: {self.synthesis.guidance_decoder!r} "
+                             f"needs a latent generator (generator.kind unclip), not "
+                             f"{self.generator.kind!r}")
+        return self
 
 
 def final_train_config(cfg: Config) -> TrainConfig:

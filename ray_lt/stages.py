@@ -21,8 +21,11 @@ STAGES_FILE = "stages.json"
 # batch sizes of inference, reporting and anything read only at sampling time are left out.
 _DATA_EXCLUDED = ("dataset.verify_images", "generator.threads")
 _SAMPLER_RESOURCES = ("synthesis.num_actors", "synthesis.cpus_per_actor",
-                      "synthesis.gpus_per_actor", "synthesis.writer_cpus", "synthesis.batch_size",
-                      "synthesis.max_shard_size")
+                      "synthesis.gpus_per_actor", "synthesis.writer_cpus",
+                      "synthesis.writer_actors", "synthesis.batch_size",
+                      "synthesis.max_shard_size", "synthesis.guidance_micro_batch",
+                      "synthesis.decoder_checkpointing", "synthesis.compile",
+                      "synthesis.compile_mode")
 STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classifier": (("seed", "dataset.", "model.", "train."),
                    _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),

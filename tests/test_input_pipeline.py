@@ -133,3 +133,8 @@ def test_bench_summary_ratios():
     assert lines[1].split()[:5] == ["ray", "2", "200.0", "100.0", "5.00"]
     assert lines[-1] == ("ray / dataloader: images/s per core 0.50 (median of the passes' "
                          "pairwise ratios 0.75), CPU per image 2.00")
+    three = list(bench.summary({"ray": [(100.0, 5.0)], "ray-gpu-crop": [(500.0, 2.0)],
+                                "dataloader": [(250.0, 4.0)]}, 2))
+    assert len(three) == 6
+    assert three[-1].startswith("ray-gpu-crop / dataloader: images/s per core 2.00 ")
+    assert three[-1].endswith("CPU per image 0.50")

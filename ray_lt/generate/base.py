@@ -29,6 +29,22 @@ class Conditioning:
     inputs: dict[str, Any]
 
 
+def slice_condition(cond: Conditioning, part: slice) -> Conditioning:
+    """The conditioning of samples ``part`` of a batch: every tensor or list input with one
+    entry per sample is cut, anything shared by the batch is kept."""
+    n = len(cond.labels)
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
+            return value[part]
+        if isinstance(value, list) and len(value) == n:
+            return value[part]
+        return value
+
+    return Conditioning(cond.labels[part], cond.groups[part],
+                        {key: cut(value) for key, value in cond.inputs.items()})
+
+
 def sample_generators(seeds: list[int], stream: int = 0) -> list[torch.Generator]:
     """One CPU ``torch.Generator`` per sample, so a sample depends on its seed only, never on
     the batch it was drawn in. ``stream`` separates independent uses of one seed."""

@@ -40,16 +40,22 @@ def build_generator(cfg: Config, run_dir: Path, device: torch.device,
         folder = require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
         return FeatureGenerator.from_pretrained(folder, device)
     if g.kind == "unclip":
-        from ray_lt.generate.unclip import UnCLIPGenerator
+        from ray_lt.generate.unclip import UnCLIPGenerator, load_tiny_decoder
 
-        dtype = PRECISIONS[cfg.synthesis.precision] if device.type == "cuda" else None
-        return UnCLIPGenerator.from_pretrained(
-            g.pretrained, device=device, dtype=dtype or torch.float32,
+        s = cfg.synthesis
+        dtype = (PRECISIONS[s.precision] if device.type == "cuda" else None) or torch.float32
+        tiny = load_tiny_decoder(s.tiny_decoder, dtype) if s.guidance_decoder == "tiny" else None
+        generator = UnCLIPGenerator.from_pretrained(
+            g.pretrained, device=device, dtype=dtype,
             class_names=info["class_names"], context_names=info["context_names"],
             references=load_references(Path(run_dir) / REFERENCES_DIR),
             prompt_template=g.prompt_template, embedding_dropout=g.embedding_dropout,
             noise_level=g.noise_level, image_size=info["image_size"], height=g.height,
-            width=g.width)
+            width=g.width, guidance_decoder=s.guidance_decoder, tiny_decoder=tiny,
+            decoder_checkpointing=s.decoder_checkpointing)
+        if s.compile:
+            generator.compile(s.compile_mode)
+        return generator
     raise ConfigError(f"generator.kind: {g.kind!r} is not available for synthesis yet")
 
 
@@ -64,6 +70,11 @@ def check_generator(cfg: Config, run_dir: Path) -> None:
             raise ConfigError("generator.pretrained: set the local folder (or cached hub id) of "
                               "Stable Diffusion 2.1 unCLIP")
         check_pretrained(cfg.generator.pretrained)
+        if cfg.synthesis.guidance_decoder == "tiny":
+            folder = Path(cfg.synthesis.tiny_decoder).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ConfigError(f"synthesis.tiny_decoder: {folder} holds no config.json of "
+                                  "an AutoencoderTiny (weights are never downloaded)")
     else:
         raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not available for "
                           f"synthesis yet")

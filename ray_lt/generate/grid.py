@@ -100,7 +100,7 @@ def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: boo
                 generator, scorer, torch.full((n,), label), torch.full((n,), -1),
                 torch.full((n,), row), seeds, s.num_steps, s.cfg_scale,
                 Guidance(scale, s.guidance_every, s.guidance_mode, s.reuse_gradient,
-                         s.through_unet), s.eta, PRECISIONS[s.precision])
+                         s.through_unet, s.guidance_micro_batch), s.eta, PRECISIONS[s.precision])
             with torch.no_grad():
                 images = generator.decode_output(out.latents).permute(0, 2, 3, 1).cpu()
             pixels = (images.float().numpy() * 255).round().astype(np.uint8)

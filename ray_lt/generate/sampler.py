@@ -4,6 +4,11 @@ Per step: predict noise with classifier-free guidance; every ``every`` steps tak
 of the criterion on the decoded predicted x0 with respect to ``z_t`` and apply it, either in the
 official release's normalised form (rescaled to the latent's norm, times the scale, added to
 ``z_t``) or as a shift of the noise prediction; then the DDIM step.
+
+The criterion is a sum of per-sample terms, so its gradient may be taken in micro-batches
+(``Guidance.micro_batch``) with the same result: the memory of a guided step is then set by the
+micro-batch, not by the batch. The loop keeps everything on the device: no value is read back
+to the host between the first and the last step.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ray_lt.generate.base import Generator, sample_generators
+from ray_lt.generate.base import Conditioning, Generator, sample_generators, slice_condition
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,7 @@ class Guidance:
     mode: Literal["normalized", "eps"] = "normalized"
     reuse: bool = False
     through_unet: bool = False
+    micro_batch: int | None = None  # samples per criterion-gradient pass; None: whole batch
 
 
 @dataclass
@@ -49,6 +55,44 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or device.type != "cuda":
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _slices(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else max(1, int(size))
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _criterion_gradient(generator: Generator, scorer: nn.Module, z: torch.Tensor,
+                        t: torch.Tensor, abar: torch.Tensor, cond: Conditioning,
+                        labels: torch.Tensor, criterion_ids: torch.Tensor, cfg_scale: float,
+                        guidance: Guidance, autocast_dtype: torch.dtype | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The noise prediction at ``z``, d c / d z_t and c itself, one micro-batch at a time."""
+    device = z.device
+    eps_full = None
+    if not guidance.through_unet:
+        # Without the UNet in the graph the gradient flows through
+        # x0_hat = (z_t - sqrt(1 - abar) eps) / sqrt(abar) only (cheaper; the official form
+        # goes through the UNet, same direction up to its Jacobian).
+        with torch.no_grad(), _autocast(device, autocast_dtype):
+            eps_full = generator.predict_noise(z, t, cond, cfg_scale).float()
+    eps_parts, grads, scores = [], [], []
+    for part in _slices(len(z), guidance.micro_batch):
+        with torch.enable_grad():
+            z_in = z[part].detach().requires_grad_(True)
+            if eps_full is None:
+                with _autocast(device, autocast_dtype):
+                    eps = generator.predict_noise(z_in, t, slice_condition(cond, part),
+                                                  cfg_scale).float()
+                eps_parts.append(eps.detach())
+            else:
+                eps = eps_full[part]
+            x0 = (z_in - (1 - abar).sqrt() * eps) / abar.sqrt()
+            score = scorer(generator.decode(x0), labels[part], criterion_ids[part])
+            grads.append(torch.autograd.grad(score.sum(), z_in)[0].detach())
+        scores.append(score.detach().float())
+    eps = eps_full if eps_full is not None else torch.cat(eps_parts)
+    return eps, torch.cat(grads), torch.cat(scores)
 
 
 def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.Tensor,
@@ -79,28 +123,19 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
     last_grad: torch.Tensor | None = None
 
     applied = 0
+    first = True
     for i, t in enumerate(scheduler.timesteps):
         abar = alphas[t]
         grad = None
         if guided and i % guidance.every == 0:
-            with torch.enable_grad():
-                z_in = z.detach().requires_grad_(True)
-                # Through the UNet is the official form; without it the gradient flows through
-                # x0_hat = (z_t - sqrt(1 - abar) eps) / sqrt(abar) only (cheaper, same direction
-                # up to the UNet's Jacobian).
-                with (contextlib.nullcontext() if guidance.through_unet else torch.no_grad()), \
-                        _autocast(device, autocast_dtype):
-                    eps = generator.predict_noise(z_in if guidance.through_unet else z, t, cond,
-                                                  cfg_scale).float()
-                x0 = (z_in - (1 - abar).sqrt() * eps) / abar.sqrt()
-                score = scorer(generator.decode(x0), labels, criterion_ids)
-                grad = torch.autograd.grad(score.sum(), z_in)[0].detach()
-            eps = eps.detach()
-            if torch.isnan(before).all():
-                before = score.detach().float()
+            eps, grad, score = _criterion_gradient(generator, scorer, z, t, abar, cond, labels,
+                                                   criterion_ids, cfg_scale, guidance,
+                                                   autocast_dtype)
+            if first:
+                before, first = score, False
             bad = ~torch.isfinite(grad).flatten(1).all(dim=1)
             nonfinite += bad.long()
-            grad[bad] = 0.0
+            grad = torch.where(bad.view(-1, *[1] * (grad.dim() - 1)), 0.0, grad)
             last_grad = grad
         else:
             with torch.no_grad(), _autocast(device, autocast_dtype):

@@ -1,5 +1,6 @@
 """Feedback-guided synthesis at scale: Ray Data maps a pool of ``GuidedSampler`` actors over the
-quota shards, and a CPU writer stage after them writes each shard as one Parquet file.
+quota shards, and a small pool of CPU writer actors after them writes each shard as one Parquet
+file.
 
 A shard's file is written under a temporary name and renamed when complete, and its content
 depends on its seed only: a shard retried after an actor died rewrites the same rows, a rerun
@@ -36,7 +37,7 @@ from ray_lt.generate.references import (
     reference_settings,
 )
 from ray_lt.generate.synthetic import SYNTHETIC_DIR
-from ray_lt.generate.writer import write_shards
+from ray_lt.generate.writer import ShardWriter
 
 MAX_BLOCKS = 2048
 """Upper bound on the input blocks of one synthesis job: one shard per block up to this many,
@@ -102,8 +103,9 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
             compute=ray.data.ActorPoolStrategy(size=s.num_actors),
             batch_size=1, batch_format="pandas",
             num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor).map_batches(
-            write_shards, fn_kwargs={"out": str(out)}, batch_size=1, batch_format="pandas",
-            num_cpus=s.writer_cpus)
+            ShardWriter, fn_constructor_kwargs={"out": str(out)},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.writer_actors),
+            batch_size=1, batch_format="pandas", num_cpus=s.writer_cpus)
         with (out / MANIFEST_FILE).open("a") as manifest:
             for row in results.iter_rows():
                 manifest.write(json.dumps({k: row[k] for k in MANIFEST_KEYS}) + "\n")

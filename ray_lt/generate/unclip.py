@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     DDPMScheduler,
     StableUnCLIPImg2ImgPipeline,
@@ -54,6 +55,7 @@ COMPONENTS: dict[str, Any] = {
     "image_noising_scheduler": DDPMScheduler,
     "scheduler": DDIMScheduler,
 }
+GUIDANCE_DECODERS = ("vae", "tiny", "latent_resize")
 # Reference images are embedded in fixed chunks of their index, so an embedding never depends on
 # which batch first asked for it (a sample depends on its seed only).
 EMBED_CHUNK = 32
@@ -84,6 +86,8 @@ class UnCLIPGenerator:
                  prompt_template: str = "a photo of a {class_name}",
                  embedding_dropout: float = 0.5, noise_level: int = 0, image_size: int = 256,
                  height: int | None = None, width: int | None = None, normalize: str = "minmax",
+                 guidance_decoder: str = "vae", tiny_decoder: AutoencoderTiny | None = None,
+                 decoder_checkpointing: bool = False,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -94,14 +98,27 @@ class UnCLIPGenerator:
         self.noise_level = int(noise_level)
         self.image_size = int(image_size)
         self.normalize = normalize
+        self.guidance_decoder = guidance_decoder
         self._validate(image_noising_scheduler, scheduler)
+        if guidance_decoder == "tiny" and tiny_decoder is None:
+            raise ConfigError("synthesis.tiny_decoder: guidance_decoder 'tiny' needs an "
+                              "AutoencoderTiny")
 
         self.unet, self.vae = unet, vae
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
-        for model in (unet, vae, text_encoder, image_encoder):
+        self.tiny_decoder = tiny_decoder
+        models = [unet, vae, text_encoder, image_encoder]
+        for model in models + ([tiny_decoder] if tiny_decoder is not None else []):
             model.to(self.device).eval().requires_grad_(False)
             if model.dtype != dtype:
                 model.to(dtype=dtype)
+        if self.device.type == "cuda":  # NHWC convolutions: the tensor cores' own layout
+            for model in (unet, vae, tiny_decoder):
+                if model is not None:
+                    model.to(memory_format=torch.channels_last)
+        if decoder_checkpointing:
+            (tiny_decoder if guidance_decoder == "tiny" else vae).enable_gradient_checkpointing()
+        self._guidance_decode = self._guidance_decode_eager
         self.image_normalizer = image_normalizer.to(self.device, torch.float32)
         self.image_normalizer.requires_grad_(False)
         self.tokenizer, self.feature_extractor = tokenizer, feature_extractor
@@ -145,6 +162,9 @@ class UnCLIPGenerator:
         if not 0.0 <= self.embedding_dropout <= 1.0:
             raise ConfigError(f"generator.embedding_dropout: {self.embedding_dropout} is not a "
                               "probability in [0, 1]")
+        if self.guidance_decoder not in GUIDANCE_DECODERS:
+            raise ConfigError(f"synthesis.guidance_decoder: {self.guidance_decoder!r} is not one "
+                              f"of {list(GUIDANCE_DECODERS)}")
         if self.normalize not in ("minmax", "clamp"):
             raise ConfigError(f"generator.normalize: {self.normalize!r} is not 'minmax' or 'clamp'")
         if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
@@ -281,19 +301,43 @@ class UnCLIPGenerator:
             out = abar.sqrt() * out + (1 - abar).sqrt() * z_t.to(self.device, torch.float32)
         return out
 
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """``torch.compile`` the UNet and the guidance decode (with its backward)."""
+        self.unet = torch.compile(self.unet, mode=mode, backend=backend)
+        self._guidance_decode = torch.compile(self._guidance_decode_eager, mode=mode,
+                                              backend=backend)
+
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
-        """VAE decode to (B, 3, image_size, image_size) in [0, 1], differentiable w.r.t. ``z0``:
-        per-sample min-max normalisation (official release) or clamp, then bilinear resize."""
+        """The classifier's view of a latent on the guidance path, differentiable w.r.t. ``z0``:
+        (B, 3, image_size, image_size) in [0, 1], per-sample min-max normalised (official
+        release) or clamped. Decoded by ``guidance_decoder``: the full VAE then a bilinear
+        resize; the tiny decoder; or the full VAE on the latent resized to
+        ``image_size / vae_scale``, so that it decodes at about the classifier's size."""
+        return self._guidance_decode(z0)
+
+    def _guidance_decode_eager(self, z0: torch.Tensor) -> torch.Tensor:
+        if self.guidance_decoder == "tiny":
+            tiny = self.tiny_decoder
+            z = (z0.float() / tiny.config.scaling_factor).to(self.dtype)
+            return self._to_classifier(tiny.decode(z).sample.float(), self.normalize, False)
+        if self.guidance_decoder == "latent_resize":
+            side = -(-self.image_size // self.vae_scale)
+            if z0.shape[-2:] != (side, side):
+                z0 = F.interpolate(z0.float(), size=(side, side), mode="bilinear",
+                                   align_corners=False, antialias=True)
         return self._decode(z0, self.normalize, antialias=False)
 
     @torch.no_grad()
     def decode_output(self, z0: torch.Tensor) -> torch.Tensor:
-        """Final images to save: clamped [0, 1] at image_size (antialiased resize)."""
+        """Final images to save: the full VAE, clamped [0, 1] at image_size (antialiased)."""
         return self._decode(z0, "clamp", antialias=True)
 
     def _decode(self, z0: torch.Tensor, normalize: str, antialias: bool) -> torch.Tensor:
         z = (z0.to(self.device, torch.float32) / self.vae.config.scaling_factor).to(self.dtype)
-        x = self.vae.decode(z).sample.float()
+        return self._to_classifier(self.vae.decode(z).sample.float(), normalize, antialias)
+
+    def _to_classifier(self, x: torch.Tensor, normalize: str, antialias: bool) -> torch.Tensor:
+        """Decoder output in [-1, 1] -> [0, 1] at image_size."""
         if normalize == "minmax":
             lo = x.amin(dim=(1, 2, 3), keepdim=True)
             hi = x.amax(dim=(1, 2, 3), keepdim=True)
@@ -368,6 +412,32 @@ def load_component(path: str | Path, name: str, dtype: torch.dtype = torch.float
         raise ConfigError(f"generator.pretrained: component {name!r} in {root / name} could "
                           f"not be loaded offline ({err}); weights are never downloaded"
                           ) from None
+
+
+def load_tiny_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> AutoencoderTiny:
+    """An ``AutoencoderTiny`` (TAESD-style weights for the SD 2.x latent) from a local folder,
+    offline, for ``synthesis.guidance_decoder: tiny``."""
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"synthesis.tiny_decoder: {folder} holds no config.json of an "
+                          "AutoencoderTiny (weights are never downloaded; fetch e.g. "
+                          "madebyollin/taesd into a local folder)")
+    try:
+        decoder = AutoencoderTiny.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"synthesis.tiny_decoder: {folder} could not be loaded as an "
+                          f"AutoencoderTiny ({err})") from None
+    return decoder
+
+
+def tiny_autoencoder(latent_channels: int = 4, seed: int = 0) -> AutoencoderTiny:
+    """A tiny random ``AutoencoderTiny`` matching ``tiny_unclip_components``' VAE (latent =
+    image / 2), for tests and benchmarks of the tiny guidance decoder."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderTiny(encoder_block_out_channels=(16, 16),
+                               decoder_block_out_channels=(16, 16), num_encoder_blocks=(1, 1),
+                               num_decoder_blocks=(1, 1), latent_channels=latent_channels)
 
 
 def save_components(components: dict[str, Any], path: str | Path) -> None:

@@ -1,5 +1,10 @@
-"""The writer stage of synthesis: a CPU Ray Data task after the sampler actors that encodes a
-shard's images as PNG and writes the shard as one Parquet file, atomically."""
+"""The writer stage of synthesis: a small pool of CPU actors after the sampler actors that
+encodes a shard's images as PNG and writes the shard as one Parquet file, atomically.
+
+The writers are actors rather than tasks so that their worker processes live as long as the
+job: when the sampler actors hold every CPU slot, Ray would otherwise start (and import into) a
+fresh worker process for each shard's write task.
+"""
 
 from __future__ import annotations
 
@@ -45,3 +50,13 @@ def write_shards(batch: pd.DataFrame, out: str) -> pd.DataFrame:
                      "seconds": float(row["seconds"]),
                      "write_seconds": time.perf_counter() - started, "finished": time.time()})
     return pd.DataFrame(done)
+
+
+class ShardWriter:
+    """Ray Data callable class around ``write_shards`` (one per writer actor)."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return write_shards(batch, self.out)

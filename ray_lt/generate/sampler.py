@@ -88,7 +88,8 @@ def _criterion_gradient(generator: Generator, scorer: nn.Module, z: torch.Tensor
             else:
                 eps = eps_full[part]
             x0 = (z_in - (1 - abar).sqrt() * eps) / abar.sqrt()
-            score = scorer(generator.decode(x0), labels[part], criterion_ids[part])
+            with _autocast(device, autocast_dtype):
+                score = scorer(generator.decode(x0), labels[part], criterion_ids[part]).float()
             grads.append(torch.autograd.grad(score.sum(), z_in)[0].detach())
         scores.append(score.detach().float())
     eps = eps_full if eps_full is not None else torch.cat(eps_parts)

@@ -1,0 +1,398 @@
+"""The guided sampler at real size: images/s, guided / unguided, peak memory and TFLOP/s.
+
+    python bench/gpu_sampler.py [--full | --tiny] [--sizes 512] [--batches 8 16]
+        [--every 5] [--decoders vae latent_resize] [--micro-batch N] [--compile]
+        [--through-unet] [--one-by-one] [--steps 30] [--repeats 2] [--json PATH]
+
+Needs torch, diffusers, transformers and safetensors only (no Ray, no pydantic), so it runs on a
+bare GPU box. ``--full`` (the default on CUDA) builds Stable Diffusion 2.1 unCLIP's published
+shapes from configs with random weights (UNet 870M parameters, the SD VAE, OpenCLIP ViT-H text
+and image encoders) and a ResNeXt-50 scorer at 224 px with the entropy criterion; ``--tiny``
+(the default on CPU) runs the same code on ``tiny_unclip_components`` and a small CNN at 32 px,
+so the script and its numbers stay tested on a CPU.
+
+For every size and batch it times unguided sampling, then guided sampling (guidance every
+``--every`` steps) with each guidance decoder, and prints per setting: images/s, the ratio of
+the guided time per image to the unguided one, the peak memory (CUDA: the allocator's peak;
+CPU: not measured), the FLOPs of one batch (counted once, eagerly, with torch's
+``FlopCounterMode``) and the TFLOP/s they imply at the measured speed. Then, on the same parts:
+the cosine similarity of each guidance decoder's criterion gradient to the full VAE's, and
+(CUDA) the number of host-device synchronisations inside one guided batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ray_lt.generate.criteria import CriterionScorer  # noqa: E402
+from ray_lt.generate.sampler import Guidance, guided_sample  # noqa: E402
+from ray_lt.generate.unclip import (  # noqa: E402
+    UnCLIPGenerator,
+    _byte_tokenizer,
+    tiny_autoencoder,
+    tiny_unclip_components,
+)
+from ray_lt.train.models import build_model  # noqa: E402
+
+NUM_CLASSES = 1000
+CLASSIFIER_SIZE = {"full": 224, "tiny": 32}
+
+
+def full_unclip_components(seed: int = 0) -> dict[str, Any]:
+    """Stable Diffusion 2.1 unCLIP's component shapes (the published configs) with random
+    weights; the tokenizer is the byte-level one (its vocabulary does not change the cost)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        UNet2DConditionModel,
+    )
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+        StableUnCLIPImageNormalizer,
+    )
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = _byte_tokenizer()
+    return {
+        "unet": UNet2DConditionModel(
+            sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True,
+            class_embed_type="projection", projection_class_embeddings_input_dim=2048),
+        "vae": AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4,
+            block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, sample_size=768, scaling_factor=0.18215),
+        "tokenizer": tokenizer,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096,
+            num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
+            projection_dim=512, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)),
+        "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1024,
+            hidden_act="gelu")),
+        "feature_extractor": CLIPImageProcessor(),
+        "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=1024),
+        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, prediction_type="v_prediction",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    }
+
+
+def tiny_decoder_for(scale: str, dtype: torch.dtype) -> Any:
+    """A random ``AutoencoderTiny`` with the latent-to-image factor of the VAE of ``scale``."""
+    if scale == "tiny":
+        decoder = tiny_autoencoder()
+    else:
+        from diffusers import AutoencoderTiny
+
+        torch.manual_seed(1)
+        decoder = AutoencoderTiny()  # TAESD's own shapes: 8x, 4 latent channels
+    return decoder if dtype == torch.float32 else decoder.to(dtype=dtype)
+
+
+@dataclass
+class Parts:
+    scale: str
+    components: dict[str, Any]
+    scorer: CriterionScorer
+    device: torch.device
+    dtype: torch.dtype
+
+
+def build_parts(scale: str, device: torch.device, dtype: torch.dtype) -> Parts:
+    """The generator components and the scorer (ResNeXt-50 at 224 px, or a small CNN)."""
+    components = full_unclip_components() if scale == "full" else tiny_unclip_components()
+    arch = "resnext50_32x4d" if scale == "full" else "small_cnn"
+    classifier = build_model(arch, num_classes=NUM_CLASSES, in_channels=3, width=8).eval()
+    scorer = CriterionScorer(classifier, ["entropy"]).to(device)
+    if device.type == "cuda":
+        scorer.to(memory_format=torch.channels_last)
+    return Parts(scale, components, scorer, device, dtype)
+
+
+def make_generator(parts: Parts, size: int, decoder: str, compiled: bool,
+                   checkpointing: bool = False) -> UnCLIPGenerator:
+    rng = np.random.default_rng(0)
+    references = {"class": {c: [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)]
+                            for c in range(4)}}
+    generator = UnCLIPGenerator(
+        **parts.components, class_names=[f"class {c}" for c in range(NUM_CLASSES)],
+        reference_images=references, image_size=CLASSIFIER_SIZE[parts.scale], height=size,
+        width=size, guidance_decoder=decoder, decoder_checkpointing=checkpointing,
+        tiny_decoder=tiny_decoder_for(parts.scale, parts.dtype) if decoder == "tiny" else None,
+        device=parts.device, dtype=parts.dtype)
+    if compiled:
+        generator.compile()
+    return generator
+
+
+@dataclass
+class Setting:
+    size: int
+    batch: int
+    guided: bool
+    every: int = 5
+    decoder: str = "vae"
+    through_unet: bool = False
+    micro_batch: int | None = None
+    compiled: bool = False
+
+    @property
+    def name(self) -> str:
+        if not self.guided:
+            return "unguided"
+        extra = [self.decoder] + (["through UNet"] if self.through_unet else []) + \
+            ([f"micro-batch {self.micro_batch}"] if self.micro_batch else [])
+        return f"guided k={self.every} ({', '.join(extra)})"
+
+
+@dataclass
+class Result:
+    setting: Setting
+    images_per_s: float
+    seconds_per_batch: float
+    peak_memory_gb: float | None
+    tflop_per_batch: float
+    ratio_to_unguided: float | None = None
+
+    @property
+    def tflops(self) -> float:
+        return self.tflop_per_batch / self.seconds_per_batch
+
+
+def sample_batch(generator: UnCLIPGenerator, parts: Parts, setting: Setting, steps: int,
+                 seed: int) -> torch.Tensor:
+    n = setting.batch
+    guidance = Guidance(scale=0.03 if setting.guided else 0.0, every=setting.every,
+                        through_unet=setting.through_unet, micro_batch=setting.micro_batch)
+    out = guided_sample(generator, parts.scorer if setting.guided else None,
+                        torch.arange(n) % 4, torch.full((n,), -1), torch.zeros(n, dtype=torch.long),
+                        list(range(seed, seed + n)), steps, 5.0, guidance,
+                        autocast_dtype=parts.dtype if parts.device.type == "cuda" else None)
+    with torch.no_grad():
+        return generator.decode_output(out.latents)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(parts: Parts, setting: Setting, steps: int, repeats: int,
+            flops_cache: dict[tuple, float]) -> Result:
+    """Warm up once, then time ``repeats`` batches; FLOPs counted once per setting, eagerly."""
+    generator = make_generator(parts, setting.size, setting.decoder, setting.compiled)
+    sample_batch(generator, parts, setting, steps, seed=0)
+    _sync(parts.device)
+    if parts.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(parts.device)
+    started = time.perf_counter()
+    for r in range(repeats):
+        sample_batch(generator, parts, setting, steps, seed=1000 * (r + 1))
+    _sync(parts.device)
+    seconds = (time.perf_counter() - started) / repeats
+    peak = (torch.cuda.max_memory_allocated(parts.device) / 1e9
+            if parts.device.type == "cuda" else None)
+    key = (setting.size, setting.batch, setting.guided, setting.every, setting.decoder,
+           setting.through_unet)
+    if key not in flops_cache:
+        eager = generator if not setting.compiled else make_generator(
+            parts, setting.size, setting.decoder, False)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            sample_batch(eager, parts, setting, steps, seed=0)
+        flops_cache[key] = counter.get_total_flops() / 1e12
+    del generator
+    if parts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Result(setting, setting.batch / seconds, seconds, peak, flops_cache[key])
+
+
+def gradient_cosines(parts: Parts, size: int, decoders: list[str], batch: int = 4
+                     ) -> dict[str, float]:
+    """Cosine similarity of d c / d x0 through each guidance decoder to the full VAE's (per
+    sample, averaged), at a smooth random latent: Gaussian noise at a quarter of the latent's
+    side, upsampled, as a predicted x0 is smooth where white noise is not."""
+    generator = make_generator(parts, size, "vae", False)
+    channels, h, w = generator.latent_shape()
+    coarse = torch.randn(batch, channels, max(1, h // 4), max(1, w // 4),
+                         generator=torch.Generator().manual_seed(7))
+    z = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear").to(parts.device)
+    labels = torch.arange(batch, device=parts.device) % 4
+    ids = torch.zeros(batch, dtype=torch.long, device=parts.device)
+
+    def grad_of(gen: UnCLIPGenerator) -> torch.Tensor:
+        z_in = z.clone().requires_grad_(True)
+        score = parts.scorer(gen.decode(z_in), labels, ids)
+        return torch.autograd.grad(score.sum(), z_in)[0].flatten(1).float()
+
+    reference = grad_of(generator)
+    out = {}
+    for decoder in decoders:
+        if decoder == "vae":
+            continue
+        other = grad_of(make_generator(parts, size, decoder, False))
+        out[decoder] = float(torch.nn.functional.cosine_similarity(other, reference).mean())
+    return out
+
+
+def count_syncs(parts: Parts, setting: Setting, steps: int) -> int | None:
+    """Host-device synchronisations inside one guided batch (CUDA's sync debug mode)."""
+    if parts.device.type != "cuda":
+        return None
+    generator = make_generator(parts, setting.size, setting.decoder, False)
+    n = setting.batch
+    guidance = Guidance(scale=0.03, every=setting.every, micro_batch=setting.micro_batch)
+    cond_args = (torch.arange(n) % 4, torch.full((n,), -1), torch.zeros(n, dtype=torch.long),
+                 list(range(n)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            guided_sample(generator, parts.scorer, *cond_args, steps, 5.0, guidance,
+                          autocast_dtype=parts.dtype)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def settings_for(args: argparse.Namespace) -> list[Setting]:
+    out = []
+    for size in args.sizes:
+        for batch in args.batches:
+            out.append(Setting(size, batch, False, compiled=args.compile))
+            for every in args.every:
+                for decoder in args.decoders:
+                    out.append(Setting(size, batch, True, every, decoder, args.through_unet,
+                                       args.micro_batch, args.compile))
+    return out
+
+
+def table(results: list[Result]) -> list[str]:
+    lines = [f"{'size':>5}{'batch':>6}  {'setting':<40}{'img/s':>8}{'/unguided':>10}"
+             f"{'peak GB':>9}{'TFLOP/batch':>12}{'TFLOP/s':>9}"]
+    for r in results:
+        s = r.setting
+        ratio = f"{r.ratio_to_unguided:.2f}" if r.ratio_to_unguided is not None else "-"
+        peak = f"{r.peak_memory_gb:.1f}" if r.peak_memory_gb is not None else "n/a"
+        lines.append(f"{s.size:>5}{s.batch:>6}  {s.name:<40}{r.images_per_s:>8.2f}{ratio:>10}"
+                     f"{peak:>9}{r.tflop_per_batch:>12.3f}{r.tflops:>9.2f}")
+    return lines
+
+
+def with_ratios(results: list[Result]) -> list[Result]:
+    """Guided seconds per image over unguided seconds per image at the same size and batch."""
+    unguided = {(r.setting.size, r.setting.batch): r.images_per_s
+                for r in results if not r.setting.guided}
+    for r in results:
+        base = unguided.get((r.setting.size, r.setting.batch))
+        if base:
+            r.ratio_to_unguided = base / r.images_per_s
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--full", action="store_true", help="SD 2.1 unCLIP shapes (CUDA default)")
+    scale.add_argument("--tiny", action="store_true", help="tiny parts (CPU default)")
+    parser.add_argument("--sizes", type=int, nargs="+")
+    parser.add_argument("--batches", type=int, nargs="+")
+    parser.add_argument("--every", type=int, nargs="+", default=[5])
+    parser.add_argument("--decoders", nargs="+", default=["vae", "latent_resize"],
+                        choices=["vae", "tiny", "latent_resize"])
+    parser.add_argument("--micro-batch", type=int, default=None)
+    parser.add_argument("--through-unet", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--one-by-one", action="store_true",
+                        help="also time unguided batch 1 against the largest batch")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scale_name = "full" if args.full or (device.type == "cuda" and not args.tiny) else "tiny"
+    # tiny: 64 px through a VAE of factor 2 -> a 32 x 32 latent; the classifier sees 32 px
+    args.sizes = args.sizes or ([512] if scale_name == "full" else [64])
+    args.batches = args.batches or ([8, 16] if scale_name == "full" else [4])
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    started = time.perf_counter()
+    parts = build_parts(scale_name, device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    millions = {k: sum(p.numel() for p in parts.components[k].parameters()) / 1e6
+                for k in ("unet", "vae", "text_encoder", "image_encoder")}
+    print(f"{name}, {scale_name} parts ("
+          + ", ".join(f"{k} {v:,.1f}M" for k, v in millions.items())
+          + f"), {str(dtype).removeprefix('torch.')}, {args.steps} DDIM steps, CFG 5 "
+          f"(built in {time.perf_counter() - started:.0f} s)", flush=True)
+
+    flops: dict[tuple, float] = {}
+    results = with_ratios([measure(parts, s, args.steps, args.repeats, flops)
+                           for s in settings_for(args)])
+    for line in table(results):
+        print(line)
+    report: dict[str, Any] = {"device": name, "parts": scale_name, "steps": args.steps,
+                              "parameters_millions": millions,
+                              "results": [{**asdict(r.setting), "name": r.setting.name,
+                                           "images_per_s": r.images_per_s,
+                                           "ratio_to_unguided": r.ratio_to_unguided,
+                                           "peak_memory_gb": r.peak_memory_gb,
+                                           "tflop_per_batch": r.tflop_per_batch,
+                                           "tflops": r.tflops} for r in results]}
+    if args.one_by_one:
+        batch = max(args.batches)
+        single = measure(parts, Setting(args.sizes[0], 1, False, compiled=args.compile),
+                         args.steps, args.repeats, flops)
+        many = next(r for r in results if not r.setting.guided and r.setting.batch == batch)
+        report["batched_vs_one"] = many.images_per_s / single.images_per_s
+        print(f"unguided batch {batch} vs one by one: {report['batched_vs_one']:.2f}x "
+              f"({many.images_per_s:.2f} vs {single.images_per_s:.2f} img/s)")
+    cosines = gradient_cosines(parts, args.sizes[0], args.decoders)
+    report["gradient_cosine_to_vae"] = cosines
+    for decoder, value in cosines.items():
+        print(f"criterion gradient, {decoder} vs full VAE decode: cosine {value:.3f}")
+    guided = next((s for s in settings_for(args) if s.guided), None)
+    syncs = count_syncs(parts, guided, args.steps) if guided else None
+    if syncs is not None:
+        report["host_syncs_per_guided_batch"] = syncs
+        print(f"host-device synchronisations in one guided batch: {syncs}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    assert all(math.isfinite(r.images_per_s) for r in results)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -148,7 +148,7 @@ class AugmentConfig(Strict):
 
 
 class TrainConfig(Strict):
-    """Classifier optimisation and loss (METHOD.md section 5)."""
+    """Classifier optimisation and loss (docs/method.md §5)."""
 
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=2)
@@ -176,7 +176,7 @@ class ScalingConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    """Metrics (METHOD.md section 6) and the Ray Data prediction pool."""
+    """Metrics (docs/method.md §6) and the Ray Data prediction pool."""
 
     many_threshold: int = Field(100, ge=0)
     few_threshold: int = Field(20, ge=0)
@@ -226,7 +226,7 @@ class FilterConfig(Strict):
 
 
 class SynthesisConfig(Strict):
-    """Feedback-guided sampling to the quotas (METHOD.md sections 1-4)."""
+    """Feedback-guided sampling to the quotas (docs/method.md §1-4)."""
 
     num_steps: int = Field(30, ge=1)
     cfg_scale: float = Field(3.0, ge=0.0)

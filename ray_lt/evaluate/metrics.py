@@ -1,4 +1,4 @@
-"""Long-tail and group metrics (METHOD.md section 6), pure functions of labels and predictions."""
+"""Long-tail and group metrics (docs/method.md §6), pure functions of labels and predictions."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ class Generator(Protocol):
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:
         """Noise prediction with classifier-free guidance:
-        ``eps_uncond + cfg_scale * (eps_cond - eps_uncond)`` (METHOD.md section 1)."""
+        ``eps_uncond + cfg_scale * (eps_cond - eps_uncond)`` (docs/method.md §1)."""
 
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
         """Latent -> classifier input, differentiable: images in [0, 1] (B, C, H, W) at the

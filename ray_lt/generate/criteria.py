@@ -1,4 +1,4 @@
-"""Feedback criteria c(x, y) that guidance increases (METHOD.md section 2), with what they need
+"""Feedback criteria c(x, y) that guidance increases (docs/method.md §2), with what they need
 beyond the classifier: per-class Gaussian statistics (hardness) and an epistemic head (total
 uncertainty). Every criterion returns one value per sample, shape (B,), and is differentiable.
 """

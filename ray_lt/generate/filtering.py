@@ -1,6 +1,6 @@
 """DiffuLT-style filtering of generated samples with the classifier trained on real data: drop
 those it confidently puts in another class, or whose features lie far from their class's real
-features (METHOD.md section 7)."""
+features (docs/method.md §7)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ MANIFEST_KEYS = ("shard_id", "n", "file", "seconds", "write_seconds", "finished"
 
 
 def plan(cfg: Config, data: LongTailData) -> list[dict[str, Any]]:
-    """The shards that balance the training set (METHOD.md section 4)."""
+    """The shards that balance the training set (docs/method.md §4)."""
     s = cfg.synthesis
     if s.balance == "group":
         if data.group_counts is None:

@@ -1,5 +1,5 @@
 """Quotas and shards: how many synthetic samples each class (or group) gets, and how that work is
-cut into deterministic, independently seeded shards (METHOD.md section 4)."""
+cut into deterministic, independently seeded shards (docs/method.md §4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The feedback-guided DDIM loop (METHOD.md sections 1-2), written once for every generator.
+"""The feedback-guided DDIM loop (docs/method.md §1-2), written once for every generator.
 
 Per step: predict noise with classifier-free guidance; every ``every`` steps take the gradient
 of the criterion on the decoded predicted x0 with respect to ``z_t`` and apply it, either in the

@@ -1,5 +1,5 @@
 """Stable Diffusion 2.1 unCLIP as a ``Generator``: text prompt + CLIP image embedding of a real
-training image of the same class or group, with embedding dropout (METHOD.md section 3).
+training image of the same class or group, with embedding dropout (docs/method.md §3).
 
 Built from diffusers / transformers component objects, loaded offline from a local folder laid
 out like ``stabilityai/stable-diffusion-2-1-unclip`` or from the local Hugging Face cache;
@@ -278,8 +278,9 @@ class UnCLIPGenerator:
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor | int, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:
-        """Epsilon with classifier-free guidance, ``eps_u + s (eps_c - eps_u)`` (METHOD.md 1), from
-        one UNet call on [uncond, cond] (the conditional half only when s == 1); float32."""
+        """Epsilon with classifier-free guidance, ``eps_u + s (eps_c - eps_u)``
+        (docs/method.md §1), from one UNet call on [uncond, cond] (the conditional half only
+        when s == 1); float32."""
         x = cond.inputs
         z = z_t.to(self.device, self.dtype)
         t = torch.as_tensor(t, device=self.device)

@@ -1,4 +1,4 @@
-"""Training losses (METHOD.md section 5)."""
+"""Training losses (docs/method.md §5)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,25 @@
+"""The documents the code cites are in the repository, with the sections cited."""
+
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+SOURCES = [*sorted((ROOT / "ray_lt").rglob("*.py")), *sorted((ROOT / "bench").glob("*.py")),
+           ROOT / "README.md"]
+
+
+def test_cited_documents_and_method_sections_exist():
+    method = (ROOT / "docs" / "method.md").read_text()
+    sections = {int(n) for n in re.findall(r"^## (\d+)\. ", method, flags=re.M)}
+    cited_docs, cited_sections = set(), set()
+    for path in SOURCES:
+        text = path.read_text()
+        assert "METHOD.md" not in text, path
+        cited_docs.update(re.findall(r"docs/[\w.-]+\.md", text))
+        for first, last in re.findall(r"docs/method\.md §(\d+)(?:-(\d+))?", text):
+            cited_sections.update(range(int(first), int(last or first) + 1))
+    assert {"docs/method.md", "docs/performance.md"} <= cited_docs
+    assert all((ROOT / doc).is_file() for doc in cited_docs), cited_docs
+    assert cited_sections and cited_sections <= sections, cited_sections - sections

@@ -1,4 +1,5 @@
-# `make run` runs the embedded default job; `make test` runs the test suite.
+# `make run` runs the embedded default job; `make test` runs the test suite, `make test-fast`
+# its quick tier (no Ray cluster).
 # Both create .venv on first use. torch comes from the pinned 2.14.1 / 0.29.1 pair.
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/digits_lt.yaml
 OUT ?= runs/digits_lt
 
-.PHONY: run test lint clean
+.PHONY: run test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Without the tests that start Ray clusters or run whole pipelines (marked slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check ray_lt jobs tests bench

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ray_lt import workflow
+from ray_lt import commands
 from ray_lt.config import load_config
 
 SETTINGS = {
@@ -34,7 +34,7 @@ def main() -> None:
         for seed in args.seeds:
             cfg = load_config(path, [*overrides, f"seed={seed}"])
             out = args.out / name.replace(" ", "_") / f"seed{seed}"
-            metrics = workflow.train(cfg, out)
+            metrics = commands.train(cfg, out)
             rows.append({"setting": name, "seed": seed, **{k: metrics[k] for k in COLUMNS}})
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "baselines.csv", index=False)

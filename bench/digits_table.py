@@ -45,7 +45,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.svm import SVC  # noqa: E402
 
-from ray_lt import workflow  # noqa: E402
+from ray_lt import commands  # noqa: E402
 from ray_lt.config import DigitsLTData, load_config  # noqa: E402
 from ray_lt.data import digits_tables  # noqa: E402
 from ray_lt.generate.codec import decode_png  # noqa: E402
@@ -169,11 +169,11 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
         folder = result_file(out, dataset, seed, name).parent
         started = time.perf_counter()
         cfg = load_config(config, [*extra, loss, f"seed={seed}"])
-        rows.append(cell(name, seed, dataset, workflow.train(cfg, folder),
+        rows.append(cell(name, seed, dataset, commands.train(cfg, folder),
                          time.perf_counter() - started))
     guide = base / "guide"
     cfg = load_config(config, [*extra, FINAL_LOSS[dataset], f"seed={seed}"])
-    workflow.train_generator(cfg, guide)
+    commands.train_generator(cfg, guide)
     for name, overrides in settings.items():
         started = time.perf_counter()
         folder = cell_dir(out, dataset, seed, name)
@@ -194,7 +194,7 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
                 link.symlink_to((guide / stage).resolve())
         cfg = load_config(config, [*extra, FINAL_LOSS[dataset], f"seed={seed}", *overrides,
                                    "report.grid=false"])
-        metrics = workflow.run(cfg, folder)
+        metrics = commands.run(cfg, folder)
         rows.append(cell(name, seed, dataset, metrics, time.perf_counter() - started))
     return rows
 

@@ -125,7 +125,7 @@ def process_scaling(steps: int = 400) -> None:
 def actor_costs(run_dir: Path, quota_scale: float) -> None:
     import ray
 
-    from ray_lt import workflow
+    from ray_lt import pipeline
     from ray_lt.config import load_config
     from ray_lt.generate import synthesize
 
@@ -142,10 +142,10 @@ def actor_costs(run_dir: Path, quota_scale: float) -> None:
                 f"synthesis.quota_scale={quota_scale}", "synthesis.max_shard_size=16",
                 f"synthesis.num_actors={actors}", "synthesis.cpus_per_actor=0.85",
                 "synthesis.writer_cpus=0.25", "ray.address=local"])
-            workflow.init_ray(cfg.ray)
+            pipeline.init_ray(cfg.ray)
             ray.data.DataContext.get_current().enable_progress_bars = False
-            _, data = workflow.prepare(cfg, out)
-            workflow.criterion_support(cfg, out, data)
+            _, data = pipeline.prepare(cfg, out)
+            pipeline.criterion_support(cfg, out, data)
             started = time.time()
             synthesize.synthesize(cfg, data, out)
             wall = time.time() - started

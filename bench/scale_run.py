@@ -24,7 +24,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ray_lt import workflow  # noqa: E402
+from ray_lt import pipeline  # noqa: E402
 from ray_lt.config import load_config  # noqa: E402
 from ray_lt.stages import StageMeter  # noqa: E402
 
@@ -102,23 +102,23 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     rows: list[dict] = []
     with meter(rows, "load + check data"):
-        out_dir, data = workflow.prepare(cfg, args.out)
+        out_dir, data = pipeline.prepare(cfg, args.out)
     print(f"  {data.num_classes} classes, {int(data.class_counts.sum())} training images")
     full_plan(cfg, data, rows)
     print(f"  sampler actor constructor: {actor_payload(cfg, data, out_dir) / 2**20:.2f} MB")
     with meter(rows, "baseline classifier"):
-        baseline = workflow.baseline_stage(cfg, out_dir, data)
+        baseline = pipeline.baseline_stage(cfg, out_dir, data)
     with meter(rows, "criterion statistics"):
-        workflow.criterion_support(cfg, out_dir, data)
+        pipeline.criterion_support(cfg, out_dir, data)
     with meter(rows, "generator"):
-        workflow.generator_stage(cfg, out_dir, data)
+        pipeline.generator_stage(cfg, out_dir, data)
     with meter(rows, "synthesis"):
-        workflow.synthesis_stage(cfg, out_dir, data)
+        pipeline.synthesis_stage(cfg, out_dir, data)
     with meter(rows, "final classifier"):
-        workflow.final_stage(cfg, out_dir, data)
+        pipeline.final_stage(cfg, out_dir, data)
     with meter(rows, "evaluation"):
-        final = workflow.evaluate_stage(cfg, out_dir, data)
-    from ray_lt.evaluate.report import write_report
+        final = pipeline.evaluate_stage(cfg, out_dir, data)
+    from ray_lt.report import write_report
 
     with meter(rows, "report"):
         write_report(cfg, out_dir, data, baseline, final)

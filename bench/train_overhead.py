@@ -21,13 +21,13 @@ import torch
 
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
+from ray_lt.pipeline import init_ray
 from ray_lt.train import fit_classifier
 from ray_lt.train.augment import augment_batch
 from ray_lt.train.loop import make_optimizer
 from ray_lt.train.losses import classification_loss, log_prior
 from ray_lt.train.models import build_model
 from ray_lt.train.trainer import model_spec
-from ray_lt.workflow import init_ray
 
 
 def plain_epochs(images: np.ndarray, labels: np.ndarray, spec: dict, cfg, counts, epochs: int

@@ -7,28 +7,23 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ray_lt import workflow
+from ray_lt import commands
 from ray_lt.config import Config, load_config
 from ray_lt.errors import RayLTError
-
-
-def _tune(cfg: Config, out_dir: Path) -> object:
-    from ray_lt.tune import tune
-
-    return tune(cfg, out_dir)
-
+from ray_lt.log import setup_console
 
 COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
-    "run": (workflow.run, "the whole pipeline: baseline, generator, guided synthesis, "
+    "run": (commands.run, "the whole pipeline: baseline, generator, guided synthesis, "
                           "classifier on real + synthetic, evaluation, report"),
-    "tune": (_tune, "Ray Tune + Optuna over guidance scale, dropout, criterion mixture and "
-                    "loss weights; writes a result table and best_config.yaml"),
-    "train": (workflow.train, "train the classifier on the real data and evaluate it"),
-    "train-generator": (workflow.train_generator,
+    "tune": (commands.tune, "Ray Tune + Optuna over guidance scale, dropout, criterion "
+                            "mixture and loss weights; writes a result table and "
+                            "best_config.yaml"),
+    "train": (commands.train, "train the classifier on the real data and evaluate it"),
+    "train-generator": (commands.train_generator,
                         "train the pixel diffusion model on the long-tailed training set"),
-    "synthesize": (workflow.synthesize,
+    "synthesize": (commands.synthesize,
                    "sample feedback-guided synthetic images to the quotas (Ray Data actors)"),
-    "grid": (workflow.grid, "PNG grid of one class's samples: criteria x guidance scales"),
+    "grid": (commands.grid, "PNG grid of one class's samples: criteria x guidance scales"),
 }
 
 
@@ -41,10 +36,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False
     parser.add_argument("--out", required=True, type=Path, help="run directory")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="KEY.PATH=VALUE", help="override any config key")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's INFO lines, the workers' output and Ray Data's "
+                             "progress bars (always in DIR/logs/ and Ray's session logs)")
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
     """Load the config, run the command; bad input ends with a one-paragraph error, exit 2."""
+    setup_console(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
         COMMANDS[name][0](cfg, args.out)

@@ -161,10 +161,13 @@ class TrainConfig(Strict):
     synthetic_weight: float = Field(1.0, ge=0.0)
     synthetic_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     shuffle_buffer: int = Field(2048, ge=0)
+    # Each shard (train, synthetic, val) whose first pass fits in this many MiB per worker is
+    # kept in the worker's memory and reshuffled per epoch there: no Ray Data job per epoch.
+    resident_mib: int = Field(512, ge=0)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-class ScalingConfig(Strict):
+class ScalingSection(Strict):
     """Ray Train workers and fault tolerance."""
 
     num_workers: int = Field(1, ge=1)
@@ -370,7 +373,7 @@ class Config(Strict):
     dataset: DatasetConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
@@ -416,6 +419,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+DATASET_KINDS: dict[str, type[Strict]] = {
+    kind: cls for cls in (DigitsLTData, DigitsGroupsData, ListFileData, NicoData)
+    for kind in cls.model_fields["kind"].annotation.__args__}
+
+
+def _dataset_key_note(key: str, kind: str | None) -> str:
+    """For a dataset key the chosen kind lacks: which kinds have it."""
+    owners = [k for k, cls in DATASET_KINDS.items() if key in cls.model_fields and k != kind]
+    if not owners:
+        return ""
+    return (f" (it is a key of dataset.kind {', '.join(owners)}, not {kind}; remove it when "
+            f"switching kinds)")
+
+
 def _format_error(source: str, raw: dict[str, Any], err: ValidationError) -> str:
     kind = (raw.get("dataset") or {}).get("kind") if isinstance(raw.get("dataset"), dict) else None
     lines = []
@@ -423,7 +440,10 @@ def _format_error(source: str, raw: dict[str, Any], err: ValidationError) -> str
         loc = [str(p) for p in e["loc"]]
         if len(loc) > 1 and loc[0] == "dataset" and loc[1] == kind:
             loc.pop(1)  # the discriminator tag is not a key the user wrote
-        lines.append(f"{source}: {'.'.join(loc) or '<root>'}: {e['msg']}")
+        note = ""
+        if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "dataset":
+            note = _dataset_key_note(loc[1], kind)
+        lines.append(f"{source}: {'.'.join(loc) or '<root>'}: {e['msg']}{note}")
     return "invalid config\n  " + "\n  ".join(lines)
 
 

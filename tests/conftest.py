@@ -22,6 +22,22 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 
+# Tests that start Ray themselves or run the console script, beside those using the session's
+# Ray head (marked through their fixtures below).
+SLOW_WITHOUT_FIXTURE = {
+    "test_config.py::test_real_data_runs_fail_clearly_without_weights_or_data[imagenet_lt]",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow``: every test that starts or uses a Ray cluster or runs a whole pipeline, so that
+    ``pytest -m "not slow"`` (``make test-fast``) is the quick tier."""
+    for item in items:
+        name = f"{Path(item.fspath).name}::{item.name}"
+        if {"ray_session", "ray_head"} & set(item.fixturenames) or name in SLOW_WITHOUT_FIXTURE:
+            item.add_marker(pytest.mark.slow)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,26 @@ def test_shipped_configs_validate(name):
     assert cfg.dataset.kind == name
 
 
+def test_custom_config_is_the_digits_pipeline_over_a_list_file_folder(tmp_path):
+    cfg = load_config(ROOT / "configs" / "custom_lt.yaml",
+                      [f"dataset.root={tmp_path}", "dataset.num_classes=12"])
+    assert (cfg.dataset.kind, cfg.dataset.root, cfg.dataset.num_classes) == \
+        ("imagenet_lt", tmp_path, 12)
+    assert (cfg.model.name, cfg.generator.kind) == ("small_cnn", "pixel")
+    assert cfg.dataset.list_name("train") == "ImageNet_LT_train.txt"
+
+
+def test_switching_the_dataset_kind_names_the_keys_of_the_old_kind():
+    from ray_lt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "digits_lt.yaml", ["dataset.kind=imagenet_lt"])
+    assert ("dataset.test_per_class: Extra inputs are not permitted (it is a key of "
+            "dataset.kind digits_lt, not imagenet_lt; remove it when switching kinds)"
+            ) in str(err.value)
+    assert "dataset.root: Field required" in str(err.value)
+
+
 def test_real_data_configs_carry_the_papers_settings():
     imagenet = load_config(ROOT / "configs" / "imagenet_lt.yaml")
     s = imagenet.synthesis
@@ -32,9 +52,11 @@ def test_real_data_configs_carry_the_papers_settings():
 
 
 @pytest.mark.parametrize("name", ["imagenet_lt", "places_lt", "nico_pp"])
-def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path):
-    from conftest import run_cli
+def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path, capsys,
+                                                            monkeypatch):
+    from conftest import ROOT, run_cli
 
+    from ray_lt.cli import main
     from ray_lt.generate.unclip import save_components, tiny_unclip_components
 
     out = tmp_path / "run"
@@ -55,10 +77,12 @@ def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path):
          "'stabilityai/stable-diffusion-2-1-unclip' is neither a folder nor in the local "
          "Hugging Face cache"),
     ]
-    for overrides, message in cases:
-        done = run_cli("run", f"configs/{name}.yaml", "--out", str(out), "--set", *overrides)
-        assert done.returncode == 2
-        assert message in done.stderr, done.stderr
+    monkeypatch.chdir(ROOT)
+    for overrides, message in cases:  # in this process: each is refused before Ray starts
+        code = main(["run", f"configs/{name}.yaml", "--out", str(out), "--set", *overrides])
+        stderr = capsys.readouterr().err
+        assert code == 2
+        assert message in stderr, stderr
     assert not out.exists()  # refused before anything was written
     if name != "imagenet_lt":
         return  # the data stage's own check (below) starts Ray: once is enough

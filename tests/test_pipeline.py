@@ -33,6 +33,12 @@ def test_run_writes_every_stage_and_the_report(digits_run):
     out, done = digits_run
     for step in range(1, 9):
         assert f"[ray-lt] stage {step}/8" in done.stdout
+    # Quiet by default: banners, results, warnings; Ray's lines stay in the logs.
+    printed = done.stdout + done.stderr
+    assert printed.count("\n") <= 100, printed[-3000:]
+    assert "Dataset " not in printed and "execution finished" not in printed
+    log = (out / "logs" / "ray-lt.log").read_text()
+    assert "stage 8/8 report" in log and "Ray session logs" in log
     baseline = json.loads((out / "metrics.json").read_text())
     final = json.loads((out / "final" / "metrics.json").read_text())
     for key in ("overall", "many", "medium", "few", "worst_group", "per_class"):

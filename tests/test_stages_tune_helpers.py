@@ -10,7 +10,7 @@ from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError
 from ray_lt.generate.plan import plan
 from ray_lt.stages import check_stage, check_stages, record_stage, stage_keys, stage_matches
-from ray_lt.tune import (
+from ray_lt.tune.search import (
     check_trial_quota,
     mixture,
     objective_metrics,

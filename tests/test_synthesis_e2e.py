@@ -3,6 +3,7 @@ a killed actor, resume, and clear errors for missing stages."""
 
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -17,7 +18,7 @@ from conftest import ROOT, run_cli
 from PIL import Image
 from ray.util.state import list_actors
 
-from ray_lt import workflow
+from ray_lt import commands, pipeline
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError, StageError
@@ -38,8 +39,8 @@ def trained(tmp_path_factory, ray_session):
     """A run directory with a baseline classifier and a pixel generator."""
     out = tmp_path_factory.mktemp("run")
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml", BASE)
-    workflow.train(cfg, out)
-    workflow.train_generator(cfg, out)
+    commands.train(cfg, out)
+    commands.train_generator(cfg, out)
     return out
 
 
@@ -60,10 +61,10 @@ def test_generator_is_saved_with_safetensors(trained):
     assert (trained / "classifier" / "class_statistics.safetensors").exists() is False
 
 
-def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, capsys):
+def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, caplog):
     out = _copy_stages(trained, tmp_path / "run")
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml", [*BASE, "synthesis.quota_scale=0.1"])
-    workflow.synthesize(cfg, out)
+    commands.synthesize(cfg, out)
     rows = _rows(out)
     # quota_scale 0.1 of (100 - n_c): 0, 4, 6, 7, 8, 9, 9, 10, 10, 10
     assert rows.groupby("label").size().to_dict() == {1: 4, 2: 6, 3: 7, 4: 8, 5: 9, 6: 9,
@@ -77,14 +78,16 @@ def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, capsys):
     assert (out / "classifier" / "epistemic_head.safetensors").is_file()
 
     # A rerun samples nothing; a lost shard file is redrawn identically from its seed.
-    capsys.readouterr()
-    workflow.synthesize(cfg, out)
-    assert "0 to go" in capsys.readouterr().out
+    caplog.set_level(logging.INFO, logger="ray_lt")
+    caplog.clear()
+    commands.synthesize(cfg, out)
+    assert "0 to go" in caplog.text
     victim = out / "synthetic" / "shard_000004.parquet"
     before = pd.read_parquet(victim)
     victim.unlink()
-    workflow.synthesize(cfg, out)
-    assert "1 to go" in capsys.readouterr().out
+    caplog.clear()
+    commands.synthesize(cfg, out)
+    assert "1 to go" in caplog.text
     pd.testing.assert_frame_equal(pd.read_parquet(victim), before)
 
     synthetic = load_synthetic(out, channels=1)
@@ -104,10 +107,10 @@ def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, capsys):
     changed = load_config(ROOT / "configs" / "digits_lt.yaml", [*BASE, "synthesis.quota_scale=0.2"])
     with pytest.raises(ConfigError, match="its synthesis stage was made with another config: "
                                           "synthesis.quota_scale: 0.1 -> 0.2"):
-        workflow.synthesize(changed, out)
+        commands.synthesize(changed, out)
     (out / "stages.json").unlink()  # without the record, the stored plan still catches it
     with pytest.raises(ConfigError, match="plan.json: the synthesis plan"):
-        workflow.synthesize(changed, out)
+        commands.synthesize(changed, out)
 
 
 def test_a_killed_sampler_actor_loses_and_duplicates_nothing(trained, tmp_path):
@@ -119,7 +122,7 @@ def test_a_killed_sampler_actor_loses_and_duplicates_nothing(trained, tmp_path):
 
     def run():
         try:
-            workflow.synthesize(cfg, out)
+            commands.synthesize(cfg, out)
         except Exception as err:  # surfaced by the assertion below
             errors.append(err)
 
@@ -150,12 +153,12 @@ def test_a_killed_sampler_actor_loses_and_duplicates_nothing(trained, tmp_path):
 def test_missing_stages_are_named(tmp_path):
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml", BASE)
     with pytest.raises(StageError, match="classifier stage has not run.*ray-lt train"):
-        workflow.synthesize(cfg, tmp_path)
+        commands.synthesize(cfg, tmp_path)
     done = run_cli("synthesize", "configs/digits_lt.yaml", "--out", str(tmp_path / "empty"))
     assert done.returncode == 2
     assert "the classifier stage has not run" in done.stderr
     with pytest.raises(ConfigError, match="generator.kind: 'unclip' is not trained"):
-        workflow.train_generator(load_config(ROOT / "configs" / "digits_lt.yaml",
+        commands.train_generator(load_config(ROOT / "configs" / "digits_lt.yaml",
                                              ["generator.kind=unclip"]), tmp_path)
 
 
@@ -166,9 +169,9 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
                       [*BASE, "generator.kind=feature", "generator.train_steps=200",
                        "synthesis.quota_scale=0.05", "synthesis.criteria={loss: 1.0}"])
-    workflow.train_generator(cfg, out)
+    commands.train_generator(cfg, out)
     assert json.loads((out / "generator" / "generator.json").read_text())["kind"] == "feature"
-    workflow.synthesize(cfg, out)
+    commands.synthesize(cfg, out)
     rows = _rows(out)
     assert "image" not in rows.columns
     assert len(rows) == 37  # round(0.05 * (100 - n_c)) summed over the classes
@@ -180,7 +183,7 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
                        "synthesis.quota_scale=0.05", "synthesis.criteria={loss: 1.0}",
                        "final.init=baseline", "final.epochs=3"])
     data = load_dataset(cfg.dataset, cfg.seed)
-    folder = workflow.final_stage(cfg, out, data)
+    folder = pipeline.final_stage(cfg, out, data)
     import torch
 
     before = torch.load(out / "classifier" / "model.pt", weights_only=True)
@@ -188,18 +191,18 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("head."))
     assert not torch.equal(before["head.weight"], after["head.weight"])
     assert len(pd.read_csv(folder / "history.csv")) == 3
-    metrics = workflow.evaluate_stage(cfg, out, data)
+    metrics = pipeline.evaluate_stage(cfg, out, data)
     assert metrics["num_rows"] == 500 and (out / "final" / "metrics.json").is_file()
 
 
 def test_digits_groups_class_context_generator_fills_every_group(tmp_path, ray_session):
     cfg = load_config(ROOT / "configs" / "digits_groups.yaml",
                       [*BASE, "synthesis.target=3", "synthesis.criteria={entropy: 1.0}"])
-    workflow.train(cfg, tmp_path)
-    workflow.train_generator(cfg, tmp_path)
+    commands.train(cfg, tmp_path)
+    commands.train_generator(cfg, tmp_path)
     spec = json.loads((tmp_path / "generator" / "generator.json").read_text())
     assert spec["num_contexts"] == 4 and spec["num_conditions"] == 10
-    workflow.synthesize(cfg, tmp_path)
+    commands.synthesize(cfg, tmp_path)
     rows = _rows(tmp_path)
     written = rows.groupby("group").size().reindex(range(40), fill_value=0).to_numpy()
     counts = np.asarray(json.loads((tmp_path / "metrics.json").read_text())["group_counts"])

@@ -14,6 +14,7 @@ from ray_lt.config import load_config
 from ray_lt.data import load_dataset
 from ray_lt.train import fit_classifier, load_classifier
 from ray_lt.train.loop import mixed_batches
+from ray_lt.train.resident import ResidentShard
 
 QUICK = ["train.epochs=2", "evaluate.cpus_per_actor=0.5"]
 
@@ -105,6 +106,34 @@ def test_a_synthetic_shard_smaller_than_its_share_of_a_batch_is_repeated(ray_ses
     assert len(batches) == 3
     labels = [b["label"][4:].tolist() for b, _ in batches]
     assert labels == [[1, 2, 3, 1], [2, 3, 1, 2], [3, 1, 2, 3]]
+
+
+def test_a_small_shard_becomes_resident_and_is_reshuffled_per_pass(ray_session):
+    rows = [{"image": np.full((2, 2, 1), i, np.uint8), "label": i} for i in range(10)]
+    ds = ray.data.from_items(rows)
+    shard = ResidentShard(ds.iterator(), budget_bytes=2**20, seed=0)
+    first = torch.cat([b["label"] for b in shard.iter_torch_batches(batch_size=4)])
+    assert shard.resident and sorted(first.tolist()) == list(range(10))
+    again = list(shard.iter_torch_batches(batch_size=4))  # no shuffle asked: stored order
+    assert [b["label"].tolist() for b in again] == [first[:4].tolist(), first[4:8].tolist(),
+                                                    first[8:].tolist()]
+    orders = []
+    for seed in (0, 0, 1):
+        twin = ResidentShard(ds.iterator(), budget_bytes=2**20, seed=seed)
+        list(twin.iter_torch_batches(batch_size=4))
+        batches = list(twin.iter_torch_batches(batch_size=4, local_shuffle_buffer_size=8))
+        assert [len(b["label"]) for b in batches] == [4, 4, 2]
+        for b in batches:  # every image still carries its own label
+            assert (b["image"][:, 0, 0, 0] == b["label"]).all()
+        orders.append(torch.cat([b["label"] for b in batches]).tolist())
+    assert sorted(orders[0]) == list(range(10)) and orders[0] != first.tolist()
+    assert orders[0] == orders[1] and orders[0] != orders[2]  # seeded per shard
+
+    big = ResidentShard(ds.iterator(), budget_bytes=60, seed=0)  # 10 x (4 + 8) bytes > 60
+    assert len(list(big.iter_torch_batches(batch_size=4))) == 3 and not big.resident
+    cut = ResidentShard(ds.iterator(), budget_bytes=2**20, seed=0)
+    next(iter(cut.iter_torch_batches(batch_size=4)))  # an unfinished pass is not kept
+    assert not cut.resident
 
 
 def test_training_with_a_synthetic_dataset(tmp_path, ray_session):

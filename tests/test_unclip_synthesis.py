@@ -5,13 +5,14 @@ writer stage, exact quotas, and a rerun that redoes nothing."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pandas as pd
 import pytest
 import torch
 from conftest import ROOT, load_bench
 
-from ray_lt import workflow
+from ray_lt import commands, pipeline
 from ray_lt.config import load_config
 from ray_lt.generate.quota import class_quotas
 from ray_lt.generate.references import META_FILE, REFERENCES_DIR, load_references
@@ -52,16 +53,16 @@ def run(tmp_path_factory, ray_session):
     return cfg, out
 
 
-def test_unclip_synthesis_uses_stored_references(run, capsys):
+def test_unclip_synthesis_uses_stored_references(run, caplog):
     cfg, out = run
-    workflow.synthesize(cfg, out)
+    commands.synthesize(cfg, out)
     references = load_references(out / REFERENCES_DIR)
     meta = json.loads((out / REFERENCES_DIR / META_FILE).read_text())
     assert references.embeds.shape == (meta["rows"], 32)  # tiny CLIP: 32-d embeddings
     assert sorted(references.by_class) == list(range(CLASSES))
     assert all(1 <= len(pool) <= 3 for pool in references.by_class.values())
 
-    _, data = workflow.prepare(cfg, out)
+    _, data = pipeline.prepare(cfg, out)
     s = cfg.synthesis
     expected = class_quotas(data.class_counts, s.target, s.quota_scale, s.quota_minimum)
     assert expected.min() >= 1 and expected.sum() > 2 * CLASSES
@@ -73,8 +74,9 @@ def test_unclip_synthesis_uses_stored_references(run, capsys):
                 (out / "synthetic" / "manifest.jsonl").read_text().splitlines()]
     assert all(m["write_seconds"] >= 0 and m["seconds"] > 0 for m in manifest)
 
-    capsys.readouterr()
+    caplog.set_level(logging.INFO, logger="ray_lt")
+    caplog.clear()
     stamp = (out / REFERENCES_DIR / META_FILE).stat().st_mtime_ns
-    workflow.synthesize(cfg, out)
-    assert "0 to go" in capsys.readouterr().out
+    commands.synthesize(cfg, out)
+    assert "0 to go" in caplog.text
     assert (out / REFERENCES_DIR / META_FILE).stat().st_mtime_ns == stamp

@@ -140,9 +140,9 @@ def _checked_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
 def filter_synthetic(run_dir: Path, data: LongTailData, cfg: Config) -> pd.DataFrame:
     """DiffuLT filtering with the real-data classifier: record a keep/drop verdict per sample
     (``filter.parquet``) and the drops per class (``filter_report.csv``); returns the report."""
+    from ray_lt.evaluate.predict import predict
     from ray_lt.generate.statistics import load_training_features
     from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, load_synthetic
-    from ray_lt.train.features import predict
 
     f = cfg.synthesis.filter
     if cfg.generator.kind == "feature":

@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ray_lt.config import GeneratorConfig, ScalingConfig
+from ray_lt.config import GeneratorConfig, ScalingSection
 from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
 from ray_lt.train.trainer import run_trainer
 
@@ -244,7 +244,7 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=saved)
 
 
-def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: ScalingConfig,
+def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: ScalingSection,
                         image_shape: tuple[int, int, int], num_conditions: int, seed: int,
                         out_dir: Path, name: str = "generator", num_contexts: int = 0) -> Path:
     """Train the pixel generator on Ray Train and export its EMA weights to ``out_dir/name``."""

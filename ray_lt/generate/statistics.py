@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from ray_lt.config import EvaluateConfig
 from ray_lt.data import LongTailData
+from ray_lt.evaluate.predict import predict_dataset
 from ray_lt.generate.criteria import (
     Batches,
     ClassStatistics,
@@ -22,7 +23,6 @@ from ray_lt.generate.criteria import (
     fit_class_statistics_streamed,
     fit_epistemic_head_streamed,
 )
-from ray_lt.train.features import predict_dataset
 
 STATISTICS_FILE = "class_statistics.safetensors"
 HEAD_FILE = "epistemic_head.safetensors"

@@ -11,12 +11,14 @@ number of rows per class or group.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import ray
+from tqdm.auto import tqdm
 
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
@@ -38,6 +40,8 @@ from ray_lt.generate.references import (
 )
 from ray_lt.generate.synthetic import SYNTHETIC_DIR
 from ray_lt.generate.writer import ShardWriter
+
+log = logging.getLogger(__name__)
 
 MAX_BLOCKS = 2048
 """Upper bound on the input blocks of one synthesis job: one shard per block up to this many,
@@ -93,9 +97,9 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
     done = finished_shards(out)
     pending = [sh for sh in shards if sh["shard_id"] not in done]
     kwargs = sampler_kwargs(cfg, data, run_dir)
-    print(f"[ray-lt] synthesis: {len(shards)} shards, {sum(sh['n'] for sh in shards)} samples; "
-          f"{len(done)} shards already done, {len(pending)} to go; "
-          f"{actor_payload_bytes(kwargs) / 1024:.1f} KB per sampler actor's constructor")
+    log.info(f"synthesis: {len(shards)} shards, {sum(sh['n'] for sh in shards)} samples; "
+             f"{len(done)} shards already done, {len(pending)} to go; "
+             f"{actor_payload_bytes(kwargs) / 1024:.1f} KB per sampler actor's constructor")
     if pending:
         results = ray.data.from_items(
             pending, override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
@@ -106,8 +110,11 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
             ShardWriter, fn_constructor_kwargs={"out": str(out)},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.writer_actors),
             batch_size=1, batch_format="pandas", num_cpus=s.writer_cpus)
-        with (out / MANIFEST_FILE).open("a") as manifest:
+        with (out / MANIFEST_FILE).open("a") as manifest, \
+                tqdm(total=sum(sh["n"] for sh in pending), unit="sample", desc="synthesis",
+                     dynamic_ncols=True, mininterval=2.0) as bar:
             for row in results.iter_rows():
                 manifest.write(json.dumps({k: row[k] for k in MANIFEST_KEYS}) + "\n")
                 manifest.flush()
+                bar.update(int(row["n"]))
     return check_counts(out, shards)

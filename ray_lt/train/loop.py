@@ -19,9 +19,11 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from ray_lt.evaluate.metrics import accuracy_report
 from ray_lt.train.augment import augment_batch
 from ray_lt.train.losses import classification_loss, log_prior
 from ray_lt.train.models import build_model
+from ray_lt.train.resident import ResidentShard
 
 STATE_FILE = "state.pt"
 
@@ -96,8 +98,6 @@ def validate(model: nn.Module, shard: Any, config: dict[str, Any], device: torch
              ) -> dict[str, float]:
     """Accuracy, class-balanced accuracy, Few accuracy and (with groups) worst-group accuracy
     over a validation shard: the numbers ``ray-lt tune`` optimises, reported every epoch."""
-    from ray_lt.evaluate.metrics import accuracy_report  # ray_lt.evaluate imports this module
-
     model.eval()
     labels, preds, groups = [], [], []
     for batch in shard.iter_torch_batches(batch_size=256):
@@ -146,9 +146,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
 
     prior = log_prior(config["class_counts"]).to(device)
-    real = ray.train.get_dataset_shard("train")
-    synthetic = ray.train.get_dataset_shard("synthetic") if config["has_synthetic"] else None
-    val = ray.train.get_dataset_shard("val") if config["has_val"] else None
+    budget = hp["resident_mib"] * 2**20
+    shard_seed = config["seed"] * 1000 + 11 + rank
+    real = ResidentShard(ray.train.get_dataset_shard("train"), budget, shard_seed)
+    synthetic = (ResidentShard(ray.train.get_dataset_shard("synthetic"), budget, shard_seed + 1)
+                 if config["has_synthetic"] else None)
+    val = (ResidentShard(ray.train.get_dataset_shard("val"), budget, shard_seed + 2)
+           if config["has_val"] else None)
     augment = hp["augment"]
 
     for epoch in range(start_epoch, hp["epochs"]):

@@ -13,8 +13,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ray_lt.config import ModelConfig, TrainConfig
-from ray_lt.config import ScalingConfig as ScalingSection
+from ray_lt.config import ModelConfig, ScalingSection, TrainConfig
 from ray_lt.data import LongTailData
 from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
 from ray_lt.train.models import Classifier, build_model

@@ -1,12 +1,17 @@
-"""The stages users run, each reading and writing one run directory.
+"""The pipeline's stages, each reading and writing one run directory: the classifier on the
+real data, the criterion statistics, the generator, guided synthesis (+ filter), the
+classifier on real + synthetic data, evaluation and the sample grid; and the session they
+share (Ray started once, the data loaded and checked once).
 
-``ray-lt <command>`` and ``jobs/<command>.py`` both call these functions; Python drivers can
-too. A stage whose output is already complete in the run directory is not run again.
+A stage whose output is already complete in the run directory is not run again. The commands
+users run (``ray_lt.commands``) and the tuner's trials (``ray_lt.tune.search``) are made of
+these stages.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -20,13 +25,12 @@ from ray._private.utils import read_ray_address
 from ray_lt.config import Config, RayConfig, dump_config, final_train_config
 from ray_lt.data import LongTailData, load_dataset
 from ray_lt.errors import ConfigError, DataError, require_stage
-from ray_lt.evaluate import METRICS_FILE, evaluate_classifier
+from ray_lt.evaluate.classifier import METRICS_FILE, evaluate_classifier
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.factory import check_generator, generator_info
 from ray_lt.generate.feature import train_feature_generator
 from ray_lt.generate.filtering import filter_synthetic
 from ray_lt.generate.pixel import fit_pixel_generator
-from ray_lt.generate.plan import plan
 from ray_lt.generate.statistics import fit_criterion_support, load_training_features
 from ray_lt.generate.synthesize import prepare_references
 from ray_lt.generate.synthesize import synthesize as run_synthesis
@@ -36,19 +40,19 @@ from ray_lt.generate.synthetic import (
     load_synthetic,
     synthetic_count,
 )
+from ray_lt.log import log_to_file, verbose
 from ray_lt.stages import (
     STAGES_FILE,
-    StageMeter,
     check_stage,
-    check_stages,
     forget_stage,
     record_stage,
-    record_timing,
     stage_matches,
 )
 from ray_lt.train import fit_classifier
 from ray_lt.train.head import fit_head
 from ray_lt.train.trainer import MODEL_FILE
+
+log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group")
 FINAL_DIR = "final"
@@ -79,10 +83,17 @@ def ray_address(configured: str | None) -> str | None:
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Connect to the configured cluster, to RAY_ADDRESS (ray job submit), or start Ray here."""
+    """Connect to the configured cluster, to RAY_ADDRESS (ray job submit), or start Ray here.
+
+    Unless verbose (``--verbose``), the workers' output and Ray's INFO lines stay in Ray's
+    session logs and Ray Data shows no per-dataset progress bars (see ``ray_lt.log``).
+    """
+    loud = verbose()
     if not ray.is_initialized():
         ray.init(address=ray_address(cfg.address), ignore_reinit_error=True,
+                 log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING,
                  runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    ray.data.DataContext.get_current().enable_progress_bars = loud
 
 
 def prepare(cfg: Config, out_dir: Path) -> tuple[Path, LongTailData]:
@@ -90,8 +101,21 @@ def prepare(cfg: Config, out_dir: Path) -> tuple[Path, LongTailData]:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
+    log_file = log_to_file(out_dir)
     init_ray(cfg.ray)
+    log.debug("Ray session logs (every worker's output): %s", ray_session_logs())
+    log.debug("full log: %s", log_file)
     return out_dir, load_dataset(cfg.dataset, cfg.seed)
+
+
+def ray_session_logs() -> str:
+    """Where this Ray session keeps its logs, on the head node."""
+    try:
+        from ray._private.worker import global_worker
+
+        return str(Path(global_worker.node.get_session_dir_path()) / "logs")
+    except AttributeError:  # connected through a client: the path is on the cluster
+        return "the head node's /tmp/ray/session_latest/logs"
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
@@ -102,8 +126,7 @@ def format_summary(metrics: dict[str, Any]) -> str:
 def banner(step: int, total: int, name: str, note: str = "", since: float | None = None
            ) -> None:
     elapsed = f" [{time.perf_counter() - since:.0f} s]" if since is not None else ""
-    print(f"[ray-lt] stage {step}/{total} {name}{': ' + note if note else ''}{elapsed}",
-          flush=True)
+    log.info(f"stage {step}/{total} {name}{': ' + note if note else ''}{elapsed}")
 
 
 # -- stages: each takes the loaded data, skips itself when its output is complete -------------
@@ -113,7 +136,7 @@ def baseline_stage(cfg: Config, out_dir: Path, data: LongTailData) -> dict[str, 
     folder = out_dir / "classifier"
     if (folder / MODEL_FILE).is_file():
         check_stage(cfg, out_dir, "classifier", folder)
-        print(f"[ray-lt] baseline classifier already trained: {folder}")
+        log.info(f"baseline classifier already trained: {folder}")
     else:
         fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out_dir, "classifier",
                        many_threshold=cfg.evaluate.many_threshold,
@@ -125,7 +148,7 @@ def baseline_stage(cfg: Config, out_dir: Path, data: LongTailData) -> dict[str, 
         metrics = json.loads(metrics_file.read_text())
     else:
         metrics = evaluate_classifier(folder, data, cfg.evaluate, out_dir)
-    print(f"[ray-lt] baseline test: {format_summary(metrics)}  -> {metrics_file}")
+    log.info(f"baseline test: {format_summary(metrics)}  -> {metrics_file}")
     return metrics
 
 
@@ -145,13 +168,13 @@ def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
     g = cfg.generator
     if g.kind == "unclip":
         check_generator(cfg, out_dir)
-        print(f"[ray-lt] generator: pretrained unCLIP from {g.pretrained}")
+        log.info(f"generator: pretrained unCLIP from {g.pretrained}")
         return Path(str(g.pretrained))
     folder = out_dir / "generator"
     if (folder / GENERATOR_SPEC).is_file():
         check_stage(cfg, out_dir, "generator", folder)
         record_stage(cfg, out_dir, "generator")
-        print(f"[ray-lt] generator already trained: {folder}")
+        log.info(f"generator already trained: {folder}")
         return folder
     if g.kind == "feature":
         classifier_dir = criterion_support(cfg, out_dir, data)
@@ -171,7 +194,7 @@ def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
                                      num_conditions, cfg.seed, out_dir,
                                      num_contexts=num_contexts)
     record_stage(cfg, out_dir, "generator")
-    print(f"[ray-lt] generator trained: {folder}")
+    log.info(f"generator trained: {folder}")
     return folder
 
 
@@ -184,15 +207,15 @@ def synthesis_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
     criterion_support(cfg, out_dir, data)
     counts = run_synthesis(cfg, data, out_dir)
     record_stage(cfg, out_dir, "synthesis")
-    print(f"[ray-lt] synthetic rows: {int(counts['written'].sum())} in {out}")
+    log.info(f"synthetic rows: {int(counts['written'].sum())} in {out}")
     if cfg.synthesis.filter.enabled:
         verdicts = out / FILTER_FILE
         if verdicts.is_file() and (out_dir / STAGES_FILE).is_file():
             check_stage(cfg, out_dir, "filter", verdicts)
         report = filter_synthetic(out_dir, data, cfg)
         record_stage(cfg, out_dir, "filter")
-        print(f"[ray-lt] filter dropped {int(report['dropped'].sum())} of "
-              f"{int(report['generated'].sum())} samples; per class:\n{report.to_string()}")
+        log.info(f"filter dropped {int(report['dropped'].sum())} of "
+                 f"{int(report['generated'].sum())} samples; per class:\n{report.to_string()}")
     elif (out / FILTER_FILE).is_file():
         (out / FILTER_FILE).unlink()  # filtering switched off: train on every sample
         forget_stage(out_dir, "filter")
@@ -208,7 +231,7 @@ def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
     folder = final_dir / "classifier"
     if (folder / MODEL_FILE).is_file():
         check_stage(cfg, out_dir, "final", final_dir)
-        print(f"[ray-lt] final classifier already trained: {folder}")
+        log.info(f"final classifier already trained: {folder}")
         return folder
     train_cfg = final_train_config(cfg)
     baseline = out_dir / "classifier"
@@ -229,8 +252,8 @@ def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
         synthetic = load_synthetic(out_dir, data.image_shape[2])
         rows = synthetic_count(out_dir)
         if rows == 0:
-            print("[ray-lt] no synthetic rows (the quota is empty or all were filtered): "
-                  "the final classifier trains on the real data alone")
+            log.info("no synthetic rows (the quota is empty or all were filtered): "
+                     "the final classifier trains on the real data alone")
             synthetic = None
         elif rows * int(np.prod(data.image_shape)) <= MATERIALIZE_BYTES:
             # Small enough to decode once into the object store instead of every epoch.
@@ -256,7 +279,7 @@ def evaluate_stage(cfg: Config, out_dir: Path, data: LongTailData, split: str = 
     else:
         metrics = evaluate_classifier(final_dir / "classifier", data, cfg.evaluate, where,
                                       split=split)
-    print(f"[ray-lt] final {split}: {format_summary(metrics)}  -> {metrics_file}")
+    log.info(f"final {split}: {format_summary(metrics)}  -> {metrics_file}")
     return metrics
 
 
@@ -265,7 +288,7 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
     from ray_lt.generate.grid import render_grid, save_grid
 
     if cfg.generator.kind == "feature":
-        print("[ray-lt] no sample grid: the feature generator makes no images")
+        log.info("no sample grid: the feature generator makes no images")
         return None
     criterion_support(cfg, out_dir, data)
     check_generator(cfg, out_dir)
@@ -275,7 +298,7 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
         raise ConfigError(f"synthesis.grid_class: {label} is not a class of this data set")
     path = out_dir / f"grid_class{label}.png"
     if path.is_file() and stage_matches(cfg, out_dir, "grid"):
-        print(f"[ray-lt] sample grid already drawn: {path}")
+        log.info(f"sample grid already drawn: {path}")
         return path
     prepare_references(cfg, data, out_dir)
     task = ray.remote(render_grid).options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor)
@@ -285,86 +308,8 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
     save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales], path,
               title=f"{data.class_names[label]}: criterion x guidance scale")
     record_stage(cfg, out_dir, "grid")
-    print(f"[ray-lt] sample grid: {path}")
+    log.info(f"sample grid: {path}")
     return path
-
-
-# -- commands -----------------------------------------------------------------------------------
-
-def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """Train the classifier on the real data (unless already trained) and evaluate it on test.
-
-    Writes ``classifier/`` (weights, spec, history), ``metrics.json``, ``predictions.parquet``
-    and ``per_class_accuracy.png`` into ``out_dir``.
-    """
-    out_dir, data = prepare(cfg, out_dir)
-    return baseline_stage(cfg, out_dir, data)
-
-
-def train_generator(cfg: Config, out_dir: Path) -> Path:
-    """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
-    Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
-    if cfg.generator.kind == "unclip":
-        raise ConfigError("generator.kind: 'unclip' is not trained by train-generator (it loads "
-                          "pretrained weights from generator.pretrained)")
-    out_dir, data = prepare(cfg, out_dir)
-    return generator_stage(cfg, out_dir, data)
-
-
-def synthesize(cfg: Config, out_dir: Path) -> Path:
-    """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic``."""
-    out_dir, data = prepare(cfg, out_dir)
-    return synthesis_stage(cfg, out_dir, data)
-
-
-def grid(cfg: Config, out_dir: Path) -> Path | None:
-    """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
-    out_dir, data = prepare(cfg, out_dir)
-    return grid_stage(cfg, out_dir, data)
-
-
-def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """The whole pipeline into one run directory, each stage skipped when its output is
-    complete: baseline -> criterion statistics -> generator -> guided synthesis (+ filter)
-    -> classifier on real + synthetic -> evaluation -> sample grid -> report. Each stage's wall
-    time and the driver's peak memory go to ``stages.json`` and the report."""
-    from ray_lt.evaluate.report import write_report
-
-    started = time.perf_counter()
-    check_run_config(cfg)
-    with StageMeter() as meter:
-        out_dir, data = prepare(cfg, out_dir)
-        plan(cfg, data)  # an empty quota is refused before any training
-        check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
-    times = {"data": (meter.seconds, meter.peak_rss_mb)}
-    record_timing(out_dir, "data", *times["data"])
-    s = cfg.synthesis
-    steps = [
-        ("classifier", "baseline classifier", f"{cfg.model.name}, {cfg.train.epochs} epochs",
-         lambda: baseline_stage(cfg, out_dir, data)),
-        ("statistics", "criterion statistics", ", ".join(s.criteria),
-         lambda: criterion_support(cfg, out_dir, data)),
-        ("generator", "generator", cfg.generator.kind,
-         lambda: generator_stage(cfg, out_dir, data)),
-        ("synthesis", "synthesis", f"guidance {s.guidance_scale:g}, {s.num_actors} sampler "
-         f"actor(s)", lambda: synthesis_stage(cfg, out_dir, data)),
-        ("final", "final classifier", f"real + synthetic, init {cfg.final.init}",
-         lambda: final_stage(cfg, out_dir, data)),
-        ("evaluation", "evaluation", "", lambda: evaluate_stage(cfg, out_dir, data)),
-        ("grid", "sample grid", "", lambda: grid_stage(cfg, out_dir, data)
-         if cfg.report.grid else None),
-    ]
-    results = {}
-    for step, (key, name, note, call) in enumerate(steps, start=1):
-        banner(step, len(steps) + 1, name, note, since=started)
-        with StageMeter() as meter:
-            results[key] = call()
-        times[key] = (meter.seconds, meter.peak_rss_mb)
-        record_timing(out_dir, key, *times[key])
-    banner(len(steps) + 1, len(steps) + 1, "report", since=started)
-    path = write_report(cfg, out_dir, data, results["classifier"], results["evaluation"], times)
-    print(f"[ray-lt] done in {time.perf_counter() - started:.0f} s; report: {path}")
-    return results["evaluation"]
 
 
 def stage_outputs(cfg: Config, out_dir: Path) -> dict[str, Path]:

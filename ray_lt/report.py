@@ -16,12 +16,12 @@ import yaml
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.evaluate.plots import plot_per_class_accuracy
+from ray_lt.evaluate.predict import predict
 from ray_lt.evaluate.quality import quality_table
 from ray_lt.generate.codec import decode_png
 from ray_lt.generate.grid import save_grid
 from ray_lt.generate.plan import PLAN_FILE
 from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, shard_file, synthetic_files
-from ray_lt.train.features import predict
 
 REPORT_DIR = "report"
 QUALITY_FILE = "quality.csv"

@@ -1,0 +1,60 @@
+"""What ray_lt prints, and where the rest goes.
+
+Every module logs to its own ``logging.getLogger(__name__)`` under ``ray_lt``. The console
+shows ray_lt's INFO lines as ``[ray-lt] ...`` (stage banners, results, where the report is),
+and warnings and errors from anything. Ray's own INFO lines, Ray Data's per-dataset progress
+bars and the workers' output stay off the terminal unless ``verbose``; a run's complete log,
+with timestamps and Ray's driver-side lines, is ``DIR/logs/ray-lt.log`` and Ray's session logs
+(every worker's output) are where that file says.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+LOG_DIR = "logs"
+LOG_FILE = "ray-lt.log"
+_CONSOLE = "ray_lt.console"
+_state = {"verbose": False}
+# Ray's driver-side loggers kept below WARNING on the console unless verbose.
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+
+
+def verbose() -> bool:
+    return _state["verbose"]
+
+
+def setup_console(verbose: bool = False) -> None:
+    """ray_lt's INFO lines to stdout; Ray's loggers to WARNING unless ``verbose``."""
+    _state["verbose"] = bool(verbose)
+    root = logging.getLogger("ray_lt")
+    root.setLevel(logging.DEBUG)
+    if not any(h.get_name() == _CONSOLE for h in root.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.set_name(_CONSOLE)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("[ray-lt] %(message)s"))
+        root.addHandler(handler)
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def log_to_file(run_dir: Path) -> Path:
+    """Also write ray_lt's and Ray's driver-side log lines, at every level, to
+    ``run_dir/logs/ray-lt.log`` (appended: a rerun continues the file)."""
+    path = Path(run_dir) / LOG_DIR / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = f"ray_lt.file:{path}"
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for logger_name in ("ray_lt", *RAY_LOGGERS[:1]):
+        logger = logging.getLogger(logger_name)
+        if any(h.get_name() == name for h in logger.handlers):
+            continue
+        handler = logging.FileHandler(path)
+        handler.set_name(name)
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return path

@@ -148,20 +148,3 @@ def test_run_digits_groups(tmp_path, ray_session):
     report = (out / "report.md").read_text()
     assert f"{final['worst_group']:.3f} |" in report and "five worst groups" in report
 
-    # Tuning on the same directory: the config's worst-group objective, sharing the baseline
-    # and generator that the run above trained.
-    tuned = run_cli("tune", "configs/digits_groups.yaml", "--out", str(out), "--set", *SMALL,
-                    "synthesis.target=4", "report.grid=false", "tune.num_trials=2",
-                    "tune.quota_scale=1",
-                    f"ray.address={ray_session['address']}", timeout=1200)
-    assert tuned.returncode == 0, tuned.stderr[-3000:]
-    assert "generator already trained" in tuned.stdout
-    table = pd.read_csv(out / "tune" / "results.csv")
-    assert len(table) == 2 and table["pareto"].any()
-    assert table["val_worst_group"].between(0, 1).all()
-    winner = table[table["pareto"]].sort_values("val_worst_group", ascending=False).iloc[0]
-    assert winner["val_worst_group"] == table["val_worst_group"].max()
-    best = load_config(out / "best_config.yaml")
-    assert best.synthesis.guidance_scale == pytest.approx(
-        winner["config/synthesis/guidance_scale"])
-    assert best.synthesis.target == 4 and best.tune.objective == "worst_group"

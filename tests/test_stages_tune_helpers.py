@@ -15,6 +15,7 @@ from ray_lt.tune.search import (
     mixture,
     objective_metrics,
     pareto_front,
+    results_table,
     search_space,
     trial_config,
     write_best_config,
@@ -130,6 +131,24 @@ def test_best_config_validates_and_keeps_the_full_quota(tmp_path):
     assert again.synthesis.guidance_scale == 0.05
     assert again.synthesis.criteria == {"entropy": 0.75, "loss": 0.25}
     assert again.synthesis.quota_scale == cfg.synthesis.quota_scale
+
+
+def test_worst_group_search_ranks_by_it_and_writes_its_winner(tmp_path):
+    groups = ROOT / "configs" / "digits_groups.yaml"
+    cfg = load_config(groups)
+    metrics = objective_metrics(cfg, has_groups=True, has_few=False)
+    assert metrics == ["val_worst_group"]
+    frame = pd.DataFrame({"trial_id": ["a", "b", "c"], "val_worst_group": [0.4, 0.7, 0.55],
+                          "val_acc": [0.9, 0.8, 0.85], "test_worst_group": [0.3, 0.6, 0.5],
+                          "config/synthesis/guidance_scale": [0.01, 0.2, 0.05],
+                          "other": [1, 2, 3]})
+    table = results_table(frame, metrics)
+    assert table["trial_id"].tolist() == ["b", "c", "a"] and "other" not in table
+    assert table["pareto"].tolist() == [True, False, False]
+    write_best_config(cfg, table.iloc[0], metrics, tmp_path / "best.yaml")
+    best = load_config(tmp_path / "best.yaml")
+    assert best.synthesis.guidance_scale == 0.2 and best.tune.objective == "worst_group"
+    assert "val_worst_group 0.7000" in (tmp_path / "best.yaml").read_text()
 
 
 def test_an_empty_quota_is_refused_naming_the_keys(ray_session):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config
 from ray_lt.errors import ConfigError
 
@@ -74,10 +75,7 @@ def _document(out_dir: Path) -> dict[str, Any]:
 
 
 def _write(out_dir: Path, doc: dict[str, Any]) -> None:
-    path = Path(out_dir) / STAGES_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    tmp.replace(path)
+    write_text_atomic(Path(out_dir) / STAGES_FILE, json.dumps(doc, indent=1, sort_keys=True))
 
 
 def _records(out_dir: Path) -> dict[str, dict[str, Any]]:

@@ -7,7 +7,7 @@ import ast
 from conftest import ROOT
 
 LAYERS = [
-    ["ray_lt", "ray_lt.errors", "ray_lt.config", "ray_lt.log", "ray_lt.stages"],
+    ["ray_lt", "ray_lt.errors", "ray_lt.config", "ray_lt.log", "ray_lt.stages", "ray_lt.atomic"],
     ["ray_lt.data"],
     ["ray_lt.evaluate.metrics", "ray_lt.evaluate.plots"],
     ["ray_lt.train"],

@@ -9,7 +9,6 @@ condition used for the unconditional branch. Training runs on Ray Train; the exp
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ray_lt.atomic import staged_folder
 from ray_lt.config import GeneratorConfig, ScalingSection
 from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
 from ray_lt.train.trainer import run_trainer
@@ -270,10 +270,7 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: 
     ema.copy_to(net.parameters())
     scheduler = DDIMScheduler.from_config(training_scheduler().config)
     folder = Path(out_dir) / name
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    PixelGenerator(net, scheduler, by_group).save_pretrained(tmp)
-    np.savetxt(tmp / "loss.csv", np.asarray(state["losses"]), fmt="%.6f", header="loss")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with staged_folder(folder) as tmp:
+        PixelGenerator(net, scheduler, by_group).save_pretrained(tmp)
+        np.savetxt(tmp / "loss.csv", np.asarray(state["losses"]), fmt="%.6f", header="loss")
     return folder

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
+from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError
@@ -48,9 +49,7 @@ def store_plan(out: Path, shards: list[dict[str, Any]]) -> None:
         raise ConfigError(f"{stored}: the synthesis plan in this run directory was made with "
                           f"other synthesis.* settings or seed; use a new --out or delete "
                           f"{out} to start over")
-    tmp = stored.with_name(stored.name + ".tmp")
-    tmp.write_text(json.dumps(shards))
-    tmp.replace(stored)
+    write_text_atomic(stored, json.dumps(shards))
 
 
 def finished_shards(out: Path) -> set[int]:

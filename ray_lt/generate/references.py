@@ -9,7 +9,6 @@ driver or an actor's constructor, whatever the size of the data set.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as pads
 import torch
+
+from ray_lt.atomic import staged_folder
 
 REFERENCES_DIR = "references"
 META_FILE = "references.json"
@@ -134,8 +135,6 @@ def embed_references(chosen: pd.DataFrame, folder: Path, settings: dict[str, Any
     meta = folder / META_FILE
     if meta.is_file() and json.loads(meta.read_text()).get("settings") == settings:
         return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     from ray_lt.data.images import row_blocks
 
     size = max(batch_size, -(-len(chosen) // (4 * num_actors)))
@@ -147,8 +146,7 @@ def embed_references(chosen: pd.DataFrame, folder: Path, settings: dict[str, Any
                                "use_gpu": gpus_per_actor > 0, "precision": precision},
         compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=batch_size,
         batch_format="pandas", num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
-    ds.write_parquet(str(tmp))
-    (tmp / META_FILE).write_text(json.dumps({"settings": settings, "rows": len(chosen)}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with staged_folder(folder) as tmp:
+        ds.write_parquet(str(tmp))
+        (tmp / META_FILE).write_text(json.dumps({"settings": settings, "rows": len(chosen)}))
     return folder

@@ -5,13 +5,13 @@ uncertainty), both fitted by streaming over those files."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_lt.atomic import staged_folder
 from ray_lt.config import EvaluateConfig
 from ray_lt.data import LongTailData
 from ray_lt.evaluate.predict import predict_dataset
@@ -46,13 +46,11 @@ def write_training_features(classifier_dir: Path, data: LongTailData,
     """Embed the training set on Ray Data; the workers write Parquet files to
     ``classifier_dir/train_features/``, renamed into place once complete."""
     out = Path(classifier_dir) / FEATURES_DIR
-    partial = out.with_name(f"{FEATURES_DIR}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    predict_dataset(data.train, classifier_dir, evaluate.batch_size, evaluate.num_actors,
-                    evaluate.cpus_per_actor, evaluate.gpus_per_actor, features=True
-                    ).map_batches(feature_table, batch_format="numpy").write_parquet(
-                        str(partial.resolve()))
-    partial.rename(out)
+    with staged_folder(out, suffix=".partial") as partial:
+        predict_dataset(data.train, classifier_dir, evaluate.batch_size, evaluate.num_actors,
+                        evaluate.cpus_per_actor, evaluate.gpus_per_actor, features=True
+                        ).map_batches(feature_table, batch_format="numpy").write_parquet(
+                            str(partial.resolve()))
     return out
 
 

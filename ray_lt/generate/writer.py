@@ -8,7 +8,6 @@ fresh worker process for each shard's write task.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_lt.atomic import atomic_file
 from ray_lt.generate.codec import from_ipc, png_bytes
 from ray_lt.generate.synthetic import shard_file
 
@@ -43,9 +43,8 @@ def write_shards(batch: pd.DataFrame, out: str) -> pd.DataFrame:
         started = time.perf_counter()
         table = encode_images(from_ipc(row["payload"]))
         path = shard_file(Path(out), row["shard_id"])
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            pq.write_table(table, tmp)
         done.append({"shard_id": int(row["shard_id"]), "n": table.num_rows, "file": path.name,
                      "seconds": float(row["seconds"]),
                      "write_seconds": time.perf_counter() - started, "finished": time.time()})

@@ -4,7 +4,6 @@ pseudo-features from the ``feature`` generator (``CE_real + gamma * CE_pseudo``)
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ray_lt.atomic import staged_folder
 from ray_lt.train.losses import classification_loss, log_prior
 from ray_lt.train.trainer import HISTORY_FILE, MODEL_FILE, SPEC_FILE, load_classifier
 
@@ -53,13 +53,10 @@ def fit_head(classifier_dir: Path, real: tuple[np.ndarray, np.ndarray],
             seen += len(y)
         history.append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1)})
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / MODEL_FILE)
-    spec = json.loads((Path(classifier_dir) / SPEC_FILE).read_text())
-    (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-    pd.DataFrame(history).to_csv(tmp / HISTORY_FILE, index=False)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with staged_folder(folder) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(model.state_dict(), tmp / MODEL_FILE)
+        spec = json.loads((Path(classifier_dir) / SPEC_FILE).read_text())
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        pd.DataFrame(history).to_csv(tmp / HISTORY_FILE, index=False)
     return folder

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ray_lt.atomic import staged_folder
 from ray_lt.config import ModelConfig, ScalingSection, TrainConfig
 from ray_lt.data import LongTailData
 from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
@@ -97,16 +97,13 @@ def export(result: ray.train.Result, spec: dict[str, Any], folder: Path) -> Path
     """Write the final weights, the build spec and the per-epoch history to ``folder``."""
     if result.checkpoint is None:
         raise RuntimeError(f"training {folder.name} finished without a checkpoint")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     with result.checkpoint.as_directory() as ckpt:
         state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
-    torch.save(state["model"], tmp / MODEL_FILE)
-    (tmp / SPEC_FILE).write_text(json.dumps({**spec, "checkpoint": None}, indent=2))
-    pd.DataFrame(state["history"]).to_csv(tmp / HISTORY_FILE, index=False)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with staged_folder(folder) as tmp:
+        tmp.mkdir(parents=True)
+        torch.save(state["model"], tmp / MODEL_FILE)
+        (tmp / SPEC_FILE).write_text(json.dumps({**spec, "checkpoint": None}, indent=2))
+        pd.DataFrame(state["history"]).to_csv(tmp / HISTORY_FILE, index=False)
     return folder
 
 

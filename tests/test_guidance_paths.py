@@ -6,30 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from test_sampler import pixel_parts
 from test_unclip import GROUPS, LABELS, SEEDS, make_generator
 
 from ray_lt.config import config_from_dict
 from ray_lt.errors import ConfigError
 from ray_lt.generate.base import slice_condition
 from ray_lt.generate.criteria import CriterionScorer
-from ray_lt.generate.pixel import ConditionedUNet, PixelGenerator, build_unet, training_scheduler
 from ray_lt.generate.sampler import Guidance, guided_sample
 from ray_lt.generate.unclip import load_tiny_decoder, tiny_autoencoder, tiny_unclip_components
 from ray_lt.train.models import build_model
-
-
-def _pixel_parts():
-    torch.manual_seed(0)
-    unet = build_unet(16, 1, num_conditions=10, block_out_channels=[16, 32],
-                      layers_per_block=1, attention=False)
-    generator = PixelGenerator(ConditionedUNet(unet, 10),
-                               DDIMScheduler.from_config(training_scheduler().config),
-                               by_group=False)
-    classifier = build_model("small_cnn", num_classes=10, in_channels=1, width=8).eval()
-    with torch.no_grad():
-        classifier.head.weight.mul_(40)
-    return generator, CriterionScorer(classifier, ["entropy", "loss"])
 
 
 def _unclip_scorer(generator):
@@ -49,7 +35,7 @@ def _run(generator, scorer, labels, groups, seeds, **guidance):
 
 @pytest.mark.parametrize("through_unet", [False, True])
 def test_micro_batches_give_the_whole_batch_gradient(through_unet):
-    generator, scorer = _pixel_parts()
+    generator, scorer = pixel_parts()
     labels, groups, seeds = torch.arange(8) % 10, torch.full((8,), -1), list(range(8))
     whole = _run(generator, scorer, labels, groups, seeds, through_unet=through_unet)
     parts = _run(generator, scorer, labels, groups, seeds, through_unet=through_unet,

@@ -15,8 +15,8 @@ from ray_lt.generate.sampler import Guidance, guided_sample
 from ray_lt.train.models import build_model
 
 
-@pytest.fixture(scope="module")
-def parts():
+def pixel_parts():
+    """A tiny random pixel generator and a confident small CNN scoring entropy and loss."""
     torch.manual_seed(0)
     unet = build_unet(16, 1, num_conditions=10, block_out_channels=[16, 32],
                       layers_per_block=1, attention=False)
@@ -26,8 +26,12 @@ def parts():
     classifier = build_model("small_cnn", num_classes=10, in_channels=1, width=8).eval()
     with torch.no_grad():
         classifier.head.weight.mul_(40)  # confident predictions leave room for the criteria
-    scorer = CriterionScorer(classifier, ["entropy", "loss"])
-    return generator, scorer
+    return generator, CriterionScorer(classifier, ["entropy", "loss"])
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return pixel_parts()
 
 
 def _sample(parts, scale, criterion=0, seeds=tuple(range(8)), **kwargs):

@@ -39,10 +39,15 @@ def test_train_digits_lt_end_to_end(tmp_path, ray_session):
     history = pd.read_csv(out / "classifier" / "history.csv")
     assert history["epoch"].tolist() == [0, 1]
     assert {"train_loss", "val_acc", "val_balanced_acc"} <= set(history.columns)
+    # Warm-up over the first epoch's steps, then cosine to zero at the last step: the
+    # schedule's step count matches the batches the worker really ran.
+    assert history["lr"].tolist() == pytest.approx([0.05, 0.0], abs=1e-9)
     predictions = pd.read_parquet(out / "predictions.parquet")
     assert len(predictions) == 500
     assert np.isclose((predictions["pred"] == predictions["label"]).mean(), metrics["overall"])
     assert "[ray-lt] baseline test: overall" in done.stdout
+    # One driver-side bar for the epochs, advanced by rank 0 (tqdm draws on stderr).
+    assert "classifier: 100%" in done.stderr and "2/2 [" in done.stderr, done.stderr[-2000:]
 
 
 def test_train_digits_groups_end_to_end(tmp_path, ray_session):

@@ -121,15 +121,13 @@ def train_feature_generator(features: np.ndarray, labels: np.ndarray, num_classe
     denoiser = FeatureDenoiser(x.shape[1], num_classes)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=lr)
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
-    alphas = noise_scheduler.alphas_cumprod
     for _ in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=rng)
         cond = y[idx].clone()
         cond[torch.rand(len(cond), generator=rng) < label_dropout] = num_classes
         noise = torch.randn(batch_size, x.shape[1], generator=rng)
         t = torch.randint(0, 1000, (batch_size,), generator=rng)
-        abar = alphas[t].view(-1, 1)
-        z_t = abar.sqrt() * x[idx] + (1 - abar).sqrt() * noise
+        z_t = noise_scheduler.add_noise(x[idx], noise, t)
         loss = F.mse_loss(denoiser(z_t, t, cond), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

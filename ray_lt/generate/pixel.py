@@ -27,9 +27,11 @@ from torch import nn
 from ray_lt.atomic import staged_folder
 from ray_lt.config import GeneratorConfig, ScalingSection
 from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
+from ray_lt.train.progress import report_progress
 from ray_lt.train.trainer import run_trainer
 
 EMBEDDING_FILE = "condition_embedding.safetensors"
+PROGRESS_EVERY = 10  # generator steps between updates of the driver's progress bar
 
 
 def build_unet(image_size: int, channels: int, num_conditions: int,
@@ -201,7 +203,6 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
     images, conds = _load_shard(ray.train.get_dataset_shard("train"), config["by_group"], n_ctx)
     if hp.get("threads"):  # after the data is in memory: the steps alone use these threads
         torch.set_num_threads(hp["threads"])
-    alphas = noise_scheduler.alphas_cumprod.to(device)
     started = time.perf_counter()
     if checkpoint is not None and step >= hp["train_steps"]:
         # The interrupted run had finished: hand its last checkpoint back as the result.
@@ -219,8 +220,7 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
         noise = torch.randn(x0.shape, generator=rng).to(device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),),
                           generator=rng).to(device)
-        abar = alphas[t].view(-1, 1, 1, 1)
-        z_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        z_t = noise_scheduler.add_noise(x0, noise, t)
         loss = F.mse_loss(model(z_t, t, cond.to(device)), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -229,6 +229,8 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
         ema.step(net.parameters())
         losses.append(float(loss.detach()))
         step += 1
+        if rank == 0 and (step % PROGRESS_EVERY == 0 or step == hp["train_steps"]):
+            report_progress(config, step, loss=losses[-1])
         if step % hp["checkpoint_every"] == 0 or step == hp["train_steps"]:
             metrics = {"step": step, "loss": float(np.mean(losses[-hp["checkpoint_every"]:])),
                        "steps_per_second": len(losses[-hp["checkpoint_every"]:]) /
@@ -255,7 +257,8 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: 
                    "num_contexts": num_contexts}
     result = run_trainer(generator_loop_per_worker, loop_config,
                          {"train": train.select_columns(["image", "label", "group"])},
-                         scaling, out_dir, name, split=["train"])
+                         scaling, out_dir, name, split=["train"],
+                         progress=(name, cfg.train_steps, "step"))
     if result.checkpoint is None:
         raise RuntimeError(f"generator training in {out_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:

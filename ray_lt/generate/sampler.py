@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 
 from ray_lt.generate.base import Conditioning, Generator, sample_generators, slice_condition
@@ -112,7 +113,7 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
     scheduler.set_timesteps(num_steps)
     noise_gens = sample_generators(seeds, stream=0)
     shape = generator.latent_shape()
-    z = torch.stack([torch.randn(shape, generator=g) for g in noise_gens]).to(device)
+    z = randn_tensor((len(seeds), *shape), generator=noise_gens, device=device)
     z = z * scheduler.init_noise_sigma
     cond = generator.condition(labels, groups, seeds)
     alphas = scheduler.alphas_cumprod.to(device)

@@ -23,7 +23,6 @@ from diffusers import (
     StableUnCLIPImg2ImgPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
     StableUnCLIPImageNormalizer,
 )
@@ -123,6 +122,12 @@ class UnCLIPGenerator:
         self.image_normalizer.requires_grad_(False)
         self.tokenizer, self.feature_extractor = tokenizer, feature_extractor
         self.image_noising_scheduler = image_noising_scheduler
+        # diffusers' own pipeline over the same modules (no copies), for its embedding noising.
+        self._pipeline = StableUnCLIPImg2ImgPipeline(
+            feature_extractor=feature_extractor, image_encoder=image_encoder,
+            image_normalizer=self.image_normalizer,
+            image_noising_scheduler=image_noising_scheduler, tokenizer=tokenizer,
+            text_encoder=text_encoder, unet=unet, scheduler=scheduler, vae=vae)
         # The UNet's parameterisation; the sampler sees epsilon only.
         self.prediction_type = scheduler.config.prediction_type
         self.scheduler = DDIMScheduler.from_config(scheduler.config, prediction_type="epsilon")
@@ -245,16 +250,11 @@ class UnCLIPGenerator:
                             groups=torch.as_tensor(groups_l, device=self.device), inputs=inputs)
 
     def noise_image_embeds(self, embeds: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """unCLIP's noise augmentation (as diffusers' ``noise_image_embeddings``): normalise,
-        noise to ``noise_level``, unnormalise, then append the noise level's sinusoidal
-        embedding: (B, E) -> (B, 2E), float32."""
-        level = torch.full((embeds.shape[0],), self.noise_level, device=self.device)
-        x = self.image_normalizer.scale(embeds.float())
-        x = self.image_noising_scheduler.add_noise(x, noise.float(), level)
-        x = self.image_normalizer.unscale(x)
-        level_embed = get_timestep_embedding(level, x.shape[-1], flip_sin_to_cos=True,
-                                             downscale_freq_shift=0)
-        return torch.cat([x, level_embed.to(x)], dim=1)
+        """unCLIP's noise augmentation, diffusers' ``noise_image_embeddings``: normalise, noise
+        to ``noise_level``, unnormalise, then append the noise level's sinusoidal embedding:
+        (B, E) -> (B, 2E), float32."""
+        return self._pipeline.noise_image_embeddings(embeds.float(), self.noise_level,
+                                                     noise=noise.float())
 
     @torch.no_grad()
     def _image_embeds(self, refs: list[int]) -> torch.Tensor:
@@ -394,18 +394,26 @@ def check_pretrained(path: str | Path) -> Path:
 
 def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Every unCLIP component from a folder laid out like the Hugging Face repo
-    ``stabilityai/stable-diffusion-2-1-unclip`` (or that repo id in the local cache), offline."""
+    ``stabilityai/stable-diffusion-2-1-unclip`` (or that repo id in the local cache), offline,
+    through diffusers' own pipeline loader."""
     root = check_pretrained(path)
-    return {name: load_component(root, name, dtype) for name in COMPONENTS}
+    try:
+        pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(
+            root, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as err:
+        for name in COMPONENTS:  # name the component that fails on its own, if one does
+            load_component(root, name, dtype)
+        raise ConfigError(f"generator.pretrained: {root} could not be loaded offline as a "
+                          f"StableUnCLIPImg2ImgPipeline ({err}); weights are never downloaded"
+                          ) from None
+    return {name: pipeline.components[name] for name in COMPONENTS}
 
 
 def load_component(path: str | Path, name: str, dtype: torch.dtype = torch.float32) -> Any:
     """One component (a key of ``COMPONENTS``) of the unCLIP folder, offline."""
     root = check_pretrained(path)
     kwargs: dict[str, Any] = {"subfolder": name, "local_files_only": True}
-    if name in ("unet", "vae"):
-        kwargs["torch_dtype"] = dtype
-    elif name in ("text_encoder", "image_encoder"):
+    if name in ("unet", "vae", "text_encoder", "image_encoder"):
         kwargs["dtype"] = dtype
     try:
         return COMPONENTS[name].from_pretrained(root, **kwargs)
@@ -424,7 +432,7 @@ def load_tiny_decoder(path: str | Path, dtype: torch.dtype = torch.float32) -> A
                           "AutoencoderTiny (weights are never downloaded; fetch e.g. "
                           "madebyollin/taesd into a local folder)")
     try:
-        decoder = AutoencoderTiny.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+        decoder = AutoencoderTiny.from_pretrained(folder, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ConfigError(f"synthesis.tiny_decoder: {folder} could not be loaded as an "
                           f"AutoencoderTiny ({err})") from None

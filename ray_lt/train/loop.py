@@ -17,12 +17,14 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 
 from ray_lt.evaluate.metrics import accuracy_report
 from ray_lt.train.augment import augment_batch
 from ray_lt.train.losses import classification_loss, log_prior
 from ray_lt.train.models import build_model
+from ray_lt.train.progress import report_progress
 from ray_lt.train.resident import ResidentShard
 
 STATE_FILE = "state.pt"
@@ -41,14 +43,13 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def warmup_cosine(epochs: int, warmup_epochs: int) -> Any:
-    """Per-epoch learning-rate factor: linear warm-up, then cosine decay to zero."""
-    def factor(epoch: int) -> float:
-        if epoch < warmup_epochs:
-            return (epoch + 1) / (warmup_epochs + 1)
-        progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+def steps_per_epoch(config: dict[str, Any], world_size: int) -> int:
+    """Optimizer steps in one epoch of one worker: its equal share of the real training rows
+    over the real rows of a batch (``mixed_batches``); the learning-rate schedule's unit."""
+    hp = config["train"]
+    n_syn = round(hp["batch_size"] * hp["synthetic_fraction"]) if config["has_synthetic"] else 0
+    rows = sum(config["class_counts"]) // world_size
+    return max(1, math.ceil(rows / max(1, hp["batch_size"] - n_syn)))
 
 
 def _cycled_batches(synthetic: Any, size: int, kwargs: dict[str, Any]
@@ -132,8 +133,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(build_model(**config["model"]))
     optimizer = make_optimizer(model, hp["optimizer"], hp["lr"], hp["momentum"],
                                hp["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(hp["epochs"], hp["warmup_epochs"]))
+    # Linear warm-up, then cosine decay to zero, stepped per optimizer step.
+    per_epoch = steps_per_epoch(config, context.get_world_size())
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, hp["warmup_epochs"] * per_epoch, hp["epochs"] * per_epoch)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -171,10 +174,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             loss_sum += float(loss.detach()) * len(labels)
             correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
-        scheduler.step()
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                    "train_acc": correct / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": time.perf_counter() - started}
@@ -190,6 +193,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             "history": history}, Path(folder) / STATE_FILE)
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
+        if rank == 0:
+            report_progress(config, epoch + 1, loss=metrics["train_loss"],
+                            **{k: metrics[k] for k in ("val_acc",) if k in metrics})
     if checkpoint is not None and start_epoch >= hp["epochs"]:
         # The interrupted run had finished training: hand its last checkpoint back as result.
         ray.train.report(history[-1], checkpoint=checkpoint if rank == 0 else None)

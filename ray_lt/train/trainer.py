@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from ray_lt.config import ModelConfig, ScalingSection, TrainConfig
 from ray_lt.data import LongTailData
 from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
 from ray_lt.train.models import Classifier, build_model
+from ray_lt.train.progress import train_progress
 
 MODEL_FILE = "model.pt"
 SPEC_FILE = "classifier.json"
@@ -65,19 +67,33 @@ def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
     if synthetic is not None:
         datasets["synthetic"] = _training_columns(synthetic)
     result = run_trainer(train_loop_per_worker, loop_config, datasets, scaling, out_dir, name,
-                         split=[k for k in datasets if k != "val"], callbacks=callbacks)
+                         split=[k for k in datasets if k != "val"], callbacks=callbacks,
+                         progress=None if callbacks else (name, train.epochs, "epoch"))
     return export(result, spec, out_dir / name)
 
 
 def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
                 scaling: ScalingSection, out_dir: Path, name: str, split: list[str],
-                callbacks: list[Any] | None = None) -> ray.train.Result:
+                callbacks: list[Any] | None = None,
+                progress: tuple[str, int, str] | None = None) -> ray.train.Result:
     """Fit ``loop`` with a ``TorchTrainer`` whose run lives in ``out_dir/ray_results/name``, so
-    that a rerun after an interruption resumes from the run's latest checkpoint."""
+    that a rerun after an interruption resumes from the run's latest checkpoint.
+    ``progress`` (description, total, unit) draws a bar on the driver that the loop advances
+    with ``report_progress``."""
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    with contextlib.ExitStack() as stack:
+        if progress is not None:
+            loop_config = stack.enter_context(train_progress(loop_config, *progress))
+        return _trainer(loop, loop_config, datasets, scaling, resources, out_dir, name, split,
+                        callbacks).fit()
+
+
+def _trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
+             scaling: ScalingSection, resources: dict[str, float], out_dir: Path, name: str,
+             split: list[str], callbacks: list[Any] | None) -> TorchTrainer:
+    return TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
@@ -90,7 +106,6 @@ def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=split),
     )
-    return trainer.fit()
 
 
 def export(result: ray.train.Result, spec: dict[str, Any], folder: Path) -> Path:

@@ -14,7 +14,8 @@ from pathlib import Path
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path beside ``path`` (unique to this process) to write; on success it
-    replaces ``path``, on an exception it is removed."""
+    replaces ``path``, on an exception it is removed. A process killed mid-write leaves only
+    the hidden temporary ``.NAME.PID.tmp``, which no reader globs."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ray_lt import commands
 from ray_lt.config import Config, load_config
-from ray_lt.errors import RayLTError
+from ray_lt.errors import ConfigError, RayLTError
 from ray_lt.log import setup_console
 
 COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
@@ -41,11 +42,30 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False
                              "progress bars (always in DIR/logs/ and Ray's session logs)")
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` folder that cannot be created or written, before Ray starts. It
+    creates nothing: a probe file in the nearest existing folder is removed at once."""
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, so the run folder cannot be made "
+                          f"there; choose another --out")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ray-lt-probe-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--out {out}: the run folder cannot be created or written: a file "
+                          f"cannot be made in {existing} ({err.strerror}); choose a writable "
+                          f"--out") from None
+
+
 def run_command(name: str, args: argparse.Namespace) -> int:
     """Load the config, run the command; bad input ends with a one-paragraph error, exit 2."""
     setup_console(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_out_dir(args.out)
         COMMANDS[name][0](cfg, args.out)
     except RayLTError as err:
         print(f"ray-lt {name}: error: {err}", file=sys.stderr)

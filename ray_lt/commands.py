@@ -40,7 +40,7 @@ def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     Writes ``classifier/`` (weights, spec, history), ``metrics.json``, ``predictions.parquet``
     and ``per_class_accuracy.png`` into ``out_dir``.
     """
-    out_dir, data = prepare(cfg, out_dir)
+    out_dir, data = prepare(cfg, out_dir, needs=("train",))
     return baseline_stage(cfg, out_dir, data)
 
 
@@ -50,7 +50,7 @@ def train_generator(cfg: Config, out_dir: Path) -> Path:
     if cfg.generator.kind == "unclip":
         raise ConfigError("generator.kind: 'unclip' is not trained by train-generator (it loads "
                           "pretrained weights from generator.pretrained)")
-    out_dir, data = prepare(cfg, out_dir)
+    out_dir, data = prepare(cfg, out_dir, needs=("train",))
     return generator_stage(cfg, out_dir, data)
 
 
@@ -61,13 +61,13 @@ def synthesize(cfg: Config, out_dir: Path) -> Path:
     """
     require_stage(Path(out_dir) / "classifier" / MODEL_FILE, "classifier", "ray-lt train")
     check_generator(cfg, Path(out_dir))
-    out_dir, data = prepare(cfg, out_dir)
+    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",))
     return synthesis_stage(cfg, out_dir, data)
 
 
 def grid(cfg: Config, out_dir: Path) -> Path | None:
     """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
-    out_dir, data = prepare(cfg, out_dir)
+    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",))
     return grid_stage(cfg, out_dir, data)
 
 
@@ -79,7 +79,7 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     check_run_config(cfg)
     with StageMeter() as meter:
-        out_dir, data = prepare(cfg, out_dir)
+        out_dir, data = prepare(cfg, out_dir, needs=("train", "synthesis"))
         plan(cfg, data)  # an empty quota is refused before any training
         check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
     times = {"data": (meter.seconds, meter.peak_rss_mb)}

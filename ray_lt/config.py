@@ -6,8 +6,9 @@ are rejected with the key's full path before any Ray work starts.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -164,6 +165,9 @@ class TrainConfig(Strict):
     # Each shard (train, synthetic, val) whose first pass fits in this many MiB per worker is
     # kept in the worker's memory and reshuffled per epoch there: no Ray Data job per epoch.
     resident_mib: int = Field(512, ge=0)
+    # Same config and seed, same weights (on a GPU up to its nondeterministic kernels): Ray Data
+    # keeps block order, shuffles are seeded, torch uses deterministic algorithms.
+    deterministic: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -324,17 +328,27 @@ def _positive(bounds: tuple[float, float]) -> tuple[float, float]:
     return bounds
 
 
+def _non_negative(bounds: tuple[float, float]) -> tuple[float, float]:
+    if bounds[0] < 0:
+        raise ValueError("a loss weight cannot be negative: low must be >= 0")
+    return bounds
+
+
 def _criteria_names(names: list[str]) -> list[str]:
-    known = {"entropy", "loss", "hardness", "total_uncertainty"}
-    unknown = sorted(set(names) - known)
-    if unknown or len(names) < 2:
-        raise ValueError(f"name at least two of {sorted(known)} (unknown: {unknown})")
+    known = ["entropy", "hardness", "loss", "total_uncertainty"]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown criteria {unknown}; choose from {known}")
+    if len(set(names)) < 2:
+        raise ValueError(f"{len(set(names))} distinct criteria leave no mixture to search; name "
+                         f"at least two of {known}, or null to keep synthesis.criteria")
     return names
 
 
 Range = Annotated[tuple[float, float], AfterValidator(_ordered)]
 UnitRange = Annotated[Range, AfterValidator(_unit)]
 LogRange = Annotated[Range, AfterValidator(_positive)]
+WeightRange = Annotated[Range, AfterValidator(_non_negative)]
 
 
 class SearchSpace(Strict):
@@ -344,7 +358,7 @@ class SearchSpace(Strict):
     guidance_scale: LogRange | None = (0.003, 0.3)
     embedding_dropout: UnitRange | None = None
     criteria: Annotated[list[str], AfterValidator(_criteria_names)] | None = None
-    synthetic_weight: Range | None = (0.2, 1.0)
+    synthetic_weight: WeightRange | None = (0.2, 1.0)
     balanced_softmax_weight: UnitRange | None = None
 
 
@@ -390,6 +404,16 @@ class Config(Strict):
                              f"{self.generator.kind!r}")
         return self
 
+    @model_validator(mode="after")
+    def _pretrained_needs_unclip(self) -> Config:
+        g = self.generator
+        if g.pretrained is not None and g.kind != "unclip":
+            raise ValueError(f"generator.pretrained: {g.pretrained!r} is read by generator.kind "
+                             f"unclip only; a {g.kind!r} generator is trained into "
+                             f"DIR/generator and would ignore it: set generator.kind: unclip "
+                             f"for unCLIP weights, else generator.pretrained: null")
+        return self
+
 
 def final_train_config(cfg: Config) -> TrainConfig:
     """The ``train`` section with the ``final`` section's overrides applied."""
@@ -433,6 +457,34 @@ def _dataset_key_note(key: str, kind: str | None) -> str:
             f"switching kinds)")
 
 
+def _section(path: list[str], kind: str | None) -> type[BaseModel] | None:
+    """The config class of the section at ``path`` (keys from the top), None if there is none."""
+    section: type[BaseModel] | None = Config
+    for key in path:
+        field = section.model_fields.get(key) if section else None
+        if field is None:
+            return None
+        if section is Config and key == "dataset":
+            section = DATASET_KINDS.get(kind or "")
+        else:
+            section = _model_in(field.annotation)
+    return section
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config class a field holds (``X``, ``X | None``), None for a plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_in(a))), None)
+
+
+def _suggestion(loc: list[str], kind: str | None) -> str:
+    """For a misspelled key: the nearest key of its section."""
+    section = _section(loc[:-1], kind)
+    close = difflib.get_close_matches(loc[-1], list(section.model_fields) if section else [], 1)
+    return f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else ""
+
+
 def _format_error(source: str, raw: dict[str, Any], err: ValidationError) -> str:
     kind = (raw.get("dataset") or {}).get("kind") if isinstance(raw.get("dataset"), dict) else None
     lines = []
@@ -443,6 +495,8 @@ def _format_error(source: str, raw: dict[str, Any], err: ValidationError) -> str
         note = ""
         if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "dataset":
             note = _dataset_key_note(loc[1], kind)
+        if e["type"] == "extra_forbidden" and not note:
+            note = _suggestion(loc, kind)
         lines.append(f"{source}: {'.'.join(loc) or '<root>'}: {e['msg']}{note}")
     return "invalid config\n  " + "\n  ".join(lines)
 

@@ -96,16 +96,101 @@ def init_ray(cfg: RayConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = loud
 
 
-def prepare(cfg: Config, out_dir: Path) -> tuple[Path, LongTailData]:
-    """Record the config in the run directory, start Ray, load and check the data."""
+def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = ()
+            ) -> tuple[Path, LongTailData]:
+    """Record the config in the run directory, start Ray, check that the cluster can run what
+    the caller ``needs`` (``check_cluster_resources``), load and check the data."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out_dir / "config.yaml")
     log_file = log_to_file(out_dir)
     init_ray(cfg.ray)
+    check_cluster_resources(cfg, cluster_capacity(), needs)
     log.debug("Ray session logs (every worker's output): %s", ray_session_logs())
     log.debug("full log: %s", log_file)
     return out_dir, load_dataset(cfg.dataset, cfg.seed)
+
+
+DATA_TASK_CPUS = 1.0  # what a Ray Data read or map task asks for unless told otherwise
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The connected cluster's resources (``ray.cluster_resources()``), raised to what its
+    autoscaler may add when it has one."""
+    resources = dict(ray.cluster_resources())
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a private API: a client connection or another Ray version lacks it
+        most = {}
+    for key, value in most.items():
+        resources[key] = max(resources.get(key, 0.0), float(value))
+    return resources
+
+
+def check_cluster_resources(cfg: Config, resources: dict[str, float], needs: tuple[str, ...]
+                            ) -> None:
+    """Refuse settings that the cluster's ``resources`` (``cluster_capacity()``) can never
+    schedule, which would otherwise wait for them forever with every process idle.
+
+    ``needs`` names what the command runs: ``train`` (Ray Train workers, which must leave
+    Ray Data a CPU for its read and map tasks), ``synthesis`` (the sampler actor pool, the grid
+    task) and ``tune`` (each trial's driver beside its Train workers); the evaluation actor
+    pool is always checked.
+    """
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    has = f"the Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s)"
+    problems = []
+
+    def pool(section: str, size: int, cpus_each: float, gpus_each: float) -> None:
+        if size * cpus_each > cpus:
+            problems.append(f"{section}.cpus_per_actor: {size} actor(s) x {cpus_each:g} CPU = "
+                            f"{size * cpus_each:g} CPUs, but {has}; lower {section}.num_actors "
+                            f"or {section}.cpus_per_actor")
+        if gpus_each > 0 and size * gpus_each > gpus:
+            problems.append(f"{section}.gpus_per_actor: {size} actor(s) x {gpus_each:g} GPU = "
+                            f"{size * gpus_each:g} GPUs, but {has}; lower {section}.num_actors "
+                            f"or set {section}.gpus_per_actor: 0")
+
+    sc = cfg.scaling
+    if "train" in needs:
+        if sc.use_gpu and sc.num_workers * sc.gpus_per_worker > gpus:
+            problems.append(f"scaling.use_gpu: true asks for {sc.num_workers} worker(s) x "
+                            f"{sc.gpus_per_worker:g} GPU (scaling.gpus_per_worker), but {has}; "
+                            f"set scaling.use_gpu: false or connect to a cluster with GPUs "
+                            f"(ray.address)")
+        trial = cfg.tune.trial_cpus if "tune" in needs else 0.0
+        held = sc.num_workers * sc.cpus_per_worker + trial
+        if held + DATA_TASK_CPUS > cpus:
+            beside = f" + tune.trial_cpus {trial:g}" if trial else ""
+            problems.append(f"scaling.cpus_per_worker: {sc.num_workers} worker(s) x "
+                            f"{sc.cpus_per_worker:g} CPU{beside} = {held:g} CPUs leave Ray Data "
+                            f"{max(cpus - held, 0):g} of the cluster's CPUs, and each of its "
+                            f"tasks needs {DATA_TASK_CPUS:g}: training would wait forever; "
+                            f"{has}; lower scaling.cpus_per_worker or scaling.num_workers")
+    if "synthesis" in needs:
+        # The sampler pool goes on with as many actors as fit (ray_lt.generate.synthesize):
+        # one actor beside the writer must fit; fewer than asked is worth a warning.
+        s = cfg.synthesis
+        if s.cpus_per_actor + s.writer_cpus > cpus:
+            problems.append(f"synthesis.cpus_per_actor: one sampler actor ({s.cpus_per_actor:g} "
+                            f"CPU) beside the shard writer (synthesis.writer_cpus "
+                            f"{s.writer_cpus:g}) needs {s.cpus_per_actor + s.writer_cpus:g} "
+                            f"CPUs, but {has}; lower synthesis.cpus_per_actor")
+        if s.gpus_per_actor > gpus:
+            problems.append(f"synthesis.gpus_per_actor: one sampler actor needs "
+                            f"{s.gpus_per_actor:g} GPU, but {has}; set "
+                            f"synthesis.gpus_per_actor: 0 or connect to a cluster with GPUs")
+        fit = min(s.num_actors, int((cpus - s.writer_cpus) // s.cpus_per_actor),
+                  int(gpus // s.gpus_per_actor) if s.gpus_per_actor > 0 else s.num_actors)
+        if not problems and 0 < fit < s.num_actors:
+            log.warning(f"synthesis.num_actors: {s.num_actors} asked, {fit} fit beside the "
+                        f"writer ({has}); the sampler pool runs with {fit}")
+    e = cfg.evaluate
+    pool("evaluate", e.num_actors, e.cpus_per_actor, e.gpus_per_actor)
+    if problems:
+        raise ConfigError("the Ray cluster cannot run this config\n  " + "\n  ".join(problems))
 
 
 def ray_session_logs() -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.evaluate.plots import plot_per_class_accuracy
@@ -221,7 +222,7 @@ def synthetic_quality(cfg: Config, run_dir: Path, data: LongTailData, rows: pd.D
                           fake_features, fake_labels, criteria.astype(str),
                           k=cfg.report.quality_k, seed=cfg.seed)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(cache, index=False)
+    write_text_atomic(cache, table.to_csv(index=False))
     return table
 
 
@@ -306,7 +307,7 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
                          round(v[1])} for k, v in times.items()]))]
     blocks += [Block("h2", "Config"),
                Block("code", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))]
-    (run_dir / "report.html").write_text(to_html(blocks, f"ray_lt report: {name}"))
+    write_text_atomic(run_dir / "report.html", to_html(blocks, f"ray_lt report: {name}"))
     path = run_dir / "report.md"
-    path.write_text(to_markdown(blocks))
+    write_text_atomic(path, to_markdown(blocks))
     return path

@@ -1,5 +1,6 @@
 """One local Ray head per test session (started with ``ray start --head`` so that jobs can be
-submitted to it too); every test that needs Ray connects to it."""
+submitted to it too); every test that needs Ray connects to it. Also tiny copies of the real
+data sets' layouts, shared by the data tests."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -147,3 +149,69 @@ def submit_and_wait(ray_session, command: str, timeout: float = 900) -> str:
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     return logs
+
+
+# -- tiny copies of the real data sets' layouts, written with PIL -------------------------
+
+def write_image(path: Path, colour: int, size=(20, 14), fmt="JPEG") -> None:
+    """A plain RGB image whose colour encodes ``colour``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (colour, 255 - colour, 30)).save(path, format=fmt)
+
+
+def imagenet_lt_folder(root: Path, counts=(3, 2, 1), prefix="ImageNet_LT") -> Path:
+    """A tiny copy of the real layout: root/train/nXXXX/*.JPEG and the three split lists."""
+    for split, per_class in (("train", counts), ("val", (1, 1, 1)), ("test", (2, 2, 2))):
+        lines = []
+        for label, n in enumerate(per_class):
+            for i in range(n):
+                rel = f"{split}/n{label:04d}/img_{i}.JPEG"
+                write_image(root / rel, 40 * label + i)
+                lines.append(f"{rel} {label}")
+        (root / f"{prefix}_{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def nico_folder(root: Path) -> Path:
+    """NICO++'s layout: ``metadata.csv`` (filename,split,y,a) over 2 classes x 3 contexts."""
+    lines = ["filename,split,y,a"]
+    for split, n in ((0, 2), (1, 1), (2, 1)):
+        for y in range(2):
+            for a in range(3):
+                if split == 0 and (y, a) == (1, 2):
+                    continue  # an empty training group, as in NICO++
+                for i in range(n):
+                    rel = f"class{y}/ctx{a}/{split}_{i}.png"
+                    write_image(root / rel, 50 * a + y, fmt="PNG")
+                    lines.append(f"{rel},{split},{y},{a}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+# Small and quick settings of the synthesis tests on digits_lt.
+BASE = ["train.epochs=1", "generator.train_steps=12", "generator.checkpoint_every=6",
+        "generator.block_out_channels=[16, 32]", "generator.batch_size=16",
+        "synthesis.num_steps=6", "synthesis.guidance_every=2", "synthesis.cpus_per_actor=0.5",
+        "synthesis.max_shard_size=3", "synthesis.batch_size=3",
+        "evaluate.cpus_per_actor=0.5",
+        "synthesis.criteria={entropy: 0.5, hardness: 0.25, total_uncertainty: 0.25}"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, ray_session):
+    """A run directory with a baseline classifier and a pixel generator (``BASE``), shared by
+    the synthesis and fault tests: copy its stages, never write into it."""
+    from ray_lt import commands
+    from ray_lt.config import load_config
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", BASE)
+    commands.train(cfg, out)
+    commands.train_generator(cfg, out)
+    # The criteria's class statistics and epistemic head, so that copies of these stages
+    # sample at once.
+    from ray_lt.data import load_dataset
+    from ray_lt.pipeline import criterion_support
+
+    criterion_support(cfg, out, load_dataset(cfg.dataset, cfg.seed))
+    return out

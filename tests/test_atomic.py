@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
 from ray_lt.atomic import atomic_file, staged_folder, write_text_atomic
@@ -35,3 +39,36 @@ def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
         tmp.mkdir()
         (tmp / "model.pt").write_text("new")
     assert (folder / "model.pt").read_text() == "new" and not tmp.exists()
+
+
+WRITER = """
+import sys, time
+from ray_lt.atomic import atomic_file
+with atomic_file(sys.argv[1]) as tmp, open(tmp, "w") as handle:
+    handle.write("half" * 1000)
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("name, old", [("shard_000003.parquet", None), ("stages.json", "{}"),
+                                       ("report.md", "# old report"), ("metrics.json", None)])
+def test_a_process_killed_mid_write_leaves_the_old_file_or_none(tmp_path, name, old):
+    path = tmp_path / name
+    if old is not None:
+        path.write_text(old)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE,
+                              text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    if old is None:
+        assert not path.exists()
+    else:
+        assert path.read_text() == old
+    # Only the hidden temporary is left, and the globs readers use do not see it.
+    assert [p.name for p in tmp_path.iterdir() if p.name != name] == [
+        f".{name}.{writer.pid}.tmp"]
+    assert list(tmp_path.glob("shard_*.parquet")) == ([path] if name.startswith("shard") and
+                                                      old is not None else [])

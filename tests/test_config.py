@@ -86,9 +86,14 @@ def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path, cap
     assert not out.exists()  # refused before anything was written
     if name != "imagenet_lt":
         return  # the data stage's own check (below) starts Ray: once is enough
-    # Everything there but the data: the data stage names the missing list file.
+    # Everything there but the data, sized to this machine (the GPU cluster's settings are
+    # refused by the cluster check first): the data stage names the missing list file.
     done = run_cli("run", f"configs/{name}.yaml", "--out", str(out), "--set",
                    f"dataset.root={data}", "model.checkpoint=null",
-                   f"generator.pretrained={weights}")
+                   f"generator.pretrained={weights}", "scaling.use_gpu=false",
+                   "scaling.num_workers=1", "scaling.cpus_per_worker=1",
+                   "synthesis.num_actors=1", "synthesis.cpus_per_actor=0.5",
+                   "synthesis.gpus_per_actor=0", "evaluate.num_actors=1",
+                   "evaluate.cpus_per_actor=0.5", "evaluate.gpus_per_actor=0")
     assert done.returncode == 2
     assert str(data / "ImageNet_LT_train.txt") in done.stderr, done.stderr[-2000:]

@@ -1,10 +1,8 @@
 """Loaders on files written in each real format, every bad-input case, the embedded digits."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import imagenet_lt_folder, nico_folder, write_image
 
 from ray_lt.config import DigitsGroupsData, DigitsLTData, ListFileData, NicoData
 from ray_lt.data import load_dataset
@@ -13,26 +11,8 @@ from ray_lt.data.files import read_nico_metadata, read_split_list
 from ray_lt.errors import ConfigError, DataError
 
 
-def _write_image(path: Path, colour: int, size=(20, 14), fmt="JPEG") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (colour, 255 - colour, 30)).save(path, format=fmt)
-
-
-def _imagenet_lt(root: Path, counts=(3, 2, 1), prefix="ImageNet_LT") -> Path:
-    """A tiny copy of the real layout: root/train/nXXXX/*.JPEG and the three split lists."""
-    for split, per_class in (("train", counts), ("val", (1, 1, 1)), ("test", (2, 2, 2))):
-        lines = []
-        for label, n in enumerate(per_class):
-            for i in range(n):
-                rel = f"{split}/n{label:04d}/img_{i}.JPEG"
-                _write_image(root / rel, 40 * label + i)
-                lines.append(f"{rel} {label}")
-        (root / f"{prefix}_{split}.txt").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def test_imagenet_lt_format_loads(tmp_path, ray_session):
-    root = _imagenet_lt(tmp_path / "ImageNet_LT")
+    root = imagenet_lt_folder(tmp_path / "ImageNet_LT")
     data = load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3,
                                      image_size=8), seed=0)
     assert data.class_counts.tolist() == [3, 2, 1]
@@ -47,29 +27,14 @@ def test_imagenet_lt_format_loads(tmp_path, ray_session):
 
 
 def test_places_lt_uses_its_own_list_names(tmp_path, ray_session):
-    root = _imagenet_lt(tmp_path / "places", prefix="Places_LT")
+    root = imagenet_lt_folder(tmp_path / "places", prefix="Places_LT")
     data = load_dataset(ListFileData(kind="places_lt", root=root, num_classes=3,
                                      image_size=8, verify_images=False), seed=0)
     assert data.class_counts.tolist() == [3, 2, 1]
 
 
-def _nico(root: Path) -> Path:
-    lines = ["filename,split,y,a"]
-    for split, n in ((0, 2), (1, 1), (2, 1)):
-        for y in range(2):
-            for a in range(3):
-                if split == 0 and (y, a) == (1, 2):
-                    continue  # an empty training group, as in NICO++
-                for i in range(n):
-                    rel = f"class{y}/ctx{a}/{split}_{i}.png"
-                    _write_image(root / rel, 50 * a + y, fmt="PNG")
-                    lines.append(f"{rel},{split},{y},{a}")
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def test_nico_metadata_groups(tmp_path, ray_session):
-    root = _nico(tmp_path / "nico")
+    root = nico_folder(tmp_path / "nico")
     cfg = NicoData(kind="nico_pp", root=root, num_classes=2,
                    context_names=["autumn", "dim", "grass"], image_size=8)
     data = load_dataset(cfg, seed=0)
@@ -88,8 +53,8 @@ def test_nico_metadata_groups(tmp_path, ray_session):
     ("../outside.JPEG 0", "resolves outside the data root"),
 ])
 def test_bad_list_lines_name_file_and_line(tmp_path, line, message):
-    root = _imagenet_lt(tmp_path / "d")
-    _write_image(tmp_path / "outside.JPEG", 1)
+    root = imagenet_lt_folder(tmp_path / "d")
+    write_image(tmp_path / "outside.JPEG", 1)
     listing = root / "ImageNet_LT_train.txt"
     lines = listing.read_text().splitlines()
     lines.insert(2, line)
@@ -102,7 +67,7 @@ def test_bad_list_lines_name_file_and_line(tmp_path, line, message):
 
 def test_missing_list_and_root(tmp_path):
     with pytest.raises(DataError, match="split list .*ImageNet_LT_val.txt does not exist"):
-        root = _imagenet_lt(tmp_path / "d")
+        root = imagenet_lt_folder(tmp_path / "d")
         (root / "ImageNet_LT_val.txt").unlink()
         load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3), 0)
     with pytest.raises(DataError, match="dataset.root: data folder .* does not exist"):
@@ -110,13 +75,13 @@ def test_missing_list_and_root(tmp_path):
 
 
 def test_class_without_training_image_is_an_error(tmp_path):
-    root = _imagenet_lt(tmp_path / "d", counts=(2, 0, 1))
+    root = imagenet_lt_folder(tmp_path / "d", counts=(2, 0, 1))
     with pytest.raises(DataError, match=r"ImageNet_LT_train.txt: class\(es\) 1 have no training"):
         load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3), 0)
 
 
 def test_corrupt_image_named_with_its_list_line(tmp_path, ray_session):
-    root = _imagenet_lt(tmp_path / "d")
+    root = imagenet_lt_folder(tmp_path / "d")
     bad = root / "train/n0001/img_1.JPEG"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
     with pytest.raises(DataError) as err:
@@ -133,7 +98,7 @@ def test_corrupt_image_named_with_its_list_line(tmp_path, ray_session):
     ("class0/ctx0/0_0.png,0", "expected 4 fields"),
 ])
 def test_bad_nico_rows(tmp_path, row, message):
-    root = _nico(tmp_path / "nico")
+    root = nico_folder(tmp_path / "nico")
     meta = root / "metadata.csv"
     lines = meta.read_text().splitlines()
     lines.insert(3, row)
@@ -144,10 +109,11 @@ def test_bad_nico_rows(tmp_path, row, message):
 
 
 def test_nico_bad_header(tmp_path):
-    root = _nico(tmp_path / "nico")
+    root = nico_folder(tmp_path / "nico")
     meta = root / "metadata.csv"
     meta.write_text("file,s,y,a\n")
-    with pytest.raises(DataError, match=r"metadata.csv:1: header must start with"):
+    with pytest.raises(DataError, match=r"metadata.csv:1: the header lacks the column\(s\) "
+                                        r"filename, split;"):
         read_nico_metadata(meta, root, 2, 3)
 
 

@@ -23,3 +23,13 @@ def test_cited_documents_and_method_sections_exist():
     assert {"docs/method.md", "docs/performance.md"} <= cited_docs
     assert all((ROOT / doc).is_file() for doc in cited_docs), cited_docs
     assert cited_sections and cited_sections <= sections, cited_sections - sections
+
+
+def test_every_test_the_guarantees_cite_exists():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+    cited = re.findall(r"`(test_\w+\.py)(?:::(test_\w+))?", section)
+    assert len(cited) >= 15
+    for module, name in cited:
+        text = (ROOT / "tests" / module).read_text()
+        assert not name or f"def {name}(" in text, f"{module}::{name}"

@@ -96,7 +96,7 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(digits_run, ra
 def test_tune_two_trials_and_run_the_best_config(digits_run, ray_session, tmp_path):
     out, _ = digits_run
     done = run_cli("tune", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
-                   "tune.num_trials=2", "tune.quota_scale=0.5",
+                   "tune.num_trials=2", "tune.quota_scale=0.3",
                    "tune.space.criteria=[entropy, loss]", f"ray.address={ray_session['address']}",
                    timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -141,10 +141,23 @@ def test_run_digits_groups(tmp_path, ray_session):
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads((out / "final" / "metrics.json").read_text())
     assert final["worst_group"] is not None and len(final["per_group"]) == 40
+    baseline = json.loads((out / "metrics.json").read_text())
+    present = [a for a in baseline["per_group"] if a is not None]
+    assert len(present) == 40  # every group has test images
+    assert baseline["worst_group"] == pytest.approx(min(present))
+    assert baseline["worst_group"] <= baseline["overall"]
+    assert sum(baseline["group_counts"]) == 1000
+    # The class x context generator fills each group up to synthesis.target, no further.
+    spec = json.loads((out / "generator" / "generator.json").read_text())
+    assert spec["num_contexts"] == 4 and spec["num_conditions"] == 10
     counts = np.asarray(final["group_counts"])
     synthetic = pd.concat(pd.read_parquet(p) for p in (out / "synthetic").glob("shard_*"))
     written = synthetic.groupby("group").size().reindex(range(40), fill_value=0).to_numpy()
-    assert (written[counts == 0] >= 1).all() and (written[counts >= 4] == 0).all()
+    plan = pd.DataFrame(json.loads((out / "synthetic" / "plan.json").read_text()))
+    planned = plan.groupby("group")["n"].sum().reindex(range(40), fill_value=0).to_numpy()
+    assert (written == planned).all()
+    assert (planned[counts == 0] >= 1).all() and (planned[counts >= 4] == 0).all()
+    assert (synthetic["group"] // 4 == synthetic["label"]).all()
     report = (out / "report.md").read_text()
     assert f"{final['worst_group']:.3f} |" in report and "five worst groups" in report
 

@@ -1,47 +1,24 @@
-"""Synthesis on a real local Ray cluster: train-generator, the actor pool, exact quotas under
-a killed actor, resume, and clear errors for missing stages."""
+"""Synthesis on a real local Ray cluster: train-generator, the actor pool, exact quotas,
+resume, and clear errors for missing stages (faults: test_faults.py)."""
 
 import io
 import json
 import logging
-import os
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, run_cli
+from conftest import BASE, ROOT, run_cli
 from PIL import Image
-from ray.util.state import list_actors
 
 from ray_lt import commands, pipeline
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError, StageError
 from ray_lt.generate.filtering import filter_synthetic
-from ray_lt.generate.plan import MANIFEST_FILE
 from ray_lt.generate.synthetic import load_synthetic
-
-BASE = ["train.epochs=1", "generator.train_steps=12", "generator.checkpoint_every=6",
-        "generator.block_out_channels=[16, 32]", "generator.batch_size=16",
-        "synthesis.num_steps=6", "synthesis.guidance_every=2", "synthesis.cpus_per_actor=0.5",
-        "synthesis.max_shard_size=3", "synthesis.batch_size=3",
-        "evaluate.cpus_per_actor=0.5",
-        "synthesis.criteria={entropy: 0.5, hardness: 0.25, total_uncertainty: 0.25}"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, ray_session):
-    """A run directory with a baseline classifier and a pixel generator."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", BASE)
-    commands.train(cfg, out)
-    commands.train_generator(cfg, out)
-    return out
 
 
 def _copy_stages(trained: Path, target: Path) -> Path:
@@ -58,7 +35,8 @@ def _rows(out: Path) -> pd.DataFrame:
 def test_generator_is_saved_with_safetensors(trained):
     assert (trained / "generator" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert json.loads((trained / "generator" / "generator.json").read_text())["kind"] == "pixel"
-    assert (trained / "classifier" / "class_statistics.safetensors").exists() is False
+    # The fixture fitted the criteria's support once, for every copy of these stages.
+    assert (trained / "classifier" / "class_statistics.safetensors").is_file()
 
 
 def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, caplog):
@@ -113,43 +91,6 @@ def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, caplog):
         commands.synthesize(changed, out)
 
 
-def test_a_killed_sampler_actor_loses_and_duplicates_nothing(trained, tmp_path):
-    out = _copy_stages(trained, tmp_path / "kill")
-    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
-                      [*BASE, "synthesis.quota_scale=0.2", "synthesis.max_shard_size=2",
-                       "synthesis.num_steps=20"])
-    errors = []
-
-    def run():
-        try:
-            commands.synthesize(cfg, out)
-        except Exception as err:  # surfaced by the assertion below
-            errors.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    killed = None
-    deadline = time.time() + 300
-    while thread.is_alive() and killed is None and time.time() < deadline:
-        if list((out / "synthetic").glob("shard_*.parquet")):
-            for actor in list_actors(filters=[("state", "=", "ALIVE")]):
-                if "GuidedSampler" in actor.class_name:
-                    os.kill(actor.pid, signal.SIGKILL)
-                    killed = actor.pid
-                    break
-        time.sleep(0.1)
-    thread.join(timeout=600)
-    assert killed is not None, "no sampler actor was seen alive"
-    assert not errors, errors
-    rows = _rows(out)
-    assert len(rows) == 146  # round(0.2 * (100 - n_c)) summed over the classes
-    assert not rows.duplicated(["shard_id", "seed"]).any()
-    manifest = [json.loads(line) for line in
-                (out / "synthetic" / MANIFEST_FILE).read_text().splitlines()]
-    planned = json.loads((out / "synthetic" / "plan.json").read_text())
-    assert {m["shard_id"] for m in manifest} == {s["shard_id"] for s in planned}
-
-
 def test_missing_stages_are_named(tmp_path):
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml", BASE)
     with pytest.raises(StageError, match="classifier stage has not run.*ray-lt train"):
@@ -193,18 +134,3 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     assert len(pd.read_csv(folder / "history.csv")) == 3
     metrics = pipeline.evaluate_stage(cfg, out, data)
     assert metrics["num_rows"] == 500 and (out / "final" / "metrics.json").is_file()
-
-
-def test_digits_groups_class_context_generator_fills_every_group(tmp_path, ray_session):
-    cfg = load_config(ROOT / "configs" / "digits_groups.yaml",
-                      [*BASE, "synthesis.target=3", "synthesis.criteria={entropy: 1.0}"])
-    commands.train(cfg, tmp_path)
-    commands.train_generator(cfg, tmp_path)
-    spec = json.loads((tmp_path / "generator" / "generator.json").read_text())
-    assert spec["num_contexts"] == 4 and spec["num_conditions"] == 10
-    commands.synthesize(cfg, tmp_path)
-    rows = _rows(tmp_path)
-    written = rows.groupby("group").size().reindex(range(40), fill_value=0).to_numpy()
-    counts = np.asarray(json.loads((tmp_path / "metrics.json").read_text())["group_counts"])
-    assert (written == np.maximum(3 - counts, 0)).all()  # empty groups get 3, full ones none
-    assert (rows["group"] // 4 == rows["label"]).all()

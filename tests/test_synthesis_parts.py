@@ -13,7 +13,13 @@ import torch
 
 from ray_lt.errors import ConfigError
 from ray_lt.generate.codec import decode_png, from_ipc, to_ipc
-from ray_lt.generate.plan import MANIFEST_FILE, check_counts, finished_shards, store_plan
+from ray_lt.generate.plan import (
+    MANIFEST_FILE,
+    check_counts,
+    finished_shards,
+    store_plan,
+    unlisted_shards,
+)
 from ray_lt.generate.quota import plan_shards
 from ray_lt.generate.references import References, choose_references
 from ray_lt.generate.writer import encode_images, write_shards
@@ -106,6 +112,17 @@ def test_plan_manifest_and_counts(tmp_path):
     lines = [json.dumps({"shard_id": s["shard_id"], "n": s["n"]}) for s in shards[:3]]
     (tmp_path / MANIFEST_FILE).write_text("\n".join(lines) + '\n{"shard_id": 4, "n"')
     assert finished_shards(tmp_path) == {0, 1, 2}  # the cut last line is not trusted
+    # Complete files the manifest does not list are taken back; a short one is removed.
+    short = shards[3]
+    assert short["n"] == 2
+    write_shards(pd.DataFrame([{"shard_id": 3, "seconds": 0.0,
+                                "payload": to_ipc(_shard_table(short).slice(0, 1))}]),
+                 str(tmp_path))
+    recovered = unlisted_shards(tmp_path, shards, {0, 1, 2})
+    assert recovered == [{"shard_id": 4, "n": shards[4]["n"], "file": "shard_000004.parquet"}]
+    assert not (tmp_path / "shard_000003.parquet").exists()
+    write_shards(pd.DataFrame([{"shard_id": 3, "seconds": 0.0,
+                                "payload": to_ipc(_shard_table(short))}]), str(tmp_path))
     counts = check_counts(tmp_path, shards)
     assert counts[["label", "planned", "written"]].values.tolist() == [[0, 5, 5], [2, 3, 3]]
     (tmp_path / "shard_000004.parquet").unlink()

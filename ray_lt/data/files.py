@@ -7,6 +7,8 @@ Each parser returns a table with columns ``path`` (relative to the root), ``labe
 from __future__ import annotations
 
 import csv
+import os
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -17,13 +19,30 @@ COLUMNS = ["path", "label", "group", "source"]
 
 
 def _checked_path(root: Path, rel: str, source: str, resolved_root: Path) -> str:
-    """The relative path, after checking it stays inside ``root`` and names an existing file."""
+    """The relative path, after checking it stays inside ``root`` (symbolic links followed) and
+    names an existing, non-empty file (one ``stat`` per line: lists run to a million lines)."""
     full = (resolved_root / rel).resolve()
     if not full.is_relative_to(resolved_root):
         raise DataError(f"{source}: path {rel!r} resolves outside the data root {root}")
-    if not full.is_file():
+    try:
+        info = full.stat()
+    except OSError:
+        info = None
+    if info is None or not stat.S_ISREG(info.st_mode):
         raise DataError(f"{source}: image file {full} does not exist")
+    if info.st_size == 0:
+        raise DataError(f"{source}: image file {full} is empty (0 bytes); replace it or remove "
+                        f"the line")
     return rel
+
+
+def _check_unique(listed: dict[str, str], rel: str, source: str) -> None:
+    """Refuse a path listed a second time: the image would count twice in its class."""
+    key = os.path.normpath(rel)
+    first = listed.setdefault(key, source)
+    if first != source:
+        raise DataError(f"{source}: {rel!r} is listed twice, first at {first}; remove one of "
+                        f"the two lines")
 
 
 def _checked_label(text: str, num_classes: int, source: str, what: str = "label") -> int:
@@ -41,6 +60,7 @@ def read_split_list(list_file: Path, root: Path, num_classes: int) -> pd.DataFra
     if not list_file.is_file():
         raise DataError(f"split list {list_file} does not exist")
     rows = []
+    listed: dict[str, str] = {}
     resolved = root.resolve()
     for number, line in enumerate(list_file.read_text().splitlines(), start=1):
         if not line.strip():
@@ -50,6 +70,7 @@ def read_split_list(list_file: Path, root: Path, num_classes: int) -> pd.DataFra
         if len(parts) != 2:
             raise DataError(f"{source}: expected 'relative/path label', got {line.strip()!r}")
         label = _checked_label(parts[1], num_classes, source)
+        _check_unique(listed, parts[0], source)
         rows.append((_checked_path(root, parts[0], source, resolved), label, -1, source))
     if not rows:
         raise DataError(f"split list {list_file} has no entries")
@@ -63,30 +84,37 @@ NICO_SPLITS = {"train": 0, "val": 1, "test": 2}
 def read_nico_metadata(
     metadata: Path, root: Path, num_classes: int, num_contexts: int
 ) -> dict[str, pd.DataFrame]:
-    """Parse NICO++ ``metadata.csv`` (filename,split,y,a) into train/val/test tables.
+    """Parse NICO++ ``metadata.csv`` (columns filename,split,y,a, found by name in the header)
+    into train/val/test tables.
 
     ``group = y * num_contexts + a``, the class x context cell used for worst-group accuracy.
     """
     if not metadata.is_file():
         raise DataError(f"metadata file {metadata} does not exist")
     tables: dict[str, list] = {name: [] for name in NICO_SPLITS}
+    listed: dict[str, str] = {}
     resolved = root.resolve()
     split_names = {v: k for k, v in NICO_SPLITS.items()}
-    with metadata.open(newline="") as handle:
+    with metadata.open(newline="", encoding="utf-8-sig") as handle:  # -sig: drop a BOM
         reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:4]] != list(NICO_COLUMNS):
-            raise DataError(f"{metadata}:1: header must start with {','.join(NICO_COLUMNS)}")
+        header = [name.strip() for name in next(reader, [])]
+        missing = [name for name in NICO_COLUMNS if name not in header]
+        if missing:
+            raise DataError(f"{metadata}:1: the header lacks the column(s) {', '.join(missing)}; "
+                            f"it needs {','.join(NICO_COLUMNS)} (found {','.join(header)!r})")
+        at = [header.index(name) for name in NICO_COLUMNS]
         for number, record in enumerate(reader, start=2):
             if not record or not any(field.strip() for field in record):
                 continue
             source = f"{metadata}:{number}"
-            if len(record) < 4:
-                raise DataError(f"{source}: expected 4 fields filename,split,y,a, got {record}")
-            rel, split_text, y_text, a_text = (field.strip() for field in record[:4])
+            if len(record) <= max(at):
+                raise DataError(f"{source}: expected {len(header)} fields "
+                                f"{','.join(header)}, got {record}")
+            rel, split_text, y_text, a_text = (record[i].strip() for i in at)
             split = _checked_label(split_text, 3, source, what="split")
             y = _checked_label(y_text, num_classes, source, what="class y")
             a = _checked_label(a_text, num_contexts, source, what="context a")
+            _check_unique(listed, rel, source)
             path = _checked_path(root, rel, source, resolved)
             tables[split_names[split]].append((path, y, y * num_contexts + a, source))
     for name, rows in tables.items():

@@ -14,15 +14,26 @@ DECODE_BLOCK_ROWS = 256
 VERIFY_BLOCK_ROWS = 256
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey (a 16-bit PNG opens as ``I;16`` or ``I``) scaled to 8-bit ``L``: Pillow's own
+    ``convert`` clips every value above 255 to white. Other modes pass unchanged."""
+    if img.mode != "I" and not img.mode.startswith("I;16"):
+        return img
+    values = np.asarray(img).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
 def load_image(path: str | Path, size: int, channels: int = 3) -> np.ndarray:
     """Decode a file, resize its shorter side to ``size`` and centre-crop: uint8 (size, size, C).
 
-    Only the centre crop is resampled (``resize`` with a ``box``): the pixels of resizing the
-    whole image and cropping it, up to rounding, for less work.
+    Any mode becomes RGB (or L): grey, palette, RGBA (alpha dropped), CMYK, 16-bit grey
+    (scaled to 8 bit). Only the centre crop is resampled (``resize`` with a ``box``): the
+    pixels of resizing the whole image and cropping it, up to rounding, for less work.
     """
     mode = "RGB" if channels == 3 else "L"
     with Image.open(path) as img:
         img.draft("RGB", (size, size))  # JPEG: decode at reduced scale when the file allows it
+        img = _to_8bit(img)
         if img.mode != mode:
             img = img.convert(mode)
         w, h = img.size

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ray_lt.atomic import atomic_file, write_text_atomic
 from ray_lt.config import EvaluateConfig
 from ray_lt.data import LongTailData
 from ray_lt.evaluate.metrics import accuracy_report
@@ -33,8 +34,9 @@ def evaluate_classifier(classifier_dir: Path, data: LongTailData, cfg: EvaluateC
     metrics["class_counts"] = data.class_counts.tolist()
     if data.group_counts is not None:
         metrics["group_counts"] = data.group_counts.tolist()
-    rows.to_parquet(out_dir / PREDICTIONS_FILE, index=False)
-    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    with atomic_file(out_dir / PREDICTIONS_FILE) as tmp:
+        rows.to_parquet(tmp, index=False)
+    write_text_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2))
     plot_per_class_accuracy({Path(classifier_dir).name: metrics["per_class"]},
                             data.class_counts, cfg.many_threshold, cfg.few_threshold,
                             out_dir / PLOT_FILE, title=f"per-class {split} accuracy")

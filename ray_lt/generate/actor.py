@@ -9,6 +9,7 @@ actor goes straight on to its next shard.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,53 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from ray_lt.config import Config
+from ray_lt.config import Config, SynthesisConfig
 from ray_lt.generate.codec import to_ipc
 from ray_lt.generate.criteria import draw_criteria
 from ray_lt.generate.factory import PRECISIONS, build_generator, build_scorer
 from ray_lt.generate.quota import per_sample_seeds
-from ray_lt.generate.sampler import Guidance, guided_sample
+from ray_lt.generate.sampler import Guidance, Samples, guided_sample
+
+log = logging.getLogger(__name__)
+
+
+def sample_finite(generator: Any, scorer: Any, label: int, group: int, ids: torch.Tensor,
+                  seeds: list[int], s: SynthesisConfig, guidance: Guidance, where: str
+                  ) -> tuple[Samples, torch.Tensor, torch.Tensor]:
+    """One batch of (label, group), sampled and decoded for storing (float32 on the CPU).
+
+    A sample whose decoded output is not finite (an fp16 overflow) is sampled again from its
+    seed without autocast and decoded in float32; the returned mask ``redrawn`` marks it. One
+    that is still not finite raises ``FloatingPointError`` naming ``where`` and its seeds: no
+    NaN or black image is ever stored.
+    """
+    size = len(seeds)
+    labels, groups = torch.full((size,), label), torch.full((size,), group)
+    out = guided_sample(generator, scorer, labels, groups, ids, seeds, s.num_steps, s.cfg_scale,
+                        guidance, s.eta, PRECISIONS[s.precision])
+    with torch.no_grad():
+        decoded = generator.decode_output(out.latents).cpu().float()
+    bad = ~torch.isfinite(decoded).flatten(1).all(dim=1)
+    if not bad.any():
+        return out, decoded, bad
+    rows = bad.nonzero().flatten()
+    bad_seeds = [seeds[i] for i in rows.tolist()]
+    again = guided_sample(generator, scorer, labels[rows], groups[rows], ids[rows], bad_seeds,
+                          s.num_steps, s.cfg_scale, guidance, s.eta, None)
+    with torch.no_grad():
+        redone = generator.decode_output(again.latents, upcast=True).cpu().float()
+    if not torch.isfinite(redone).all():
+        raise FloatingPointError(f"synthesis {where}: seeds {bad_seeds[:10]} decode to "
+                                 "non-finite values even in float32; the generator's weights "
+                                 "are not usable")
+    decoded[rows] = redone
+    for field in ("latents", "criterion_before", "criterion_after", "guidance_norm",
+                  "nonfinite_steps"):
+        mine, theirs = getattr(out, field), getattr(again, field)
+        mine[rows.to(mine.device)] = theirs.to(mine.device, mine.dtype)
+    log.warning(f"synthesis {where}: {len(rows)} sample(s) were not finite in reduced "
+                "precision and were redrawn from their seeds in float32")
+    return out, decoded, bad
 
 
 class GuidedSampler:
@@ -55,12 +97,9 @@ class GuidedSampler:
         for start in range(0, n, s.batch_size):
             chunk = seeds[start:start + s.batch_size]
             size = len(chunk)
-            out = guided_sample(
-                self.generator, self.scorer, torch.full((size,), int(shard["label"])),
-                torch.full((size,), int(shard["group"])), ids[start:start + size], chunk,
-                s.num_steps, s.cfg_scale, self.guidance, s.eta, PRECISIONS[s.precision])
-            with torch.no_grad():
-                decoded = self.generator.decode_output(out.latents).cpu().float()
+            out, decoded, redrawn = sample_finite(
+                self.generator, self.scorer, int(shard["label"]), int(shard["group"]),
+                ids[start:start + size], chunk, s, self.guidance, f"shard {shard['shard_id']}")
             if decoded.dim() == 2:  # feature generator: pseudo-feature vectors
                 payload = {"feature": pa.array(list(decoded.numpy()),
                                                type=pa.list_(pa.float32()))}
@@ -80,6 +119,7 @@ class GuidedSampler:
                 "criterion_after": out.criterion_after.numpy(),
                 "guidance_norm": out.guidance_norm.numpy(),
                 "nonfinite_steps": out.nonfinite_steps.numpy(),
+                "redrawn": redrawn.numpy(),
             }))
         table = pa.concat_tables(parts)
         if shape is not None:

@@ -87,3 +87,8 @@ class Generator(Protocol):
         """Latent -> classifier input, differentiable: images in [0, 1] (B, C, H, W) at the
         data set's image size (the VAE for latent models, a rescale for pixel models);
         feature generators return feature vectors."""
+
+    def decode_output(self, z0: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+        """Latent -> what synthesis stores: images in [0, 1] (B, C, H, W) at the generator's
+        output size, or feature vectors. ``upcast`` decodes in float32 whatever the weights'
+        dtype (a sample redrawn after an fp16 overflow)."""

@@ -3,6 +3,7 @@ task), and the cheap checks that fail on a missing stage before any actor starts
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from ray_lt.config import Config
 from ray_lt.errors import ConfigError, require_stage
+from ray_lt.generate.base import SPEC_FILE
 from ray_lt.generate.criteria import CriterionScorer
 from ray_lt.generate.feature import FeatureGenerator
 from ray_lt.generate.pixel import PixelGenerator
@@ -59,10 +61,30 @@ def build_generator(cfg: Config, run_dir: Path, device: torch.device,
     raise ConfigError(f"generator.kind: {g.kind!r} is not available for synthesis yet")
 
 
+def _check_trained(kind: str, folder: Path) -> None:
+    """Fail, loading nothing, when ``folder`` (``DIR/generator``) holds no trained generator of
+    ``kind``: a missing stage, another kind, or pretrained weights copied there."""
+    require_stage(folder, "generator", "ray-lt train-generator")
+    spec, index = folder / SPEC_FILE, folder / "model_index.json"
+    if spec.is_file():
+        held = json.loads(spec.read_text()).get("kind")
+        if held != kind:
+            raise ConfigError(f"generator.kind: {kind!r}, but {folder} holds a trained {held!r} "
+                              f"generator ({SPEC_FILE}); set generator.kind: {held}, or use "
+                              f"another --out to train a {kind} generator")
+    elif index.is_file():
+        pipeline = json.loads(index.read_text()).get("_class_name")
+        raise ConfigError(f"generator.kind: {kind!r}, but {folder} holds pretrained weights of "
+                          f"a {pipeline} (model_index.json), not a generator trained by "
+                          f"`ray-lt train-generator`; for unCLIP weights set generator.kind: "
+                          f"unclip and generator.pretrained to that folder")
+
+
 def check_generator(cfg: Config, run_dir: Path) -> None:
-    """Fail on a missing generator before any actor starts (loads no weights)."""
+    """Fail on a missing generator or one of another kind before any actor starts (loads no
+    weights)."""
     if cfg.generator.kind in ("pixel", "feature"):
-        require_stage(run_dir / "generator", "generator", "ray-lt train-generator")
+        _check_trained(cfg.generator.kind, Path(run_dir) / "generator")
     elif cfg.generator.kind == "unclip":
         from ray_lt.generate.unclip import check_pretrained
 

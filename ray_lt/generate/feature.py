@@ -82,7 +82,9 @@ class FeatureGenerator:
         """Standardised -> the classifier's feature scale (what its head takes)."""
         return z0 * self.std + self.mean
 
-    decode_output = decode
+    def decode_output(self, z0: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+        """The saved pseudo-features (float32 already: ``upcast`` changes nothing)."""
+        return self.decode(z0)
 
     def save_pretrained(self, folder: Path) -> None:
         folder = Path(folder)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ray_lt.atomic import atomic_file, write_text_atomic
 from ray_lt.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -166,8 +167,9 @@ def filter_synthetic(run_dir: Path, data: LongTailData, cfg: Config) -> pd.DataF
     labels = rows["label"].to_numpy()
     keep, reasons = filter_mask(rows["pred"].to_numpy(), rows["confidence"].to_numpy(), labels,
                                 features, means, radius, f.confidence_threshold)
-    pd.DataFrame({"shard_id": ids["shard_id"], "seed": ids["seed"], "keep": keep,
-                  "reason": reasons}).to_parquet(out / FILTER_FILE, index=False)
+    with atomic_file(out / FILTER_FILE) as tmp:  # load_synthetic trusts it when present
+        pd.DataFrame({"shard_id": ids["shard_id"], "seed": ids["seed"], "keep": keep,
+                      "reason": reasons}).to_parquet(tmp, index=False)
     report = drop_report(labels, keep, reasons, data.num_classes)
-    report.to_csv(out / "filter_report.csv", index=False)
+    write_text_atomic(out / "filter_report.csv", report.to_csv(index=False))
     return report

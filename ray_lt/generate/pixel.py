@@ -31,6 +31,7 @@ from ray_lt.train.progress import report_progress
 from ray_lt.train.trainer import run_trainer
 
 EMBEDDING_FILE = "condition_embedding.safetensors"
+TRAINING_FILE = "training.json"
 PROGRESS_EVERY = 10  # generator steps between updates of the driver's progress bar
 
 
@@ -129,8 +130,9 @@ class PixelGenerator:
         high = flat.max(1).values.view(-1, 1, 1, 1)
         return (z0 - low) / (high - low + 1e-6)
 
-    def decode_output(self, z0: torch.Tensor) -> torch.Tensor:
-        """The saved image: [-1, 1] clamped and mapped to [0, 1]."""
+    def decode_output(self, z0: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+        """The saved image: [-1, 1] clamped and mapped to [0, 1] (float32 already: ``upcast``
+        changes nothing)."""
         return ((z0 + 1) / 2).clamp(0, 1)
 
     def save_pretrained(self, folder: Path) -> None:
@@ -194,11 +196,13 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
+            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], state["losses"]
+    resumed_from = step  # > 0 when this worker group restored a checkpoint
+    starts = (state.get("starts", [0]) if checkpoint is not None else []) + [step]
     ema.to(device)
     images, conds = _load_shard(ray.train.get_dataset_shard("train"), config["by_group"], n_ctx)
     if hp.get("threads"):  # after the data is in memory: the steps alone use these threads
@@ -232,7 +236,8 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and (step % PROGRESS_EVERY == 0 or step == hp["train_steps"]):
             report_progress(config, step, loss=losses[-1])
         if step % hp["checkpoint_every"] == 0 or step == hp["train_steps"]:
-            metrics = {"step": step, "loss": float(np.mean(losses[-hp["checkpoint_every"]:])),
+            metrics = {"step": step, "resumed_from": resumed_from,
+                       "loss": float(np.mean(losses[-hp["checkpoint_every"]:])),
                        "steps_per_second": len(losses[-hp["checkpoint_every"]:]) /
                        max(time.perf_counter() - started, 1e-9)}
             started = time.perf_counter()
@@ -241,7 +246,7 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     torch.save({"model": net.state_dict(), "ema": ema.state_dict(),
                                 "optimizer": optimizer.state_dict(), "step": step,
-                                "losses": losses}, Path(folder) / "state.pt")
+                                "losses": losses, "starts": starts}, Path(folder) / "state.pt")
                     saved = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=saved)
 
@@ -262,7 +267,7 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: 
     if result.checkpoint is None:
         raise RuntimeError(f"generator training in {out_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
+        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
     net = ConditionedUNet(
         build_unet(image_shape[0], image_shape[2], num_conditions, cfg.block_out_channels,
                    cfg.layers_per_block, cfg.attention, embedded_outside=num_contexts > 0),
@@ -276,4 +281,7 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: 
     with staged_folder(folder) as tmp:
         PixelGenerator(net, scheduler, by_group).save_pretrained(tmp)
         np.savetxt(tmp / "loss.csv", np.asarray(state["losses"]), fmt="%.6f", header="loss")
+        # The step each worker group started at: more than one entry after a restore.
+        (tmp / TRAINING_FILE).write_text(json.dumps({"steps": state["step"],
+                                                     "starts": state["starts"]}))
     return folder

@@ -21,7 +21,10 @@ from ray_lt.generate.synthetic import shard_file
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.jsonl"
-MANIFEST_KEYS = ("shard_id", "n", "file", "seconds", "write_seconds", "finished")
+# nonfinite: samples with a guidance step whose gradient was not finite (skipped);
+# redrawn: samples not finite in reduced precision, sampled again from their seeds in float32.
+MANIFEST_KEYS = ("shard_id", "n", "file", "seconds", "write_seconds", "finished", "nonfinite",
+                 "redrawn")
 
 
 def plan(cfg: Config, data: LongTailData) -> list[dict[str, Any]]:
@@ -64,6 +67,29 @@ def finished_shards(out: Path) -> set[int]:
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a killed driver: that shard is redone
     return {i for i in ids if shard_file(out, i).is_file()}
+
+
+def unlisted_shards(out: Path, shards: list[dict[str, Any]], listed: set[int]
+                    ) -> list[dict[str, Any]]:
+    """Manifest records for shard files that are on disk but not in the manifest: written by a
+    writer actor after the driver's last manifest line (a killed driver). Shard files are
+    written atomically, so one whose Parquet footer holds its planned row count is complete;
+    any other is removed and redone."""
+    found = []
+    for shard in shards:
+        path = shard_file(out, shard["shard_id"])
+        if shard["shard_id"] in listed or not path.is_file():
+            continue
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except (OSError, ValueError):  # pyarrow's ArrowInvalid is a ValueError
+            rows = -1
+        if rows == shard["n"]:
+            found.append({"shard_id": int(shard["shard_id"]), "n": int(rows),
+                          "file": path.name})
+        else:
+            path.unlink()
+    return found
 
 
 def check_counts(out: Path, shards: list[dict[str, Any]], threads: int = 16) -> pd.DataFrame:

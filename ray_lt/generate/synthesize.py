@@ -10,9 +10,11 @@ number of rows per class or group.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
+from ray_lt.errors import DataError, RayLTError
 from ray_lt.generate.actor import GuidedSampler
 from ray_lt.generate.factory import check_generator, check_scorer, generator_info
 from ray_lt.generate.plan import (
@@ -31,6 +34,7 @@ from ray_lt.generate.plan import (
     finished_shards,
     plan,
     store_plan,
+    unlisted_shards,
 )
 from ray_lt.generate.references import (
     REFERENCES_DIR,
@@ -79,6 +83,25 @@ def actor_payload_bytes(kwargs: dict[str, Any]) -> int:
     return len(pickle.dumps(kwargs))
 
 
+class SamplerStartError(RayLTError):
+    """A sampler actor's constructor failed (weights that do not load, out of memory): Ray
+    Data gives up at the first such failure instead of retrying forever."""
+
+
+def _last_line(err: Exception) -> str:
+    """The original exception of a Ray error: the last line of its traceback text."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether a (Ray-wrapped) error is a write that ran out of disk space."""
+    for candidate in (err, getattr(err, "cause", None)):
+        if isinstance(candidate, OSError) and candidate.errno == errno.ENOSPC:
+            return True
+    return "No space left on device" in str(err)
+
+
 def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
     """Generate every planned shard not yet finished; returns the per-(label, group) counts.
 
@@ -94,7 +117,14 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
     check_scorer(cfg, run_dir)
     check_generator(cfg, run_dir)
     prepare_references(cfg, data, run_dir)
+    for stale in out.glob(".shard_*.tmp"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     done = finished_shards(out)
+    recovered = unlisted_shards(out, shards, done)
+    if recovered:
+        with (out / MANIFEST_FILE).open("a") as manifest:
+            manifest.writelines(json.dumps(r) + "\n" for r in recovered)
+        done |= {r["shard_id"] for r in recovered}
     pending = [sh for sh in shards if sh["shard_id"] not in done]
     kwargs = sampler_kwargs(cfg, data, run_dir)
     log.info(f"synthesis: {len(shards)} shards, {sum(sh['n'] for sh in shards)} samples; "
@@ -104,17 +134,45 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
         results = ray.data.from_items(
             pending, override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
             GuidedSampler, fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(size=s.num_actors),
+            # Asks for num_actors, goes on with as many as the cluster can place (at least
+            # one): a pool that starts short, or loses a node, still finishes.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.num_actors,
+                                               initial_size=s.num_actors),
             batch_size=1, batch_format="pandas",
             num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor).map_batches(
             ShardWriter, fn_constructor_kwargs={"out": str(out)},
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.writer_actors),
             batch_size=1, batch_format="pandas", num_cpus=s.writer_cpus)
+        nonfinite = redrawn = written = 0
         with (out / MANIFEST_FILE).open("a") as manifest, \
                 tqdm(total=sum(sh["n"] for sh in pending), unit="sample", desc="synthesis",
                      dynamic_ncols=True, mininterval=2.0) as bar:
-            for row in results.iter_rows():
-                manifest.write(json.dumps({k: row[k] for k in MANIFEST_KEYS}) + "\n")
-                manifest.flush()
-                bar.update(int(row["n"]))
+            try:
+                for row in results.iter_rows():
+                    manifest.write(json.dumps({k: row[k] for k in MANIFEST_KEYS}) + "\n")
+                    manifest.flush()
+                    bar.update(int(row["n"]))
+                    nonfinite, redrawn = nonfinite + row["nonfinite"], redrawn + row["redrawn"]
+                    written += 1
+            except ray.exceptions.ActorDiedError as err:
+                if "creation task" not in str(err):
+                    raise
+                raise SamplerStartError(
+                    f"synthesis: a sampler actor could not start: {_last_line(err)}; the "
+                    f"{len(done) + written} finished shard(s) in {out} are kept, rerun the "
+                    "same command once the cause is fixed") from None
+            except (ray.exceptions.RayTaskError, OSError) as err:  # the writers' or the manifest's
+                if _disk_full(err):
+                    raise DataError(
+                        f"synthesis: the disk holding {out} is full (No space left on device, "
+                        f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free); the "
+                        f"{len(done) + written} finished shard(s) are kept and no partial "
+                        "shard file is left: free some space, then rerun the same command"
+                    ) from None
+                raise
+        if nonfinite or redrawn:
+            log.warning(f"synthesis: {nonfinite} sample(s) had guidance steps with a non-finite "
+                        f"criterion gradient (skipped), {redrawn} were redrawn in float32 after "
+                        f"a non-finite decode; per sample in the shards' nonfinite_steps and "
+                        f"redrawn columns")
     return check_counts(out, shards)

@@ -8,6 +8,7 @@ out like ``stabilityai/stable-diffusion-2-1-unclip`` or from the local Hugging F
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from transformers import (
 )
 
 from ray_lt.errors import ConfigError, DataError
-from ray_lt.generate.base import Conditioning, sample_generators
+from ray_lt.generate.base import SPEC_FILE, Conditioning, sample_generators
 
 if TYPE_CHECKING:
     from ray_lt.generate.references import References
@@ -329,13 +330,22 @@ class UnCLIPGenerator:
         return self._decode(z0, self.normalize, antialias=False)
 
     @torch.no_grad()
-    def decode_output(self, z0: torch.Tensor) -> torch.Tensor:
-        """Final images to save: the full VAE, clamped [0, 1] at image_size (antialiased)."""
-        return self._decode(z0, "clamp", antialias=True)
+    def decode_output(self, z0: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+        """Final images to save: the full VAE, clamped [0, 1] at image_size (antialiased).
+        ``upcast`` decodes in float32 whatever the weights' dtype (after an fp16 overflow)."""
+        if not upcast or self.dtype == torch.float32:
+            return self._decode(z0, "clamp", antialias=True)
+        self.vae.to(torch.float32)
+        try:
+            return self._decode(z0, "clamp", antialias=True, dtype=torch.float32)
+        finally:
+            self.vae.to(self.dtype)
 
-    def _decode(self, z0: torch.Tensor, normalize: str, antialias: bool) -> torch.Tensor:
-        z = (z0.to(self.device, torch.float32) / self.vae.config.scaling_factor).to(self.dtype)
-        return self._to_classifier(self.vae.decode(z).sample.float(), normalize, antialias)
+    def _decode(self, z0: torch.Tensor, normalize: str, antialias: bool,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        z = z0.to(self.device, torch.float32) / self.vae.config.scaling_factor
+        x = self.vae.decode(z.to(dtype or self.dtype)).sample.float()
+        return self._to_classifier(x, normalize, antialias)
 
     def _to_classifier(self, x: torch.Tensor, normalize: str, antialias: bool) -> torch.Tensor:
         """Decoder output in [-1, 1] -> [0, 1] at image_size."""
@@ -383,12 +393,23 @@ def _resolve(path: str | Path) -> Path:
 
 def check_pretrained(path: str | Path) -> Path:
     """The resolved folder, after checking every component folder is there (cheap: loads
-    nothing), so a bad path fails before any actor starts."""
+    nothing), so a bad path fails before any actor starts; a folder of another generator is
+    named for what it holds."""
     root = _resolve(path)
+    if (root / SPEC_FILE).is_file():
+        kind = json.loads((root / SPEC_FILE).read_text()).get("kind")
+        raise ConfigError(f"generator.pretrained: {root} holds a {kind!r} generator trained by "
+                          f"ray-lt ({SPEC_FILE}), not Stable Diffusion 2.1 unCLIP; to sample "
+                          f"from it set generator.kind: {kind} and --out to the run folder it "
+                          f"was trained in")
     missing = [name for name in COMPONENTS if not (root / name).is_dir()]
     if missing:
-        raise ConfigError(f"generator.pretrained: {root} lacks the component folder(s) {missing}; "
-                          f"expected {list(COMPONENTS)} (weights are never downloaded)")
+        index = root / "model_index.json"
+        pipeline = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+        holds = f" (its model_index.json names a {pipeline})" if pipeline else ""
+        raise ConfigError(f"generator.pretrained: {root}{holds} lacks the component folder(s) "
+                          f"{missing} of a StableUnCLIPImg2ImgPipeline; expected "
+                          f"{list(COMPONENTS)} (weights are never downloaded)")
     return root
 
 

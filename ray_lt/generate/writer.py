@@ -46,9 +46,18 @@ def write_shards(batch: pd.DataFrame, out: str) -> pd.DataFrame:
         with atomic_file(path) as tmp:
             pq.write_table(table, tmp)
         done.append({"shard_id": int(row["shard_id"]), "n": table.num_rows, "file": path.name,
+                     "nonfinite": _count(table, "nonfinite_steps"),
+                     "redrawn": _count(table, "redrawn"),
                      "seconds": float(row["seconds"]),
                      "write_seconds": time.perf_counter() - started, "finished": time.time()})
     return pd.DataFrame(done)
+
+
+def _count(table: pa.Table, column: str) -> int:
+    """Rows whose ``column`` is non-zero (0 when the column is absent)."""
+    if column not in table.column_names:
+        return 0
+    return int(np.count_nonzero(table.column(column).to_numpy(zero_copy_only=False)))
 
 
 class ShardWriter:

@@ -128,6 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(config["seed"] * 1000 + rank)
+    if hp["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + 7 + rank)
 
     model = ray.train.torch.prepare_model(build_model(**config["model"]))
@@ -142,7 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = torch.load(Path(folder) / STATE_FILE, map_location=device,
-                               weights_only=False)
+                               weights_only=True)
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -180,7 +182,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seen += len(labels)
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                    "train_acc": correct / max(seen, 1), "lr": scheduler.get_last_lr()[0],
-                   "epoch_seconds": time.perf_counter() - started}
+                   "epoch_seconds": time.perf_counter() - started,
+                   # The epoch this worker group started at: > 0 after a restore.
+                   "resumed_from": start_epoch}
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:

@@ -7,8 +7,10 @@ hardness criterion and the feature-space generator use.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -77,21 +79,56 @@ MODELS: dict[str, Callable[[int, int], tuple[nn.Module, int]]] = {
 }
 
 
-def _load_weights(model: Classifier, checkpoint: Path) -> None:
+def _mismatch(own: dict[str, torch.Tensor], state: dict[str, Any]) -> str:
+    """What keeps ``state`` from loading into a module whose state dict is ``own`` ('' if
+    nothing): keys on one side only, tensors of other shapes. BatchNorm's step counters may be
+    absent (older torchvision weights): loading fills them in."""
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} here"
+              for k, v in own.items()
+              if k in state and tuple(getattr(state[k], "shape", ())) != tuple(v.shape)]
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected),
+                       ("other shapes", shapes)):
+        if keys:
+            more = f" and {len(keys) - 4} more" if len(keys) > 4 else ""
+            parts.append(f"{what}: {', '.join(keys[:4])}{more}")
+    return "; ".join(parts)
+
+
+def _load_weights(model: Classifier, name: str, checkpoint: Path) -> None:
     """Load a local state dict: a ray_lt classifier, or a torchvision backbone (its own
-    classification layer is dropped, since the head is sized for this data set)."""
+    classification layer is dropped, since the head is sized for this data set). A file of
+    another architecture or class count is refused, naming what differs."""
     if not checkpoint.is_file():
         raise ConfigError(f"model.checkpoint: file {checkpoint} does not exist")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"model.checkpoint: {checkpoint} is not a PyTorch state dict "
+                          f"({type(err).__name__}: {err})") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.checkpoint: {checkpoint} holds a {type(state).__name__}, not "
+                          f"a state dict")
     if any(k.startswith("backbone.") for k in state):
-        model.load_state_dict(state)
-        return
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "heads."))}
-    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"model.checkpoint: {checkpoint} does not match the backbone: "
-                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        target = model
+        head = state.get("head.weight")
+        classes = model.head.out_features
+        if head is not None and head.shape[0] != classes:
+            raise ConfigError(f"model.checkpoint: {checkpoint} is a classifier of "
+                              f"{head.shape[0]} classes, but the data set has {classes} "
+                              f"(dataset.num_classes); give a checkpoint of this data set or a "
+                              f"backbone without its head")
+    else:
+        target = model.backbone
+        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "heads."))}
+    problem = _mismatch(target.state_dict(), state)
+    if problem:
+        raise ConfigError(f"model.checkpoint: {checkpoint} does not match model.name {name!r} "
+                          f"with these settings: {problem}")
+    target.load_state_dict(state, strict=False)  # checked above; BatchNorm fills its counters
 
 
 def build_model(name: str, num_classes: int, in_channels: int, width: int = 32,
@@ -110,5 +147,5 @@ def build_model(name: str, num_classes: int, in_channels: int, width: int = 32,
     backbone, dim = MODELS[name](in_channels, width)
     model = Classifier(backbone, dim, num_classes, mean, std)
     if checkpoint is not None:
-        _load_weights(model, Path(checkpoint))
+        _load_weights(model, name, Path(checkpoint))
     return model

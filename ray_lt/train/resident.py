@@ -5,7 +5,8 @@ and epoch, which costs about a second of fixed overhead whatever the size. For t
 splits (the digits' 200 validation images, a few hundred synthetic rows) that overhead is the
 whole cost, so ``ResidentShard`` keeps the batches of a complete first pass when they fit in a
 memory budget and serves the later passes from memory, reshuffled per pass with a seeded
-generator when a shuffle is asked for. A shard that outgrows the budget stays streamed.
+generator when a shuffle is asked for. A shard that outgrows the budget stays streamed, its
+local shuffle seeded per pass.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ class ResidentShard:
     def __init__(self, shard: Any, budget_bytes: int, seed: int):
         self.shard = shard
         self.budget_bytes = int(budget_bytes)
-        self.generator = torch.Generator().manual_seed(int(seed))
+        self.seed = int(seed)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.passes = 0
         self.columns: dict[str, torch.Tensor] | None = None
         self.streamed = self.budget_bytes <= 0
 
@@ -42,8 +45,13 @@ class ResidentShard:
             return
         kept: list[dict[str, torch.Tensor]] = []
         size = 0
+        self.passes += 1
+        # A streamed pass's local shuffle is seeded too, differently per pass: with ordered
+        # execution (``run_trainer``) the batches are a function of the seed alone.
+        seed = self.seed * 1_000_003 + self.passes if local_shuffle_buffer_size else None
         for batch in self.shard.iter_torch_batches(
-                batch_size=batch_size, local_shuffle_buffer_size=local_shuffle_buffer_size):
+                batch_size=batch_size, local_shuffle_buffer_size=local_shuffle_buffer_size,
+                local_shuffle_seed=seed):
             if not self.streamed:
                 size += _nbytes(batch)
                 if size > self.budget_bytes:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from ray.train.torch import TorchTrainer
 from ray_lt.atomic import staged_folder
 from ray_lt.config import ModelConfig, ScalingSection, TrainConfig
 from ray_lt.data import LongTailData
+from ray_lt.errors import StageError
 from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
 from ray_lt.train.models import Classifier, build_model
 from ray_lt.train.progress import train_progress
@@ -68,18 +71,21 @@ def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
         datasets["synthetic"] = _training_columns(synthetic)
     result = run_trainer(train_loop_per_worker, loop_config, datasets, scaling, out_dir, name,
                          split=[k for k in datasets if k != "val"], callbacks=callbacks,
-                         progress=None if callbacks else (name, train.epochs, "epoch"))
+                         progress=None if callbacks else (name, train.epochs, "epoch"),
+                         ordered=train.deterministic)
     return export(result, spec, out_dir / name)
 
 
 def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
                 scaling: ScalingSection, out_dir: Path, name: str, split: list[str],
                 callbacks: list[Any] | None = None,
-                progress: tuple[str, int, str] | None = None) -> ray.train.Result:
+                progress: tuple[str, int, str] | None = None, ordered: bool = True
+                ) -> ray.train.Result:
     """Fit ``loop`` with a ``TorchTrainer`` whose run lives in ``out_dir/ray_results/name``, so
     that a rerun after an interruption resumes from the run's latest checkpoint.
     ``progress`` (description, total, unit) draws a bar on the driver that the loop advances
-    with ``report_progress``."""
+    with ``report_progress``. ``ordered`` keeps Ray Data's block order in the workers' shards,
+    so that seeded shuffles make the same batches on every run."""
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
@@ -87,12 +93,16 @@ def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.
         if progress is not None:
             loop_config = stack.enter_context(train_progress(loop_config, *progress))
         return _trainer(loop, loop_config, datasets, scaling, resources, out_dir, name, split,
-                        callbacks).fit()
+                        callbacks, ordered).fit()
 
 
 def _trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
              scaling: ScalingSection, resources: dict[str, float], out_dir: Path, name: str,
-             split: list[str], callbacks: list[Any] | None) -> TorchTrainer:
+             split: list[str], callbacks: list[Any] | None, ordered: bool) -> TorchTrainer:
+    with warnings.catch_warnings():  # Ray's own defaults set a field it now deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = ordered
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -104,7 +114,7 @@ def _trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.dat
             checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep),
             callbacks=callbacks),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=split),
+        dataset_config=DataConfig(datasets_to_split=split, execution_options=ingest),
     )
 
 
@@ -113,7 +123,7 @@ def export(result: ray.train.Result, spec: dict[str, Any], folder: Path) -> Path
     if result.checkpoint is None:
         raise RuntimeError(f"training {folder.name} finished without a checkpoint")
     with result.checkpoint.as_directory() as ckpt:
-        state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
+        state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=True)
     with staged_folder(folder) as tmp:
         tmp.mkdir(parents=True)
         torch.save(state["model"], tmp / MODEL_FILE)
@@ -127,5 +137,10 @@ def load_classifier(folder: Path, device: str | torch.device = "cpu") -> Classif
     folder = Path(folder)
     spec = json.loads((folder / SPEC_FILE).read_text())
     model = build_model(**spec)
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
+    try:  # tensors and plain containers only: a pickled object is refused, never run
+        state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise StageError(f"{folder / MODEL_FILE}: not a state dict of tensors, refused "
+                         f"({type(err).__name__}); train the classifier stage again") from None
+    model.load_state_dict(state)
     return model.to(device).eval()

@@ -169,7 +169,7 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
 
     space = search_space(cfg)
     pipeline.check_run_config(cfg)
-    out_dir, data = pipeline.prepare(cfg, out_dir)
+    out_dir, data = pipeline.prepare(cfg, out_dir, needs=("train", "synthesis", "tune"))
     has_few = bool((data.class_counts < cfg.evaluate.few_threshold).any())
     metrics = objective_metrics(cfg, data.group_counts is not None, has_few)
     check_trial_quota(cfg, data)

@@ -63,13 +63,16 @@ CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{ha
 
 
 ROUND_TWO = ", round 2"  # guided by the unguided row's final model instead of the baseline
+PER_CLASS = ", per class s="  # guidance strength per class (group) by training count
 
 
-def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: bool = False
-                   ) -> dict[str, list[str]]:
+def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: bool = False,
+                   slopes: list[float] | None = None) -> dict[str, list[str]]:
     """Setting name -> config overrides: unguided, then each criterion at the config's
     guidance scale (``scales`` None) or at each of ``scales`` (named ``... @ scale``);
-    ``round_two`` names them ``..., round 2``: guided by the unguided row's final model."""
+    ``round_two`` names them ``..., round 2``: guided by the unguided row's final model;
+    ``slopes`` adds, per criterion and scale, per-class strength at each slope (named
+    ``..., per class s=slope``: ``synthesis.scale_by: count``)."""
     rows = {UNGUIDED: ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"]}
     for name in criteria:
         for scale in scales or [None]:
@@ -77,6 +80,9 @@ def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: b
             setting += ROUND_TWO if round_two else ""
             rows[setting] = [f"synthesis.criteria={CRITERIA[name]}"] + (
                 [] if scale is None else [f"synthesis.guidance_scale={scale}"])
+            for slope in slopes or []:
+                rows[f"{setting}{PER_CLASS}{slope:g}"] = rows[setting] + [
+                    "synthesis.scale_by=count", f"synthesis.scale_slope={slope}"]
     return rows
 
 
@@ -89,6 +95,7 @@ FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
 
 def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
     name = setting.strip("+ ").replace(" @ ", "_s").replace(ROUND_TWO, "_round2")
+    name = name.replace(PER_CLASS, "_perclass")
     name = name.replace(" ", "_")
     return out / dataset / f"seed{seed}" / name
 
@@ -283,6 +290,10 @@ def main() -> None:
     parser.add_argument("--criteria", nargs="+", choices=list(CRITERIA), default=list(CRITERIA))
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="guidance scales to run each criterion at (default: the config's)")
+    parser.add_argument("--scale-slopes", type=float, nargs="+", default=None,
+                        help="also run each criterion with per-class guidance strength at "
+                             "these slopes (synthesis.scale_by: count): rows '..., per class "
+                             "s=SLOPE'")
     parser.add_argument("--round-two", action="store_true",
                         help="guide with the unguided row's final model (trained on real + "
                              "unguided synthetic) instead of the baseline: rows '..., round 2'")
@@ -293,7 +304,7 @@ def main() -> None:
     path = args.out / "table.csv"
     table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     if not args.summarize:
-        settings = synthetic_rows(args.criteria, args.scales, args.round_two)
+        settings = synthetic_rows(args.criteria, args.scales, args.round_two, args.scale_slopes)
         for seed in args.seeds:
             for dataset in args.datasets:
                 new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, settings))

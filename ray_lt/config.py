@@ -239,6 +239,12 @@ class SynthesisConfig(Strict):
     cfg_scale: float = Field(3.0, ge=0.0)
     eta: float = Field(0.0, ge=0.0, le=1.0)
     guidance_scale: float = Field(0.03, ge=0.0)
+    # Per-class (per-group with balance: group) strength: "count" scales class c's guidance by
+    # (n_c + 1)^-scale_slope, "val_error" by (e_c + 0.01)^scale_slope with e_c the baseline's
+    # validation error on c, normalised so that the mean scale over the samples drawn stays
+    # guidance_scale (docs/method.md §2). "none": one scale for all.
+    scale_by: Literal["none", "count", "val_error"] = "none"
+    scale_slope: float = Field(0.5, ge=0.0)
     guidance_every: int = Field(5, ge=1)
     guidance_mode: Literal["normalized", "eps"] = "normalized"
     reuse_gradient: bool = False
@@ -360,6 +366,7 @@ class SearchSpace(Strict):
     criteria: Annotated[list[str], AfterValidator(_criteria_names)] | None = None
     synthetic_weight: WeightRange | None = (0.2, 1.0)
     balanced_softmax_weight: UnitRange | None = None
+    scale_slope: WeightRange | None = None  # needs synthesis.scale_by: count
 
 
 class TuneSection(Strict):

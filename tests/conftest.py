@@ -85,8 +85,8 @@ def ray_head():
 
         ray.shutdown()
         os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
+        try:  # nothing of the session is kept: no long grace period
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
 

@@ -22,6 +22,11 @@ def test_settings_and_their_folders(tmp_path):
     assert folder == tmp_path / "digits_groups" / "seed2" / "FG_entropy_s0.1_round2"
     plain = table_bench.synthetic_rows(["loss"], None)
     assert list(plain) == ["+ unguided synthetic", "+ FG loss"]
+    sloped = table_bench.synthetic_rows(["loss"], None, slopes=[0.5])
+    assert sloped["+ FG loss, per class s=0.5"] == [
+        "synthesis.criteria={loss: 1.0}", "synthesis.scale_by=count", "synthesis.scale_slope=0.5"]
+    folder = table_bench.cell_dir(tmp_path, "digits_lt", 0, "+ FG loss, per class s=0.5")
+    assert folder.parent == tmp_path / "digits_lt" / "seed0" and "=" not in folder.name
 
 
 def test_paired_differences_without_few_classes():

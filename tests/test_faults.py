@@ -189,7 +189,7 @@ def test_a_killed_generator_worker_then_a_killed_driver_resume_generator_trainin
         tmp_path, ray_session):
     out = tmp_path / "run"
     args = ["train-generator", "configs/digits_lt.yaml", "--out", str(out), "--set",
-            "generator.train_steps=80", "generator.checkpoint_every=10",
+            "generator.train_steps=60", "generator.checkpoint_every=10",
             "generator.block_out_channels=[16, 32]", "generator.batch_size=8",
             "scaling.max_failures=1", f"ray.address={ray_session['address']}"]
     run = out / "ray_results" / "generator"
@@ -205,18 +205,18 @@ def test_a_killed_generator_worker_then_a_killed_driver_resume_generator_trainin
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=30)
     after_driver = registered(run, "step")
-    assert after_driver < 80, "training finished before the driver was killed"
+    assert after_driver < 60, "training finished before the driver was killed"
     wait_for(lambda: not alive_actors("RayTrainWorker"), 120)
     done = run_cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
 
     training = json.loads((out / "generator" / TRAINING_FILE).read_text())
-    assert training["steps"] == 80
+    assert training["steps"] == 60
     first, restored, rerun = training["starts"]
     assert first == 0 and restored >= after_worker >= 20 and restored % 10 == 0
     assert rerun == after_driver > restored
     losses = (out / "generator" / "loss.csv").read_text().splitlines()[1:]
-    assert len(losses) == 80  # one loss per step, none lost and none repeated
+    assert len(losses) == 60  # one loss per step, none lost and none repeated
 
 
 def test_a_sampler_actor_that_cannot_start_fails_fast_naming_the_cause(trained, tmp_path):
@@ -264,16 +264,23 @@ def run():
     except Exception as err:
         errors.append(repr(err))
 
+def on_worker():
+    alive = list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
+    return [a.class_name for a in alive if a.node_id == worker.node_id]
+
 thread = threading.Thread(target=run)
 thread.start()
-while thread.is_alive() and not list((out / "synthetic").glob("shard_*.parquet")):
-    time.sleep(0.1)
-alive = list_actors(address=cluster.address, filters=[("state", "=", "ALIVE")])
-on_worker = [a.class_name for a in alive if a.node_id == worker.node_id]
+# Remove the node once a shard is written and a sampler actor runs there (the pool may
+# start on the head first).
+placed = []
+while thread.is_alive() and not (list((out / "synthetic").glob("shard_*.parquet")) and
+                                 any("GuidedSampler" in c for c in placed)):
+    placed = on_worker()
+    time.sleep(0.2)
 written = len(list((out / "synthetic").glob("shard_*.parquet")))
 cluster.remove_node(worker)
 thread.join(timeout=900)
-print(json.dumps({"on_worker": on_worker, "written_before": written, "errors": errors,
+print(json.dumps({"on_worker": placed, "written_before": written, "errors": errors,
                   "hung": thread.is_alive()}))
 ray.shutdown()
 cluster.shutdown()
@@ -288,7 +295,9 @@ def test_a_worker_node_removed_during_synthesis_still_fills_the_exact_quota(trai
     done = subprocess.run([sys.executable, "-c", NODE_LOSS, str(out), json.dumps(overrides)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # Ray's own lines (a raylet retrying a task) may share the subprocess's stdout.
+    report = json.loads(next(line for line in done.stdout.splitlines()[::-1]
+                             if line.startswith('{"on_worker"')))
     assert report["errors"] == [] and not report["hung"]
     assert "MapWorker(MapBatches(GuidedSampler))" in report["on_worker"]
     assert report["written_before"] < len(reference)

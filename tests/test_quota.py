@@ -210,3 +210,58 @@ def test_save_grid_writes_png_that_widens_with_columns(tmp_path):
         save_grid(grey, rows[:1], ["0", "0.03", "0.1"], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="uint8"):
         save_grid(grey.astype(float), rows, ["0", "0.03", "0.1"], tmp_path / "bad.png")
+
+
+def test_count_scales_move_guidance_to_rare_classes_and_keep_the_mean():
+    from ray_lt.generate.plan import count_scales
+
+    counts, quotas = np.array([100, 20, 4, 0]), np.array([0, 80, 96, 100])
+    assert count_scales(counts, quotas, 0.03, 0.0) == [0.03] * 4
+    scales = np.array(count_scales(counts, quotas, 0.03, 1.0))
+    assert (np.diff(scales) > 0).all()  # fewer training images, stronger guidance
+    assert (scales * quotas).sum() / quotas.sum() == pytest.approx(0.03)
+    # (n + 1)^-1 weights: the empty group 0's scale is 5 times that of the class with 4.
+    assert scales[3] / scales[2] == pytest.approx(5.0)
+
+
+def test_the_plan_carries_a_scale_per_class_only_when_asked():
+    from types import SimpleNamespace
+
+    from ray_lt.config import load_config
+    from ray_lt.generate.plan import plan
+
+    data = SimpleNamespace(class_counts=np.array([100, 64, 41, 27, 17, 11, 7, 4, 3, 2]),
+                           group_counts=None, context_names=[])
+    config = "configs/digits_lt.yaml"
+    plain = plan(load_config(config), data)
+    assert all("scale" not in shard for shard in plain)  # stored plans stay as they were
+    shards = plan(load_config(config, ["synthesis.scale_by=count",
+                                       "synthesis.scale_slope=0.5"]), data)
+    by_label = {}
+    for shard in shards:
+        by_label.setdefault(shard["label"], set()).add(shard["scale"])
+    assert all(len(v) == 1 for v in by_label.values())
+    scale = {label: v.pop() for label, v in by_label.items()}
+    assert scale[9] > scale[5] > scale[1] and 0 not in scale  # class 0 has no quota
+    drawn = sum(shard["scale"] * shard["n"] for shard in shards)
+    assert drawn / sum(shard["n"] for shard in shards) == pytest.approx(0.03, rel=1e-6)
+
+
+def test_error_scales_guide_hardest_where_the_guide_is_wrong():
+    from types import SimpleNamespace
+
+    from ray_lt.config import load_config
+    from ray_lt.generate.plan import error_scales, plan
+
+    quotas = np.array([10, 10, 10])
+    scales = np.array(error_scales(np.array([0.0, 0.2, 0.6]), quotas, 0.03, 1.0))
+    assert scales.mean() == pytest.approx(0.03) and (np.diff(scales) > 0).all()
+    assert scales[2] / scales[1] == pytest.approx(0.61 / 0.21)
+    data = SimpleNamespace(class_counts=np.array([100, 64, 41, 27, 17, 11, 7, 4, 3, 2]),
+                           group_counts=None, context_names=[])
+    cfg = load_config("configs/digits_lt.yaml", ["synthesis.scale_by=val_error"])
+    assert all("scale" not in s for s in plan(cfg, data))  # no errors yet: no scales
+    errors = np.linspace(0.0, 0.9, 10)
+    shards = plan(cfg, data, errors)
+    first = {s["label"]: s["scale"] for s in shards}
+    assert first[9] > first[1]

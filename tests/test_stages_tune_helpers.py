@@ -99,6 +99,12 @@ def test_search_space_from_config_and_its_errors():
         load_config(CONFIG, ["tune.space.guidance_scale=[0, 0.1]"])
     with pytest.raises(ConfigError, match="space.synthetic_weight: Value error, the range must"):
         load_config(CONFIG, ["tune.space.synthetic_weight=[1.0, 0.5]"])
+    with pytest.raises(ConfigError, match="tune.space.scale_slope: synthesis.scale_by is 'none'"):
+        search_space(load_config(CONFIG, ["tune.space.scale_slope=[0, 1]"]))
+    slope = search_space(load_config(CONFIG, ["tune.space.scale_slope=[0, 1.5]",
+                                              "synthesis.scale_by=count"]))
+    assert (slope["synthesis"]["scale_slope"].lower, slope["synthesis"]["scale_slope"].upper) == (
+        0.0, 1.5)
 
 
 def test_objectives_need_what_the_data_set_has():

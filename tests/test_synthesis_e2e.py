@@ -134,3 +134,23 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     assert len(pd.read_csv(folder / "history.csv")) == 3
     metrics = pipeline.evaluate_stage(cfg, out, data)
     assert metrics["num_rows"] == 500 and (out / "final" / "metrics.json").is_file()
+
+
+def test_each_class_is_guided_at_the_scale_its_validation_error_gives(trained, tmp_path,
+                                                                      caplog):
+    out = _copy_stages(trained, tmp_path / "scaled")
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
+                      [*BASE, "synthesis.quota_scale=0.05", "synthesis.scale_by=val_error",
+                       "synthesis.scale_slope=1.0"])
+    caplog.set_level(logging.INFO, logger="ray_lt")
+    commands.synthesize(cfg, out)
+    assert "guidance scale per class from the baseline's validation error" in caplog.text
+    shards = json.loads((out / "synthetic" / "plan.json").read_text())
+    planned = {s["label"]: s["scale"] for s in shards}
+    rows = _rows(out)
+    assert len(rows) == sum(s["n"] for s in shards)
+    used = rows.groupby("label")["guidance_scale"].agg(["min", "max"])
+    assert (used["min"] == used["max"]).all()  # one scale per class
+    assert used["min"].to_dict() == pytest.approx(planned)
+    drawn = sum(s["scale"] * s["n"] for s in shards) / sum(s["n"] for s in shards)
+    assert drawn == pytest.approx(0.03, rel=1e-6) and len(set(planned.values())) > 1

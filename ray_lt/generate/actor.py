@@ -9,6 +9,7 @@ actor goes straight on to its next shard.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -94,12 +95,16 @@ class GuidedSampler:
         ids = draw_criteria(self.names, self.probabilities, n,
                             torch.Generator().manual_seed(int(shard["seed"])))
         parts, shape = [], None
+        # The shard's own scale when the plan sets one per class (synthesis.scale_by).
+        scale = shard.get("scale")
+        guidance = (self.guidance if scale is None or scale != scale  # NaN: a plan without
+                    else dataclasses.replace(self.guidance, scale=float(scale)))
         for start in range(0, n, s.batch_size):
             chunk = seeds[start:start + s.batch_size]
             size = len(chunk)
             out, decoded, redrawn = sample_finite(
                 self.generator, self.scorer, int(shard["label"]), int(shard["group"]),
-                ids[start:start + size], chunk, s, self.guidance, f"shard {shard['shard_id']}")
+                ids[start:start + size], chunk, s, guidance, f"shard {shard['shard_id']}")
             if decoded.dim() == 2:  # feature generator: pseudo-feature vectors
                 payload = {"feature": pa.array(list(decoded.numpy()),
                                                type=pa.list_(pa.float32()))}
@@ -112,7 +117,7 @@ class GuidedSampler:
                 "label": pa.array(np.full(size, int(shard["label"]), np.int64)),
                 "group": pa.array(np.full(size, int(shard["group"]), np.int64)),
                 "criterion": [self.names[i] for i in ids[start:start + size].tolist()],
-                "guidance_scale": pa.array(np.full(size, s.guidance_scale, np.float64)),
+                "guidance_scale": pa.array(np.full(size, guidance.scale, np.float64)),
                 "seed": pa.array(chunk, type=pa.int64()),
                 "shard_id": pa.array(np.full(size, int(shard["shard_id"]), np.int64)),
                 "criterion_before": out.criterion_before.numpy(),

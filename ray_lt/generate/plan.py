@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -27,8 +28,11 @@ MANIFEST_KEYS = ("shard_id", "n", "file", "seconds", "write_seconds", "finished"
                  "redrawn")
 
 
-def plan(cfg: Config, data: LongTailData) -> list[dict[str, Any]]:
-    """The shards that balance the training set (docs/method.md §4)."""
+def plan(cfg: Config, data: LongTailData, val_errors: np.ndarray | None = None
+         ) -> list[dict[str, Any]]:
+    """The shards that balance the training set (docs/method.md §4), each with its own
+    guidance scale under ``synthesis.scale_by`` (``val_error`` needs ``val_errors``, the
+    baseline's validation error per class or group; without them no scale is set)."""
     s = cfg.synthesis
     if s.balance == "group":
         if data.group_counts is None:
@@ -42,7 +46,38 @@ def plan(cfg: Config, data: LongTailData) -> list[dict[str, Any]]:
         raise ConfigError(f"synthesis: the quota is 0 for every {s.balance} (synthesis.target "
                           f"{s.target}, quota_scale {s.quota_scale:g}, quota_minimum "
                           f"{s.quota_minimum}); raise target or quota_scale")
+    if s.scale_by == "count" or (s.scale_by == "val_error" and val_errors is not None):
+        counts = data.group_counts if s.balance == "group" else data.class_counts
+        scales = (count_scales(counts, quotas, s.guidance_scale, s.scale_slope)
+                  if s.scale_by == "count" else
+                  error_scales(val_errors, quotas, s.guidance_scale, s.scale_slope))
+        key = "group" if s.balance == "group" else "label"
+        for shard in shards:
+            shard["scale"] = scales[shard[key]]
     return shards
+
+
+def count_scales(counts: np.ndarray, quotas: np.ndarray, scale: float, slope: float
+                 ) -> list[float]:
+    """Guidance scale per class (group): ``scale * w_c`` with ``w_c`` proportional to
+    ``(n_c + 1)^-slope`` and ``sum_c q_c w_c = sum_c q_c`` over the quotas ``q``, so the mean
+    scale over the samples drawn is ``scale``; slope 0 gives ``scale`` everywhere."""
+    weights = (np.asarray(counts, dtype=np.float64) + 1.0) ** -float(slope)
+    return _normalised(weights, quotas, scale)
+
+
+def error_scales(errors: np.ndarray, quotas: np.ndarray, scale: float, slope: float
+                 ) -> list[float]:
+    """As ``count_scales`` with weights ``(e_c + 0.01)^slope`` for the validation errors
+    ``e_c``: the classes the guide gets wrong most are guided hardest."""
+    weights = (np.asarray(errors, dtype=np.float64) + 0.01) ** float(slope)
+    return _normalised(weights, quotas, scale)
+
+
+def _normalised(weights: np.ndarray, quotas: np.ndarray, scale: float) -> list[float]:
+    q = np.asarray(quotas, dtype=np.float64)
+    weights = weights * q.sum() / max(float((q * weights).sum()), 1e-12)
+    return [round(float(scale * w), 8) for w in weights]
 
 
 def store_plan(out: Path, shards: list[dict[str, Any]]) -> None:

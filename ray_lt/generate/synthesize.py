@@ -18,6 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import ray
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import DataError, RayLTError
+from ray_lt.evaluate.predict import predict
 from ray_lt.generate.actor import GuidedSampler
 from ray_lt.generate.factory import check_generator, check_scorer, generator_info
 from ray_lt.generate.plan import (
@@ -102,6 +104,25 @@ def _disk_full(err: BaseException) -> bool:
     return "No space left on device" in str(err)
 
 
+def validation_errors(cfg: Config, data: LongTailData, run_dir: Path) -> np.ndarray:
+    """The baseline classifier's error on the validation split per class (per group with
+    ``synthesis.balance: group``); a unit without validation images gets the overall error."""
+    e = cfg.evaluate
+    rows = predict(data.val, run_dir / "classifier", e.batch_size, e.num_actors,
+                   e.cpus_per_actor, e.gpus_per_actor)
+    by_group = cfg.synthesis.balance == "group"
+    units = len(data.group_counts) if by_group else data.num_classes
+    wrong = (rows["pred"] != rows["label"]).to_numpy(dtype=np.float64)
+    key = rows["group" if by_group else "label"].to_numpy()
+    seen = np.bincount(key, minlength=units)[:units]
+    missed = np.bincount(key, weights=wrong, minlength=units)[:units]
+    errors = np.where(seen > 0, missed / np.maximum(seen, 1), wrong.mean())
+    log.info("synthesis: guidance scale per %s from the baseline's validation error "
+             "(mean %.3f, max %.3f)", "group" if by_group else "class", errors.mean(),
+             errors.max())
+    return errors
+
+
 def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
     """Generate every planned shard not yet finished; returns the per-(label, group) counts.
 
@@ -110,7 +131,8 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
     """
     run_dir = Path(run_dir).resolve()
     s = cfg.synthesis
-    shards = plan(cfg, data)
+    errors = validation_errors(cfg, data, run_dir) if s.scale_by == "val_error" else None
+    shards = plan(cfg, data, errors)
     out = run_dir / SYNTHETIC_DIR
     out.mkdir(parents=True, exist_ok=True)
     store_plan(out, shards)

@@ -69,6 +69,11 @@ def search_space(cfg: Config) -> dict[str, Any]:
     if sp.balanced_softmax_weight is not None:
         space.setdefault("final", {})["balanced_softmax_weight"] = tune.uniform(
             *sp.balanced_softmax_weight)
+    if sp.scale_slope is not None:
+        if cfg.synthesis.scale_by == "none":
+            raise ConfigError("tune.space.scale_slope: synthesis.scale_by is 'none', so the "
+                              "slope changes nothing; set synthesis.scale_by: count")
+        space.setdefault("synthesis", {})["scale_slope"] = tune.uniform(*sp.scale_slope)
     if not space:
         raise ConfigError("tune.space: every range is null; nothing to search")
     return space

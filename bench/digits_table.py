@@ -14,6 +14,10 @@ shared by every synthetic row. Every cell is its own run directory, so an interr
 resumes where it stopped, and every run adds its cells to ``OUT/table.csv``; ``--summarize``
 only reads what is there. ``--scales`` runs the chosen ``--criteria`` at other guidance scales
 (settings ``+ FG entropy @ 0.1``, ...) beside the same unguided row: the guidance-scale study.
+``--group-guide`` adds, on digits_groups, the group-aware rows: the criteria that read the
+class x context group (``target group``, ``group entropy``), a guide trained with group DRO
+(``..., DRO guide``; the final model stays ERM) and group DRO as the final model's objective
+(``+ unguided synthetic, DRO final``).
 ``--round-two`` guides the chosen criteria with the unguided row's final model, already trained
 on real + unguided synthetic data (settings ``+ FG entropy, round 2``): does a guide that knows
 the tail (or the empty groups) steer better than the baseline?
@@ -64,6 +68,19 @@ CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{ha
 
 ROUND_TWO = ", round 2"  # guided by the unguided row's final model instead of the baseline
 PER_CLASS = ", per class s="  # guidance strength per class (group) by training count
+DRO_GUIDE = ", DRO guide"  # the guide is trained with group DRO (the final model stays ERM)
+# The group-aware options (digits_groups): criteria that read the class x context group, a
+# guide trained with group DRO, and group DRO as the final model's objective.
+GROUP_ROWS = {
+    "+ FG target group": ["synthesis.criteria={target_group: 1.0}"],
+    "+ FG group entropy": ["synthesis.criteria={group_entropy: 1.0}"],
+    "+ FG entropy" + DRO_GUIDE: ["synthesis.criteria={entropy: 1.0}"],
+    "+ FG group entropy" + DRO_GUIDE: ["synthesis.criteria={group_entropy: 1.0}"],
+    "+ unguided synthetic, DRO final": ["synthesis.guidance_scale=0",
+                                        "synthesis.criteria={entropy: 1.0}",
+                                        "final.group_objective=dro"],
+}
+DRO = ["train.group_objective=dro", "final.group_objective=erm"]
 
 
 def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: bool = False,
@@ -95,7 +112,7 @@ FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
 
 def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
     name = setting.strip("+ ").replace(" @ ", "_s").replace(ROUND_TWO, "_round2")
-    name = name.replace(PER_CLASS, "_perclass")
+    name = name.replace(PER_CLASS, "_perclass").replace(", ", "_")
     name = name.replace(" ", "_")
     return out / dataset / f"seed{seed}" / name
 
@@ -181,6 +198,10 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
     guide = base / "guide"
     cfg = load_config(config, [*extra, FINAL_LOSS[dataset], f"seed={seed}"])
     commands.train_generator(cfg, guide)
+    dro_guide = base / "guide_dro"
+    if any(name.endswith(DRO_GUIDE) for name in settings):
+        commands.train(load_config(config, [*extra, FINAL_LOSS[dataset], f"seed={seed}", *DRO]),
+                       dro_guide)
     for name, overrides in settings.items():
         started = time.perf_counter()
         folder = cell_dir(out, dataset, seed, name)
@@ -197,8 +218,11 @@ def run_seed(dataset: str, seed: int, out: Path, extra: list[str],
             stages = ("classifier", "generator", "metrics.json")
         for stage in stages:
             link = folder / stage
+            source = dro_guide if name.endswith(DRO_GUIDE) and stage != "generator" else guide
             if not link.exists():
-                link.symlink_to((guide / stage).resolve())
+                link.symlink_to((source / stage).resolve())
+        if name.endswith(DRO_GUIDE):
+            overrides = [*overrides, *DRO]
         cfg = load_config(config, [*extra, FINAL_LOSS[dataset], f"seed={seed}", *overrides,
                                    "report.grid=false"])
         metrics = commands.run(cfg, folder)
@@ -243,7 +267,8 @@ def paired(table: pd.DataFrame) -> pd.DataFrame:
         unguided = group[group["setting"] == UNGUIDED]
         if unguided.empty:
             continue
-        for r in group[group["setting"].str.startswith("+ FG")].itertuples():
+        for r in group[group["setting"].str.startswith("+") &
+                       (group["setting"] != UNGUIDED)].itertuples():
             rows.append({"dataset": dataset, "setting": r.setting, "seed": seed,
                          **{k: getattr(r, k) - unguided[k].iloc[0]
                             for k in metrics}})
@@ -297,6 +322,10 @@ def main() -> None:
     parser.add_argument("--round-two", action="store_true",
                         help="guide with the unguided row's final model (trained on real + "
                              "unguided synthetic) instead of the baseline: rows '..., round 2'")
+    parser.add_argument("--group-guide", action="store_true",
+                        help="digits_groups: add the group-aware rows (criteria target group "
+                             "and group entropy, a guide trained with group DRO, group DRO "
+                             "as the final objective)")
     parser.add_argument("--summarize", action="store_true",
                         help="only summarise the cells already in OUT/table.csv")
     args = parser.parse_args()
@@ -307,7 +336,10 @@ def main() -> None:
         settings = synthetic_rows(args.criteria, args.scales, args.round_two, args.scale_slopes)
         for seed in args.seeds:
             for dataset in args.datasets:
-                new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, settings))
+                rows = dict(settings)
+                if args.group_guide and dataset == "digits_groups":
+                    rows.update(GROUP_ROWS)
+                new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, rows))
                 table = merge(table, new)
                 table.to_csv(path, index=False)
     table = with_sample_stats(with_empty_groups(table, args.out), args.out)

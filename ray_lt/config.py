@@ -23,6 +23,12 @@ from pydantic import (
 from ray_lt.errors import ConfigError
 
 DIGITS_PER_CLASS_MIN = 174  # the rarest digit in scikit-learn's bundled set has 174 images
+# The feedback criteria (ray_lt.generate.criteria.CRITERIA); the group ones need a data set
+# with class x context groups.
+GROUP_CRITERION_NAMES = ("target_group", "group_entropy")
+CRITERION_NAMES = ("entropy", "loss", "hardness", "total_uncertainty",
+                   *GROUP_CRITERION_NAMES)
+GROUPED_KINDS = ("digits_groups", "nico_pp")
 
 
 class Strict(BaseModel):
@@ -160,6 +166,11 @@ class TrainConfig(Strict):
     warmup_epochs: int = Field(0, ge=0)
     balanced_softmax_weight: float = Field(0.0, ge=0.0, le=1.0)
     synthetic_weight: float = Field(1.0, ge=0.0)
+    # Data sets with class x context groups: "reweight" weights each real row by N / (G n_g)
+    # (group-balanced in expectation), "dro" is online group DRO with step size
+    # dro_step_size (docs/method.md §5).
+    group_objective: Literal["erm", "reweight", "dro"] = "erm"
+    dro_step_size: float = Field(0.01, gt=0.0)
     synthetic_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     shuffle_buffer: int = Field(2048, ge=0)
     # Each shard (train, synthetic, val) whose first pass fits in this many MiB per worker is
@@ -284,7 +295,7 @@ class SynthesisConfig(Strict):
 
     @model_validator(mode="after")
     def _criteria(self) -> SynthesisConfig:
-        known = {"entropy", "loss", "hardness", "total_uncertainty"}
+        known = set(CRITERION_NAMES)
         unknown = sorted(set(self.criteria) - known)
         if unknown:
             raise ValueError(f"criteria: unknown {unknown}; choose from {sorted(known)}")
@@ -305,6 +316,7 @@ class FinalConfig(Strict):
     epochs: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0.0)
     balanced_softmax_weight: float | None = Field(None, ge=0.0, le=1.0)
+    group_objective: Literal["erm", "reweight", "dro"] | None = None
 
 
 class ReportConfig(Strict):
@@ -341,7 +353,7 @@ def _non_negative(bounds: tuple[float, float]) -> tuple[float, float]:
 
 
 def _criteria_names(names: list[str]) -> list[str]:
-    known = ["entropy", "hardness", "loss", "total_uncertainty"]
+    known = sorted(CRITERION_NAMES)
     unknown = sorted(set(names) - set(known))
     if unknown:
         raise ValueError(f"unknown criteria {unknown}; choose from {known}")
@@ -367,6 +379,8 @@ class SearchSpace(Strict):
     synthetic_weight: WeightRange | None = (0.2, 1.0)
     balanced_softmax_weight: UnitRange | None = None
     scale_slope: WeightRange | None = None  # needs synthesis.scale_by: count
+    # The final model's group objective, chosen among these (data sets with groups).
+    final_group_objective: list[Literal["erm", "reweight", "dro"]] | None = None
 
 
 class TuneSection(Strict):
@@ -412,6 +426,29 @@ class Config(Strict):
         return self
 
     @model_validator(mode="after")
+    def _groups_needed(self) -> Config:
+        if self.dataset.kind in GROUPED_KINDS:
+            return self
+        problems = []
+        searched = self.tune.space.criteria or []
+        for key, names in (("synthesis.criteria", list(self.synthesis.criteria)),
+                           ("synthesis.grid_criteria", self.synthesis.grid_criteria),
+                           ("tune.space.criteria", searched)):
+            wrong = [n for n in names if n in GROUP_CRITERION_NAMES]
+            if wrong:
+                problems.append(f"{key}: {wrong} score class x context groups")
+        for key, value in (("train.group_objective", self.train.group_objective),
+                           ("final.group_objective", self.final.group_objective)):
+            if value not in (None, "erm"):
+                problems.append(f"{key}: {value!r} trains for the worst group")
+        if self.tune.space.final_group_objective:
+            problems.append("tune.space.final_group_objective: searches a group objective")
+        if problems:
+            raise ValueError("; ".join(problems) + f", but dataset.kind {self.dataset.kind!r} "
+                             f"has no groups (those with groups: {', '.join(GROUPED_KINDS)})")
+        return self
+
+    @model_validator(mode="after")
     def _pretrained_needs_unclip(self) -> Config:
         g = self.generator
         if g.pretrained is not None and g.kind != "unclip":
@@ -425,7 +462,8 @@ class Config(Strict):
 def final_train_config(cfg: Config) -> TrainConfig:
     """The ``train`` section with the ``final`` section's overrides applied."""
     changes = {k: v for k, v in cfg.final.model_dump().items()
-               if k in ("epochs", "lr", "balanced_softmax_weight") and v is not None}
+               if k in ("epochs", "lr", "balanced_softmax_weight", "group_objective")
+               and v is not None}
     return cfg.train.model_copy(update=changes)
 
 
@@ -474,15 +512,15 @@ def _section(path: list[str], kind: str | None) -> type[BaseModel] | None:
         if section is Config and key == "dataset":
             section = DATASET_KINDS.get(kind or "")
         else:
-            section = _model_in(field.annotation)
+            section = section_model(field.annotation)
     return section
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def section_model(annotation: Any) -> type[BaseModel] | None:
     """The config class a field holds (``X``, ``X | None``), None for a plain value."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    return next((m for a in get_args(annotation) if (m := _model_in(a))), None)
+    return next((m for a in get_args(annotation) if (m := section_model(a))), None)
 
 
 def _suggestion(loc: list[str], kind: str | None) -> str:

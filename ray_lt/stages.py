@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ray_lt.atomic import write_text_atomic
-from ray_lt.config import Config
+from ray_lt.config import Config, section_model
 from ray_lt.errors import ConfigError
 
 STAGES_FILE = "stages.json"
@@ -82,13 +82,43 @@ def _records(out_dir: Path) -> dict[str, dict[str, Any]]:
     return _document(out_dir)["config"]
 
 
+_ABSENT = object()
+
+
+def default_value(key: str) -> Any:
+    """The config default of a dotted key as ``stage_keys`` writes it (plain JSON values),
+    ``_ABSENT`` where it has none (dataset keys, required keys)."""
+    section: Any = Config
+    parts = key.split(".")
+    if parts[0] == "dataset":
+        return _ABSENT
+    for part in parts[:-1]:
+        field = section.model_fields.get(part)
+        section = section_model(field.annotation) if field is not None else None
+        if section is None:
+            return _ABSENT
+    field = section.model_fields.get(parts[-1])
+    if field is None or field.is_required():
+        return _ABSENT
+    value = field.get_default(call_default_factory=True)
+    return json.loads(json.dumps(value, default=str))
+
+
+def _unchanged(recorded: dict[str, Any], now: dict[str, Any], key: str) -> bool:
+    if key in recorded:
+        return recorded[key] == now.get(key)
+    # A key the config gained after the record was written changes nothing at its default.
+    return key in now and default_value(key) == now[key]
+
+
 def check_stage(cfg: Config, out_dir: Path, stage: str, output: Path) -> None:
-    """Raise when ``stage`` was recorded in ``out_dir`` with other config values."""
+    """Raise when ``stage`` was recorded in ``out_dir`` with other config values (a key added
+    to the config since, at its default value, is not a change)."""
     recorded = _records(out_dir).get(stage)
     if recorded is None:
         return
     now = stage_keys(cfg, stage)
-    changed = [k for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+    changed = [k for k in sorted(set(recorded) | set(now)) if not _unchanged(recorded, now, k)]
     if changed:
         shown = "; ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
@@ -105,8 +135,13 @@ def check_stages(cfg: Config, out_dir: Path, outputs: dict[str, Path]) -> None:
 
 
 def stage_matches(cfg: Config, out_dir: Path, stage: str) -> bool:
-    """Whether ``stage`` was recorded in ``out_dir`` with exactly this config."""
-    return _records(out_dir).get(stage) == stage_keys(cfg, stage)
+    """Whether ``stage`` was recorded in ``out_dir`` with this config (``check_stage``'s
+    sense)."""
+    recorded = _records(out_dir).get(stage)
+    if recorded is None:
+        return False
+    now = stage_keys(cfg, stage)
+    return all(_unchanged(recorded, now, k) for k in set(recorded) | set(now))
 
 
 def record_stage(cfg: Config, out_dir: Path, stage: str) -> None:

@@ -29,6 +29,21 @@ def test_settings_and_their_folders(tmp_path):
     assert folder.parent == tmp_path / "digits_lt" / "seed0" and "=" not in folder.name
 
 
+def test_group_rows_name_distinct_folders_and_validate_on_digits_groups(tmp_path):
+    from ray_lt.config import final_train_config, load_config
+
+    folders = {table_bench.cell_dir(tmp_path, "digits_groups", 0, name).name
+               for name in table_bench.GROUP_ROWS}
+    assert len(folders) == len(table_bench.GROUP_ROWS)
+    assert "FG_entropy_DRO_guide" in folders and all("," not in f for f in folders)
+    for name, overrides in table_bench.GROUP_ROWS.items():
+        extra = table_bench.DRO if name.endswith(table_bench.DRO_GUIDE) else []
+        cfg = load_config(ROOT / "configs" / "digits_groups.yaml", [*overrides, *extra])
+        guide, final = cfg.train.group_objective, final_train_config(cfg).group_objective
+        assert (guide, final) == (("dro", "erm") if extra else
+                                  ("erm", "dro") if "DRO final" in name else ("erm", "erm"))
+
+
 def test_paired_differences_without_few_classes():
     table = pd.DataFrame({
         "dataset": "digits_groups", "seed": [0, 0, 1, 1],

@@ -97,3 +97,29 @@ def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path, cap
                    "evaluate.cpus_per_actor=0.5", "evaluate.gpus_per_actor=0")
     assert done.returncode == 2
     assert str(data / "ImageNet_LT_train.txt") in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("train.group_objective=dro", "train.group_objective: 'dro'"),
+    ("final.group_objective=reweight", "final.group_objective: 'reweight'"),
+    ("synthesis.criteria={target_group: 1.0}", "synthesis.criteria: ['target_group']"),
+    ("tune.space.criteria=[entropy, group_entropy]", "tune.space.criteria: ['group_entropy']"),
+    ("tune.space.final_group_objective=[erm, dro]", "tune.space.final_group_objective"),
+])
+def test_group_settings_on_a_data_set_without_groups_name_their_key(override, key):
+    from ray_lt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "digits_lt.yaml", [override])
+    assert key in str(err.value) and "'digits_lt' has no groups" in str(err.value)
+
+
+def test_group_settings_validate_on_a_data_set_with_groups():
+    cfg = load_config(ROOT / "configs" / "digits_groups.yaml", [
+        "train.group_objective=dro", "final.group_objective=erm",
+        "synthesis.criteria={target_group: 0.5, group_entropy: 0.5}",
+        "tune.space.final_group_objective=[erm, reweight, dro]"])
+    from ray_lt.config import final_train_config
+
+    assert cfg.train.group_objective == "dro"
+    assert final_train_config(cfg).group_objective == "erm"

@@ -19,13 +19,16 @@ from ray_lt.generate.criteria import (
     entropy,
     fit_class_statistics,
     fit_epistemic_head,
+    group_entropy,
     hardness,
     loss,
+    target_group,
     total_uncertainty,
 )
 from ray_lt.train.models import build_model
 
 NUM_CLASSES = 3
+NUM_CONTEXTS = 2
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +39,8 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def pieces(classifier):
-    """Class statistics and an epistemic head fitted on the classifier's embeddings of noise."""
+    """Class statistics, an epistemic head and a context head fitted on the classifier's
+    embeddings of noise."""
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(60, 1, 8, 8, generator=gen)
     labels = torch.arange(60) % NUM_CLASSES
@@ -44,7 +48,19 @@ def pieces(classifier):
         features = classifier.embed(images).numpy()
     stats = fit_class_statistics(features, labels.numpy(), NUM_CLASSES)
     head = fit_epistemic_head(features, labels.numpy(), NUM_CLASSES, k=3, epochs=5, seed=0)
-    return stats, head
+    contexts = fit_epistemic_head(features, (labels.numpy() // 2) % NUM_CONTEXTS, NUM_CONTEXTS,
+                                  k=1, epochs=5, seed=0)
+    return stats, head, contexts
+
+
+def _scorer(classifier, names, pieces, **kwargs):
+    stats, head, contexts = pieces
+    return CriterionScorer(classifier, names, stats, head, context_head=contexts, **kwargs)
+
+
+def _groups(labels: torch.Tensor) -> torch.Tensor:
+    """Class x context group ids, ``label * NUM_CONTEXTS + context``, contexts alternating."""
+    return labels * NUM_CONTEXTS + torch.arange(len(labels)) % NUM_CONTEXTS
 
 
 def _images(n: int, seed: int = 2) -> torch.Tensor:
@@ -99,47 +115,45 @@ def test_total_uncertainty_is_entropy_of_mean_prediction():
 
 @pytest.mark.parametrize("name", sorted(CRITERIA))
 def test_gradients_reach_the_images(classifier, pieces, name):
-    stats, head = pieces
-    scorer = CriterionScorer(classifier, [name], stats, head)
-    images = _images(4).requires_grad_()
-    values = scorer(images, torch.tensor([0, 1, 2, 0]), torch.zeros(4, dtype=torch.long))
+    scorer = _scorer(classifier, [name], pieces)
+    images, labels = _images(4).requires_grad_(), torch.tensor([0, 1, 2, 0])
+    values = scorer(images, labels, torch.zeros(4, dtype=torch.long), _groups(labels))
     assert values.shape == (4,)
     values.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
 
 
 def test_mixture_routes_each_sample_to_its_criterion(classifier, pieces):
-    stats, head = pieces
     names = sorted(CRITERIA)
-    mixture = CriterionScorer(classifier, names, stats, head)
-    images, labels = _images(8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    ids = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
-    got = mixture(images, labels, ids)
+    mixture = _scorer(classifier, names, pieces)
+    images, labels = _images(12), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2])
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 5, 4, 3, 2, 1, 0])
+    got = mixture(images, labels, ids, _groups(labels))
     for j, name in enumerate(names):
-        single = CriterionScorer(classifier, [name], stats, head)
-        expected = single(images, labels, torch.zeros(8, dtype=torch.long))
+        single = _scorer(classifier, [name], pieces)
+        expected = single(images, labels, torch.zeros(12, dtype=torch.long), _groups(labels))
         torch.testing.assert_close(got[ids == j], expected[ids == j])
-    assert not torch.allclose(got, got[ids == 0][0].expand(8))
+    assert not torch.allclose(got, got[ids == 0][0].expand(12))
 
 
 def test_scorer_embeds_each_batch_once(classifier, pieces, monkeypatch):
-    stats, head = pieces
-    scorer = CriterionScorer(classifier, sorted(CRITERIA), stats, head)
+    scorer = _scorer(classifier, sorted(CRITERIA), pieces)
     calls = []
     embed = classifier.embed
     monkeypatch.setattr(classifier, "embed", lambda x: calls.append(1) or embed(x))
-    scorer(_images(3), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    labels = torch.tensor([0, 1, 2])
+    scorer(_images(3), labels, torch.tensor([0, 4, 5]), _groups(labels))
     assert len(calls) == 1
 
 
 def test_scorer_on_features_matches_scorer_on_images(classifier, pieces):
-    stats, head = pieces
-    images, labels, ids = _images(5), torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 1, 2, 3, 0])
-    on_images = CriterionScorer(classifier, sorted(CRITERIA), stats, head)
-    on_features = CriterionScorer(classifier, sorted(CRITERIA), stats, head, inputs="features")
+    images, labels, ids = _images(6), torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6)
+    on_images = _scorer(classifier, sorted(CRITERIA), pieces)
+    on_features = _scorer(classifier, sorted(CRITERIA), pieces, inputs="features")
     with torch.no_grad():
-        torch.testing.assert_close(on_features(classifier.embed(images), labels, ids),
-                                   on_images(images, labels, ids))
+        torch.testing.assert_close(
+            on_features(classifier.embed(images), labels, ids, _groups(labels)),
+            on_images(images, labels, ids, _groups(labels)))
 
 
 def test_scorer_stays_in_eval_mode(classifier):
@@ -148,13 +162,60 @@ def test_scorer_stays_in_eval_mode(classifier):
 
 
 def test_scorer_names_the_missing_piece(classifier, pieces):
-    stats, head = pieces
+    stats, head, contexts = pieces
     with pytest.raises(ValueError, match="'hardness' needs statistics"):
         CriterionScorer(classifier, ["entropy", "hardness"], epistemic_head=head)
     with pytest.raises(ValueError, match="'total_uncertainty' needs epistemic_head"):
         CriterionScorer(classifier, ["total_uncertainty"], statistics=stats)
     with pytest.raises(ValueError, match="distinct names"):
         CriterionScorer(classifier, ["entropy", "confidence"])
+    with pytest.raises(ValueError, match="'target_group' needs context_head"):
+        CriterionScorer(classifier, ["entropy", "target_group"], stats, head)
+    scorer = CriterionScorer(classifier, ["group_entropy"], context_head=contexts)
+    with pytest.raises(ValueError, match=r"\['group_entropy'\] need the class x context group"):
+        scorer(_images(2), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="need the class x context group"):
+        scorer(_images(2), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long),
+               torch.tensor([-1, 2]))
+
+
+def test_group_criteria_hand_computed_values():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    context_logits = torch.tensor([[0.0, 3.0], [1.0, 1.0]], dtype=torch.float64)
+    labels, contexts = torch.tensor([0, 2]), torch.tensor([1, 0])
+    p_class = [math.exp(2) / (math.exp(2) + 2), 1 / 3]
+    p_context = [math.exp(3) / (math.exp(3) + 1), 0.5]
+    expected = [math.log(p_class[i]) + math.log(p_context[i]) for i in range(2)]
+    np.testing.assert_allclose(target_group(logits, labels, context_logits, contexts).numpy(),
+                               expected, rtol=1e-12)
+    np.testing.assert_allclose(group_entropy(logits, context_logits, contexts).numpy(),
+                               entropy(logits).numpy() + np.log(p_context), rtol=1e-12)
+
+
+def test_target_group_guidance_moves_the_context_toward_the_one_asked(classifier, pieces):
+    """One gradient step on target_group raises the context head's probability of the group's
+    context (the direction guidance takes)."""
+    stats, head, contexts = pieces
+    scorer = _scorer(classifier, ["target_group"], pieces)
+    images, labels = _images(6).requires_grad_(), torch.tensor([0, 1, 2, 0, 1, 2])
+    groups = _groups(labels)
+    scorer(images, labels, torch.zeros(6, dtype=torch.long), groups).sum().backward()
+    moved = (images + 0.5 * images.grad / images.grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+
+    def p_context(x):
+        with torch.no_grad():
+            logits = contexts(classifier.embed(x))[0].log_softmax(1)
+        return logits[torch.arange(6), groups % NUM_CONTEXTS].exp()
+
+    assert (p_context(moved) > p_context(images.detach())).all()
+
+
+def test_criterion_names_in_the_config_are_those_the_scorer_knows():
+    from ray_lt.config import CRITERION_NAMES, GROUP_CRITERION_NAMES
+
+    assert set(CRITERION_NAMES) == set(CRITERIA)
+    assert set(GROUP_CRITERION_NAMES) == {n for n, c in CRITERIA.items()
+                                          if c.needs == "context_head"}
 
 
 def test_draw_criteria_matches_probabilities_and_seed():
@@ -221,7 +282,7 @@ def test_statistics_reject_an_empty_class():
 
 
 def test_save_and_load_round_trip_exactly(tmp_path, pieces):
-    stats, head = pieces
+    stats, head, _ = pieces
     stats.save(tmp_path / "stats.safetensors")
     loaded = ClassStatistics.load(tmp_path / "stats.safetensors")
     for field in ("means", "precisions", "logdets"):

@@ -3,7 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ray_lt.train.losses import balanced_softmax_loss, classification_loss, log_prior
+from ray_lt.train.losses import (
+    GroupDRO,
+    balanced_softmax_loss,
+    classification_loss,
+    group_weights,
+    log_prior,
+)
 
 
 def test_balanced_softmax_matches_its_formula():
@@ -45,3 +51,40 @@ def test_sample_weights_scale_each_term():
 def test_prior_rejects_empty_class():
     with pytest.raises(ValueError, match="at least one training sample"):
         log_prior([3, 0])
+
+
+def test_group_weights_balance_the_groups_in_expectation():
+    counts = [6, 2, 0, 4]
+    weights = group_weights(counts)
+    np.testing.assert_allclose(weights.numpy(), [12 / 18, 12 / 6, 0.0, 12 / 12])
+    per_row = np.repeat(weights.numpy(), counts)
+    assert per_row.mean() == pytest.approx(1.0)
+    # every non-empty group carries the same total weight
+    np.testing.assert_allclose((weights * torch.tensor(counts)).numpy()[[0, 1, 3]], [4.0] * 3)
+    with pytest.raises(ValueError, match="no group has a training row"):
+        group_weights([0, 0])
+
+
+def test_group_dro_updates_q_and_weights_the_group_means():
+    dro = GroupDRO(3, step_size=0.5)
+    losses = torch.tensor([1.0, 3.0, 2.0, 2.0], requires_grad=True)
+    groups = torch.tensor([0, 0, 2, 2])
+    value = dro.loss(losses, groups)
+    means = np.array([2.0, 0.0, 2.0])  # group 1 has no row in the batch
+    q = np.exp(0.5 * means) / np.exp(0.5 * means).sum()
+    np.testing.assert_allclose(dro.q.numpy(), q, rtol=1e-6)
+    assert float(value) == pytest.approx(q[0] * 2.0 + q[2] * 2.0, rel=1e-6)
+    value.backward()
+    np.testing.assert_allclose(losses.grad.numpy(), [q[0] / 2, q[0] / 2, q[2] / 2, q[2] / 2],
+                               rtol=1e-6)
+    # the worse group gains weight step by step
+    for _ in range(5):
+        dro.loss(torch.tensor([0.1, 3.0]), torch.tensor([0, 2]))
+    assert dro.q[2] > 0.9
+    restored = GroupDRO(3, 0.5)
+    restored.load_state_dict(dro.state_dict())
+    assert torch.equal(restored.q, dro.q)
+    with pytest.raises(ValueError, match=r"group ids must lie in \[0, 3\)"):
+        dro.loss(torch.ones(2), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="2 groups saved"):
+        GroupDRO(4, 0.5).load_state_dict(GroupDRO(2, 0.5).state_dict())

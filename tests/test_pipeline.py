@@ -135,10 +135,18 @@ def test_tune_two_trials_and_run_the_best_config(digits_run, ray_session, tmp_pa
 
 def test_run_digits_groups(tmp_path, ray_session):
     out = tmp_path / "groups"
+    # The group-aware guide: trained with group DRO, guiding with the group criteria; the
+    # final model reweights the groups.
     done = run_cli("run", "configs/digits_groups.yaml", "--out", str(out), "--set", *SMALL,
-                   "synthesis.target=4", "report.grid=false",
+                   "synthesis.target=4", "report.grid=false", "train.group_objective=dro",
+                   "final.group_objective=reweight",
+                   "synthesis.criteria={target_group: 0.5, group_entropy: 0.5}",
                    f"ray.address={ray_session['address']}", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    history = pd.read_csv(out / "classifier" / "history.csv")
+    assert (history["dro_q_max"] > 1 / 40).all()  # q left the uniform start
+    assert "dro_q_max" not in pd.read_csv(out / "final" / "classifier" / "history.csv")
+    assert (out / "classifier" / "context_head.safetensors").is_file()
     final = json.loads((out / "final" / "metrics.json").read_text())
     assert final["worst_group"] is not None and len(final["per_group"]) == 40
     baseline = json.loads((out / "metrics.json").read_text())
@@ -158,6 +166,10 @@ def test_run_digits_groups(tmp_path, ray_session):
     assert (written == planned).all()
     assert (planned[counts == 0] >= 1).all() and (planned[counts >= 4] == 0).all()
     assert (synthetic["group"] // 4 == synthetic["label"]).all()
+    assert set(synthetic["criterion"]) == {"target_group", "group_entropy"}
+    assert np.isfinite(synthetic["criterion_after"]).all()
+    after = synthetic.groupby("criterion")["criterion_after"].mean()
+    assert after["target_group"] < 0  # a log-likelihood
     report = (out / "report.md").read_text()
     assert f"{final['worst_group']:.3f} |" in report and "five worst groups" in report
 

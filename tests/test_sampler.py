@@ -80,7 +80,7 @@ def test_reuse_applies_guidance_on_skipped_steps(parts):
 def test_non_finite_gradients_are_zeroed_and_counted(parts):
     generator, _ = parts
 
-    def exploding(images, labels, ids):
+    def exploding(images, labels, ids, groups=None):
         # sample 0 gets an infinite gradient, the others a finite one
         values = images.flatten(1).sum(1)
         return values * torch.tensor([float("inf"), 1.0, 1.0])

@@ -1,5 +1,7 @@
 """Stage records, the tuning search space, mixtures, trial configs and the Pareto front."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,14 @@ from ray_lt.config import config_from_dict, load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError
 from ray_lt.generate.plan import plan
-from ray_lt.stages import check_stage, check_stages, record_stage, stage_keys, stage_matches
+from ray_lt.stages import (
+    check_stage,
+    check_stages,
+    default_value,
+    record_stage,
+    stage_keys,
+    stage_matches,
+)
 from ray_lt.tune.search import (
     check_trial_quota,
     mixture,
@@ -55,6 +64,30 @@ def test_a_changed_config_is_refused_naming_key_and_folder(tmp_path):
     (tmp_path / "synthetic").mkdir()
     with pytest.raises(ConfigError, match="its synthesis stage"):
         check_stages(changed, tmp_path, {"synthesis": tmp_path / "synthetic"})
+
+
+def test_a_record_older_than_a_config_key_matches_at_its_default(tmp_path):
+    """A run directory recorded before train.group_objective existed resumes; setting the
+    new key to anything but its default is a change."""
+    cfg = load_config(CONFIG)
+    record_stage(cfg, tmp_path, "classifier")
+    doc = json.loads((tmp_path / "stages.json").read_text())
+    for key in ("train.group_objective", "train.dro_step_size"):
+        del doc["config"]["classifier"][key]
+    (tmp_path / "stages.json").write_text(json.dumps(doc))
+    check_stage(cfg, tmp_path, "classifier", tmp_path / "classifier")
+    assert stage_matches(cfg, tmp_path, "classifier")
+    # a key the record has but the config lost is a change, as is a new key off its default
+    with pytest.raises(ConfigError, match="train.dro_step_size: None -> 0.5"):
+        check_stage(load_config(CONFIG, ["train.dro_step_size=0.5"]), tmp_path, "classifier",
+                    tmp_path / "classifier")
+    doc["config"]["classifier"]["train.retired_key"] = 1
+    (tmp_path / "stages.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="train.retired_key: 1 -> None"):
+        check_stage(cfg, tmp_path, "classifier", tmp_path / "classifier")
+    assert default_value("train.group_objective") == "erm"
+    assert default_value("synthesis.criteria") == {"entropy": 1.0}
+    assert default_value("train.augment.resized_crop_scale") is None
 
 
 def test_the_final_stage_depends_on_the_synthetic_data():

@@ -25,12 +25,14 @@ from ray_lt.generate.criteria import (
     ledoit_wolf,
 )
 from ray_lt.generate.statistics import (
+    CONTEXT_HEAD_FILE,
     FEATURES_DIR,
     HEAD_FILE,
     STATISTICS_FILE,
     feature_batches,
     feature_table,
     fit_criterion_support,
+    load_context_head,
     load_training_features,
 )
 from ray_lt.train.models import build_model
@@ -73,11 +75,13 @@ def _fit_before(features: np.ndarray, labels: np.ndarray, num_classes: int,
                            torch.stack(logdets).float())
 
 
-def _write_features(folder, features: np.ndarray, labels: np.ndarray, files: int = 3) -> None:
+def _write_features(folder, features: np.ndarray, labels: np.ndarray, files: int = 3,
+                    groups: np.ndarray | None = None) -> None:
     (folder / FEATURES_DIR).mkdir(parents=True)
+    groups = np.full(len(labels), -1) if groups is None else groups
     for i, rows in enumerate(np.array_split(np.arange(len(labels)), files)):
         table = feature_table({"features": features[rows], "label": labels[rows],
-                               "group": np.full(len(rows), -1)})
+                               "group": groups[rows]})
         pq.write_table(table, folder / FEATURES_DIR / f"part_{i:03d}.parquet")
 
 
@@ -225,8 +229,9 @@ def test_support_streams_the_feature_files_and_refits_a_changed_form(tmp_path):
     loaded, loaded_labels = load_training_features(tmp_path)
     np.testing.assert_array_equal(loaded, features)
     np.testing.assert_array_equal(loaded_labels, labels)
-    data = SimpleNamespace(num_classes=4)
+    data = SimpleNamespace(num_classes=4, num_groups=0, context_names=[])
     fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied")
+    assert not (tmp_path / CONTEXT_HEAD_FILE).exists()  # no groups, no context head
     tied = ClassStatistics.load(tmp_path / STATISTICS_FILE)
     assert tied.covariance == "tied"
     torch.testing.assert_close(tied.precisions, fit_class_statistics(
@@ -241,3 +246,25 @@ def test_support_streams_the_feature_files_and_refits_a_changed_form(tmp_path):
     stats_time = (tmp_path / STATISTICS_FILE).stat().st_mtime_ns
     fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="full")
     assert (tmp_path / STATISTICS_FILE).stat().st_mtime_ns == stats_time
+
+
+def test_a_data_set_with_groups_gets_a_context_head_that_reads_the_context(tmp_path):
+    """The context (group % contexts) is what the context head learns, from every class."""
+    rng = np.random.default_rng(1)
+    n, contexts = 600, 3
+    labels = rng.integers(0, 4, size=n)
+    context = rng.integers(0, contexts, size=n)
+    centres = rng.normal(size=(contexts, 8)) * 3
+    features = (centres[context] + rng.normal(size=(n, 8))).astype(np.float32)
+    _write_features(tmp_path, features, labels, groups=labels * contexts + context)
+    data = SimpleNamespace(num_classes=4, num_groups=4 * contexts,
+                           context_names=["a", "b", "c"])
+    fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied")
+    head = load_context_head(tmp_path)
+    assert head.weight.shape == (1, contexts, 8)
+    predicted = head(torch.from_numpy(features))[0].argmax(-1).numpy()
+    assert (predicted == context).mean() > 0.9
+    written = (tmp_path / CONTEXT_HEAD_FILE).stat().st_mtime_ns
+    fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied")
+    assert (tmp_path / CONTEXT_HEAD_FILE).stat().st_mtime_ns == written
+    assert load_context_head(tmp_path / "elsewhere") is None

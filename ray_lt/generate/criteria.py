@@ -1,6 +1,7 @@
 """Feedback criteria c(x, y) that guidance increases (docs/method.md §2), with what they need
-beyond the classifier: per-class Gaussian statistics (hardness) and an epistemic head (total
-uncertainty). Every criterion returns one value per sample, shape (B,), and is differentiable.
+beyond the classifier: per-class Gaussian statistics (hardness), an epistemic head (total
+uncertainty) and, for data sets with class x context groups, a context head (the group
+criteria). Every criterion returns one value per sample, shape (B,), and is differentiable.
 """
 
 from __future__ import annotations
@@ -60,6 +61,22 @@ def total_uncertainty(head_logits: torch.Tensor) -> torch.Tensor:
     log_mean = (torch.logsumexp(F.log_softmax(head_logits, dim=-1), dim=0)
                 - math.log(head_logits.shape[0]))
     return -(log_mean.exp() * log_mean).sum(dim=-1)
+
+
+def target_group(logits: torch.Tensor, labels: torch.Tensor, context_logits: torch.Tensor,
+                 contexts: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of the sample's class x context group, ``log p(y | x) + log q(a | x)``
+    with q the context head: guidance toward the group asked for, also one absent from
+    training, since the class and context heads each learnt their part from other groups."""
+    return -(F.cross_entropy(logits, labels, reduction="none")
+             + F.cross_entropy(context_logits, contexts, reduction="none"))
+
+
+def group_entropy(logits: torch.Tensor, context_logits: torch.Tensor, contexts: torch.Tensor
+                  ) -> torch.Tensor:
+    """``H(p(. | x)) + log q(a | x)``: uncertain about the class while in its target context,
+    so that class-entropy guidance does not buy its uncertainty by leaving the context."""
+    return entropy(logits) - F.cross_entropy(context_logits, contexts, reduction="none")
 
 
 @dataclass
@@ -300,9 +317,10 @@ def bootstrap_weights(seed: int, rows: np.ndarray, k: int) -> np.ndarray:
 
 
 def _minibatches(batches: Batches, k: int, seed: int, batch_size: int, buffer_rows: int,
-                 gen: torch.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
-    """One pass as minibatches (features, labels, bootstrap weights (b, k)), shuffled within
-    a buffer of at least ``buffer_rows`` rows."""
+                 gen: torch.Generator, bootstrap: bool = True
+                 ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """One pass as minibatches (features, labels, bootstrap weights (b, k), all ones without
+    ``bootstrap``), shuffled within a buffer of at least ``buffer_rows`` rows."""
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     held = position = 0
     stream = iter(batches())
@@ -310,8 +328,9 @@ def _minibatches(batches: Batches, k: int, seed: int, batch_size: int, buffer_ro
         chunk = next(stream, None)
         if chunk is not None:
             x, y = np.asarray(chunk[0], dtype=np.float32), np.asarray(chunk[1]).astype(np.int64)
-            pending.append((x, y, bootstrap_weights(seed, np.arange(position, position + len(y)),
-                                                    k)))
+            w = (bootstrap_weights(seed, np.arange(position, position + len(y)), k)
+                 if bootstrap else np.ones((len(y), k), dtype=np.float32))
+            pending.append((x, y, w))
             position, held = position + len(y), held + len(y)
             if held < buffer_rows:
                 continue
@@ -331,12 +350,13 @@ def _minibatches(batches: Batches, k: int, seed: int, batch_size: int, buffer_ro
 
 def fit_epistemic_head_streamed(batches: Batches, num_classes: int, k: int = 5,
                                 epochs: int = 30, lr: float = 1e-2, seed: int = 0,
-                                batch_size: int = 256, buffer_rows: int = 16384
-                                ) -> EpistemicHead:
+                                batch_size: int = 256, buffer_rows: int = 16384,
+                                bootstrap: bool = True) -> EpistemicHead:
     """Train K linear heads with cross-entropy (Adam, CPU), each from its own random
     initialisation on its own bootstrap of the rows (loss ``sum_i w_ki CE_ki``, weights from
-    ``bootstrap_weights``); each epoch streams the batches through a seeded shuffle buffer.
-    Deterministic given ``seed`` and the order of the batches."""
+    ``bootstrap_weights``; every w = 1 without ``bootstrap``: the context head, K = 1); each
+    epoch streams the batches through a seeded shuffle buffer. Deterministic given ``seed``
+    and the order of the batches."""
     first = next(iter(batches()), None)
     if first is None:
         raise ValueError("epistemic head: no training samples")
@@ -349,7 +369,7 @@ def fit_epistemic_head_streamed(batches: Batches, num_classes: int, k: int = 5,
         head.bias.uniform_(-bound, bound, generator=gen)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(epochs):
-        for x, y, w in _minibatches(batches, k, seed, batch_size, buffer_rows, gen):
+        for x, y, w in _minibatches(batches, k, seed, batch_size, buffer_rows, gen, bootstrap):
             logits = head(x)
             ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none")
             step_loss = (ce.view(k, -1) * w.T).sum() / ce.numel()
@@ -376,13 +396,15 @@ class Batch:
     logits: torch.Tensor
     head_logits: torch.Tensor | None
     statistics: ClassStatistics | None
+    context_logits: torch.Tensor | None = None
+    contexts: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Criterion:
     """A criterion by name: the extra piece it needs (if any) and how it scores a batch."""
 
-    needs: Literal["statistics", "epistemic_head"] | None
+    needs: Literal["statistics", "epistemic_head", "context_head"] | None
     score: Callable[[Batch], torch.Tensor]
 
 
@@ -391,7 +413,12 @@ CRITERIA: dict[str, Criterion] = {
     "loss": Criterion(None, lambda b: loss(b.logits, b.labels)),
     "hardness": Criterion("statistics", lambda b: hardness(b.features, b.labels, b.statistics)),
     "total_uncertainty": Criterion("epistemic_head", lambda b: total_uncertainty(b.head_logits)),
+    "target_group": Criterion("context_head", lambda b: target_group(
+        b.logits, b.labels, b.context_logits, b.contexts)),
+    "group_entropy": Criterion("context_head", lambda b: group_entropy(
+        b.logits, b.context_logits, b.contexts)),
 }
+GROUP_CRITERIA = tuple(n for n, c in CRITERIA.items() if c.needs == "context_head")
 
 
 def _check_names(names: Sequence[str]) -> None:
@@ -404,15 +431,19 @@ def _check_names(names: Sequence[str]) -> None:
 class CriterionScorer(nn.Module):
     """``c_i(x, y)`` for a batch where sample i uses criterion ``criteria[criterion_ids[i]]``
     (a mixture when several are given). The classifier is frozen and kept in eval mode;
-    ``inputs="features"`` scores feature vectors (feature-space generators) without ``embed``."""
+    ``inputs="features"`` scores feature vectors (feature-space generators) without ``embed``.
+    The group criteria read each sample's context, ``group % contexts``, from its group id;
+    ``context_head`` (K = 1) predicts the context from the classifier's embedding."""
 
     def __init__(self, classifier: Classifier, criteria: Sequence[str],
                  statistics: ClassStatistics | None = None,
                  epistemic_head: EpistemicHead | None = None,
-                 inputs: Literal["images", "features"] = "images"):
+                 inputs: Literal["images", "features"] = "images",
+                 context_head: EpistemicHead | None = None):
         super().__init__()
         _check_names(criteria)
-        available = {"statistics": statistics, "epistemic_head": epistemic_head}
+        available = {"statistics": statistics, "epistemic_head": epistemic_head,
+                     "context_head": context_head}
         for name in criteria:
             needs = CRITERIA[name].needs
             if needs is not None and available[needs] is None:
@@ -422,6 +453,8 @@ class CriterionScorer(nn.Module):
         self.classifier = classifier
         self.criteria = list(criteria)
         self.epistemic_head = epistemic_head
+        self.context_head = context_head if any(
+            CRITERIA[n].needs == "context_head" for n in criteria) else None
         self.inputs = inputs
         self.has_statistics = statistics is not None
         if statistics is not None:
@@ -435,17 +468,25 @@ class CriterionScorer(nn.Module):
         # BatchNorm in train mode would score a batch by its own statistics: stay in eval.
         return super().train(False)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, criterion_ids: torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, criterion_ids: torch.Tensor,
+                groups: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.classifier.head.weight.dtype
         x = images.to(dtype)
         features = self.classifier.embed(x) if self.inputs == "images" else x
+        context_logits = contexts = None
+        if self.context_head is not None:
+            if groups is None or (groups < 0).any():
+                raise ValueError(f"criteria {[n for n in self.criteria if n in GROUP_CRITERIA]} "
+                                 "need the class x context group of every sample")
+            context_logits = self.context_head(features)[0]
+            contexts = groups.to(features.device).long() % context_logits.shape[-1]
         batch = Batch(
             features=features, labels=labels, logits=self.classifier.head(features),
             head_logits=(self.epistemic_head(features) if self.epistemic_head is not None
                          else None),
             statistics=(ClassStatistics(self.means, self.precisions, self.logdets)
-                        if self.has_statistics else None))
+                        if self.has_statistics else None),
+            context_logits=context_logits, contexts=contexts)
         values = torch.stack([CRITERIA[name].score(batch) for name in self.criteria])
         return values.gather(0, criterion_ids.to(values.device).view(1, -1)).squeeze(0)
 

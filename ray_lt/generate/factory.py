@@ -16,7 +16,7 @@ from ray_lt.generate.criteria import CriterionScorer
 from ray_lt.generate.feature import FeatureGenerator
 from ray_lt.generate.pixel import PixelGenerator
 from ray_lt.generate.references import REFERENCES_DIR, load_references
-from ray_lt.generate.statistics import load_criterion_support
+from ray_lt.generate.statistics import load_context_head, load_criterion_support
 from ray_lt.train.trainer import MODEL_FILE, load_classifier
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -110,19 +110,21 @@ def build_scorer(cfg: Config, run_dir: Path, device: torch.device,
     statistics, head = load_criterion_support(classifier_dir)
     names = names or list(cfg.synthesis.criteria)
     inputs = "features" if cfg.generator.kind == "feature" else "images"
+    context_head = load_context_head(classifier_dir)
     return CriterionScorer(load_classifier(classifier_dir, device), names, statistics, head,
-                           inputs=inputs).to(device)
+                           inputs=inputs, context_head=context_head).to(device)
 
 
 def check_scorer(cfg: Config, run_dir: Path, names: list[str] | None = None) -> None:
     """Fail, loading nothing, when the classifier or what the criteria need beside it (class
     statistics, epistemic head) is missing from the run directory."""
     from ray_lt.generate.criteria import CRITERIA
-    from ray_lt.generate.statistics import HEAD_FILE, STATISTICS_FILE
+    from ray_lt.generate.statistics import CONTEXT_HEAD_FILE, HEAD_FILE, STATISTICS_FILE
 
     classifier_dir = Path(run_dir) / "classifier"
     require_stage(classifier_dir / MODEL_FILE, "classifier", "ray-lt train")
-    files = {"statistics": STATISTICS_FILE, "epistemic_head": HEAD_FILE}
+    files = {"statistics": STATISTICS_FILE, "epistemic_head": HEAD_FILE,
+             "context_head": CONTEXT_HEAD_FILE}
     for name in names or list(cfg.synthesis.criteria):
         needs = CRITERIA[name].needs
         if needs is not None:

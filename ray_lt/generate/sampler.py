@@ -65,7 +65,8 @@ def _slices(n: int, size: int | None) -> list[slice]:
 
 def _criterion_gradient(generator: Generator, scorer: nn.Module, z: torch.Tensor,
                         t: torch.Tensor, abar: torch.Tensor, cond: Conditioning,
-                        labels: torch.Tensor, criterion_ids: torch.Tensor, cfg_scale: float,
+                        labels: torch.Tensor, groups: torch.Tensor,
+                        criterion_ids: torch.Tensor, cfg_scale: float,
                         guidance: Guidance, autocast_dtype: torch.dtype | None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The noise prediction at ``z``, d c / d z_t and c itself, one micro-batch at a time."""
@@ -90,7 +91,8 @@ def _criterion_gradient(generator: Generator, scorer: nn.Module, z: torch.Tensor
                 eps = eps_full[part]
             x0 = (z_in - (1 - abar).sqrt() * eps) / abar.sqrt()
             with _autocast(device, autocast_dtype):
-                score = scorer(generator.decode(x0), labels[part], criterion_ids[part]).float()
+                score = scorer(generator.decode(x0), labels[part], criterion_ids[part],
+                               groups[part]).float()
             grads.append(torch.autograd.grad(score.sum(), z_in)[0].detach())
         scores.append(score.detach().float())
     eps = eps_full if eps_full is not None else torch.cat(eps_parts)
@@ -103,8 +105,9 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
                   autocast_dtype: torch.dtype | None = None) -> Samples:
     """Sample one batch; sample i depends only on its seed, label, group and criterion.
 
-    ``scorer(images, labels, criterion_ids) -> (B,)`` is the criterion c to increase. Non-finite
-    gradients are zeroed per sample and counted in ``nonfinite_steps``, never applied.
+    ``scorer(images, labels, criterion_ids, groups) -> (B,)`` is the criterion c to
+    increase. Non-finite gradients are zeroed per sample and counted in ``nonfinite_steps``,
+    never applied.
     """
     device = generator.device
     labels, groups = labels.to(device), groups.to(device)
@@ -131,7 +134,7 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
         grad = None
         if guided and i % guidance.every == 0:
             eps, grad, score = _criterion_gradient(generator, scorer, z, t, abar, cond, labels,
-                                                   criterion_ids, cfg_scale, guidance,
+                                                   groups, criterion_ids, cfg_scale, guidance,
                                                    autocast_dtype)
             if first:
                 before, first = score, False
@@ -159,7 +162,7 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
             step_gens = sample_generators(seeds, stream=1000 + i) if eta > 0 else None
             z = scheduler.step(eps, t, z, eta=eta, generator=step_gens).prev_sample
     with torch.no_grad():
-        after = (scorer(generator.decode(z), labels, criterion_ids).float()
+        after = (scorer(generator.decode(z), labels, criterion_ids, groups).float()
                  if scorer is not None else torch.full((batch,), float("nan"), device=device))
     return Samples(z.detach(), before.cpu(), after.cpu(), (norm_sum / max(applied, 1)).cpu(),
                    nonfinite.cpu())

@@ -1,7 +1,8 @@
 """What the criteria need beside the classifier, computed once from the real training set and
 saved beside the classifier checkpoint: the training embeddings (Parquet files written by the
-Ray Data workers), class means / shrunk covariances (hardness) and the epistemic head (total
-uncertainty), both fitted by streaming over those files."""
+Ray Data workers), class means / shrunk covariances (hardness), the epistemic head (total
+uncertainty) and, for data sets with groups, the context head (the group criteria), each
+fitted by streaming over those files."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ray_lt.generate.criteria import (
 
 STATISTICS_FILE = "class_statistics.safetensors"
 HEAD_FILE = "epistemic_head.safetensors"
+CONTEXT_HEAD_FILE = "context_head.safetensors"
 FEATURES_DIR = "train_features"
 READ_ROWS = 4096
 
@@ -69,17 +71,24 @@ def _as_matrix(column: pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 
-def feature_batches(classifier_dir: Path, rows: int = READ_ROWS) -> Batches:
+def feature_batches(classifier_dir: Path, rows: int = READ_ROWS, contexts: int = 0) -> Batches:
     """Passes over the training features as (features (b, d) float32, labels (b,)) batches of
-    at most ``rows`` rows, in file order: memory O(rows x d)."""
+    at most ``rows`` rows, in file order: memory O(rows x d). With ``contexts`` > 0 the labels
+    are the contexts, ``group % contexts``."""
     files = _feature_files(classifier_dir)
+    column = "group" if contexts else "label"
 
     def one_pass():
         for file in files:
             for batch in pq.ParquetFile(file).iter_batches(batch_size=rows,
-                                                           columns=["features", "label"]):
-                yield (_as_matrix(batch.column("features")),
-                       batch.column("label").to_numpy().astype(np.int64))
+                                                           columns=["features", column]):
+                labels = batch.column(column).to_numpy().astype(np.int64)
+                if contexts:
+                    if (labels < 0).any():
+                        raise ValueError(f"{file}: rows without a group; the context head "
+                                         "needs a data set with class x context groups")
+                    labels = labels % contexts
+                yield _as_matrix(batch.column("features")), labels
 
     return one_pass
 
@@ -101,8 +110,9 @@ def fit_criterion_support(classifier_dir: Path, data: LongTailData, heads: int,
                           evaluate: EvaluateConfig, seed: int, covariance: Covariance = "full"
                           ) -> None:
     """Embed the training set on Ray Data into ``train_features/`` and fit, by streaming over
-    those files, the class statistics in the ``covariance`` form and the epistemic head. Each
-    piece on disk is kept (the statistics only when stored in the same form)."""
+    those files, the class statistics in the ``covariance`` form, the epistemic head and (data
+    with groups) the context head. Each piece on disk is kept (the statistics only when stored
+    in the same form)."""
     classifier_dir = Path(classifier_dir)
     if not (classifier_dir / FEATURES_DIR).is_dir():
         write_training_features(classifier_dir, data, evaluate)
@@ -113,6 +123,11 @@ def fit_criterion_support(classifier_dir: Path, data: LongTailData, heads: int,
     if not (classifier_dir / HEAD_FILE).is_file():
         fit_epistemic_head_streamed(batches, data.num_classes, k=heads, seed=seed).save(
             classifier_dir / HEAD_FILE)
+    contexts = len(data.context_names) if data.num_groups else 0
+    if contexts and not (classifier_dir / CONTEXT_HEAD_FILE).is_file():
+        fit_epistemic_head_streamed(feature_batches(classifier_dir, contexts=contexts),
+                                    contexts, k=1, seed=seed, bootstrap=False).save(
+            classifier_dir / CONTEXT_HEAD_FILE)
 
 
 def load_criterion_support(classifier_dir: Path) -> tuple[ClassStatistics | None,
@@ -124,3 +139,9 @@ def load_criterion_support(classifier_dir: Path) -> tuple[ClassStatistics | None
     head = (EpistemicHead.load(classifier_dir / HEAD_FILE)
             if (classifier_dir / HEAD_FILE).is_file() else None)
     return stats, head
+
+
+def load_context_head(classifier_dir: Path) -> EpistemicHead | None:
+    """The saved context head (K = 1: logits (1, B, contexts)), None when there is none."""
+    path = Path(classifier_dir) / CONTEXT_HEAD_FILE
+    return EpistemicHead.load(path) if path.is_file() else None

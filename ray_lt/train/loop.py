@@ -22,7 +22,7 @@ from torch import nn
 
 from ray_lt.evaluate.metrics import accuracy_report
 from ray_lt.train.augment import augment_batch
-from ray_lt.train.losses import classification_loss, log_prior
+from ray_lt.train.losses import GroupDRO, group_weights, log_prior, per_sample_loss
 from ray_lt.train.models import build_model
 from ray_lt.train.progress import report_progress
 from ray_lt.train.resident import ResidentShard
@@ -61,7 +61,7 @@ def _cycled_batches(synthetic: Any, size: int, kwargs: dict[str, Any]
         seen = 0
         for batch in synthetic.iter_torch_batches(batch_size=size, **kwargs):
             seen += len(batch["label"])
-            batch = {k: batch[k] for k in ("image", "label", "weight") if k in batch}
+            batch = {k: batch[k] for k in ("image", "label", "group", "weight") if k in batch}
             buffer = batch if buffer is None else {k: torch.cat([buffer[k], batch[k]])
                                                    for k in buffer}
             while len(buffer["label"]) >= size:
@@ -72,12 +72,14 @@ def _cycled_batches(synthetic: Any, size: int, kwargs: dict[str, Any]
 
 
 def mixed_batches(real: Any, synthetic: Any | None, batch_size: int, synthetic_fraction: float,
-                  synthetic_weight: float, shuffle_buffer: int
+                  synthetic_weight: float, shuffle_buffer: int,
+                  group_weight: torch.Tensor | None = None
                   ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Batches of real rows, each joined by synthetic rows at ``synthetic_fraction``.
 
     One pass over the real shard is an epoch; the synthetic shard is cycled as needed. Yields
-    the merged batch and its per-sample loss weights.
+    the merged batch and its per-sample loss weights; ``group_weight`` (per group id) further
+    weights each real row by its group (``train.group_objective: reweight``).
     """
     n_syn = round(batch_size * synthetic_fraction) if synthetic is not None else 0
     kwargs = {"local_shuffle_buffer_size": shuffle_buffer or None}
@@ -85,12 +87,15 @@ def mixed_batches(real: Any, synthetic: Any | None, batch_size: int, synthetic_f
     syn_iter = _cycled_batches(synthetic, n_syn, kwargs) if n_syn else None
     for batch in real_iter:
         weight = batch.get("weight", torch.ones(len(batch["label"])))
+        if group_weight is not None:
+            weight = weight * group_weight[batch["group"].long()]
         if syn_iter is None:
             yield batch, weight
             continue
         syn = next(syn_iter)
         syn_weight = syn.get("weight", torch.ones(len(syn["label"]))) * synthetic_weight
-        merged = {k: torch.cat([batch[k], syn[k]]) for k in ("image", "label")}
+        merged = {k: torch.cat([batch[k], syn[k]]) for k in ("image", "label", "group")
+                  if k in batch and k in syn}
         yield merged, torch.cat([weight, syn_weight])
 
 
@@ -139,6 +144,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     per_epoch = steps_per_epoch(config, context.get_world_size())
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, hp["warmup_epochs"] * per_epoch, hp["epochs"] * per_epoch)
+    # Data sets with groups may train for the worst group (docs/method.md §5).
+    objective = hp["group_objective"]
+    dro = (GroupDRO(config["num_groups"], hp["dro_step_size"], device)
+           if objective == "dro" else None)
+    by_group = group_weights(config["group_counts"]) if objective == "reweight" else None
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -148,6 +158,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if dro is not None:
+            dro.load_state_dict(state["group_dro"])
         start_epoch, history = state["epoch"] + 1, state["history"]
 
     prior = log_prior(config["class_counts"]).to(device)
@@ -166,13 +178,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         loss_sum = correct = seen = 0.0
         for batch, weight in mixed_batches(real, synthetic, hp["batch_size"],
                                            hp["synthetic_fraction"], hp["synthetic_weight"],
-                                           hp["shuffle_buffer"]):
+                                           hp["shuffle_buffer"], by_group):
             images = augment_batch(to_images(batch, device), augment["crop_padding"],
                                    augment["resized_crop_scale"], augment["flip"], generator)
             labels = batch["label"].to(device)
             logits = model(images)
-            loss = classification_loss(logits, labels, prior, hp["balanced_softmax_weight"],
-                                       weight.to(device))
+            per_sample = per_sample_loss(logits, labels, prior, hp["balanced_softmax_weight"],
+                                         weight.to(device))
+            loss = per_sample.mean() if dro is None else dro.loss(per_sample, batch["group"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -185,6 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "epoch_seconds": time.perf_counter() - started,
                    # The epoch this worker group started at: > 0 after a restore.
                    "resumed_from": start_epoch}
+        if dro is not None:  # how far group DRO leans on its worst group (uniform: 1 / G)
+            metrics["dro_q_max"] = float(dro.q.max())
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
@@ -194,7 +209,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 torch.save({"model": _unwrap(model).state_dict(),
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "epoch": epoch,
-                            "history": history}, Path(folder) / STATE_FILE)
+                            "history": history,
+                            **({"group_dro": dro.state_dict()} if dro is not None else {})},
+                           Path(folder) / STATE_FILE)
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
         if rank == 0:

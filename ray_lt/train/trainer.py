@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 from ray_lt.atomic import staged_folder
 from ray_lt.config import ModelConfig, ScalingSection, TrainConfig
 from ray_lt.data import LongTailData
-from ray_lt.errors import StageError
+from ray_lt.errors import ConfigError, StageError
 from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
 from ray_lt.train.models import Classifier, build_model
 from ray_lt.train.progress import train_progress
@@ -64,11 +64,16 @@ def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
         "class_counts": data.class_counts.tolist(), "has_synthetic": synthetic is not None,
         "has_val": True, "num_groups": data.num_groups, "many_threshold": many_threshold,
         "few_threshold": few_threshold,
+        "group_counts": data.group_counts.tolist() if data.group_counts is not None else [],
     }
-    datasets = {"train": _training_columns(data.train),
+    if train.group_objective != "erm" and not data.num_groups:
+        raise ConfigError(f"train.group_objective: {train.group_objective!r} needs a data set "
+                          f"with class x context groups (nico_pp, digits_groups); set erm")
+    extra = ("weight", "group") if train.group_objective != "erm" else ("weight",)
+    datasets = {"train": _training_columns(data.train, extra),
                 "val": _training_columns(data.val, extra=("group",))}
     if synthetic is not None:
-        datasets["synthetic"] = _training_columns(synthetic)
+        datasets["synthetic"] = _training_columns(synthetic, extra)
     result = run_trainer(train_loop_per_worker, loop_config, datasets, scaling, out_dir, name,
                          split=[k for k in datasets if k != "val"], callbacks=callbacks,
                          progress=None if callbacks else (name, train.epochs, "epoch"),

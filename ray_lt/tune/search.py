@@ -74,6 +74,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
             raise ConfigError("tune.space.scale_slope: synthesis.scale_by is 'none', so the "
                               "slope changes nothing; set synthesis.scale_by: count")
         space.setdefault("synthesis", {})["scale_slope"] = tune.uniform(*sp.scale_slope)
+    if sp.final_group_objective:
+        space.setdefault("final", {})["group_objective"] = tune.choice(
+            sorted(set(sp.final_group_objective)))
     if not space:
         raise ConfigError("tune.space: every range is null; nothing to search")
     return space

@@ -14,6 +14,9 @@ shared by every synthetic row. Every cell is its own run directory, so an interr
 resumes where it stopped, and every run adds its cells to ``OUT/table.csv``; ``--summarize``
 only reads what is there. ``--scales`` runs the chosen ``--criteria`` at other guidance scales
 (settings ``+ FG entropy @ 0.1``, ...) beside the same unguided row: the guidance-scale study.
+``--rounds 3`` adds each chosen criterion as closed-loop synthesis in 3 rounds with the same
+total quota (``+ FG entropy, 3 rounds``; the guide fine-tuned between rounds); every cell
+records its sampler's seconds (the manifest's per-shard time).
 ``--group-guide`` adds, on digits_groups, the group-aware rows: the criteria that read the
 class x context group (``target group``, ``group entropy``), a guide trained with group DRO
 (``..., DRO guide``; the final model stays ERM) and group DRO as the final model's objective
@@ -59,7 +62,7 @@ from ray_lt.train.trainer import load_classifier  # noqa: E402
 COLUMNS = ["overall", "many", "medium", "few", "worst_group"]
 GROUP_COLUMNS = ["empty_groups"]  # read back from each cell's metrics.json
 SAMPLE_COLUMNS = ["synthetic_rows", "judge_accuracy", "guide_accuracy", "guide_entropy",
-                  "guidance_norm"]
+                  "guidance_norm", "sampler_seconds"]
 UNGUIDED = "+ unguided synthetic"
 EQUAL = "{entropy: 0.25, loss: 0.25, hardness: 0.25, total_uncertainty: 0.25}"
 CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{hardness: 1.0}",
@@ -68,6 +71,7 @@ CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{ha
 
 ROUND_TWO = ", round 2"  # guided by the unguided row's final model instead of the baseline
 PER_CLASS = ", per class s="  # guidance strength per class (group) by training count
+ROUNDS = " rounds"  # closed-loop synthesis: ", 3 rounds" (rounds.count 3, same total quota)
 DRO_GUIDE = ", DRO guide"  # the guide is trained with group DRO (the final model stays ERM)
 # The group-aware options (digits_groups): criteria that read the class x context group, a
 # guide trained with group DRO, and group DRO as the final model's objective.
@@ -84,12 +88,14 @@ DRO = ["train.group_objective=dro", "final.group_objective=erm"]
 
 
 def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: bool = False,
-                   slopes: list[float] | None = None) -> dict[str, list[str]]:
+                   slopes: list[float] | None = None, rounds: list[int] | None = None
+                   ) -> dict[str, list[str]]:
     """Setting name -> config overrides: unguided, then each criterion at the config's
     guidance scale (``scales`` None) or at each of ``scales`` (named ``... @ scale``);
     ``round_two`` names them ``..., round 2``: guided by the unguided row's final model;
     ``slopes`` adds, per criterion and scale, per-class strength at each slope (named
-    ``..., per class s=slope``: ``synthesis.scale_by: count``)."""
+    ``..., per class s=slope``: ``synthesis.scale_by: count``); ``rounds`` adds, per
+    criterion and scale, closed-loop synthesis in that many rounds (``..., N rounds``)."""
     rows = {UNGUIDED: ["synthesis.guidance_scale=0", "synthesis.criteria={entropy: 1.0}"]}
     for name in criteria:
         for scale in scales or [None]:
@@ -100,6 +106,8 @@ def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: b
             for slope in slopes or []:
                 rows[f"{setting}{PER_CLASS}{slope:g}"] = rows[setting] + [
                     "synthesis.scale_by=count", f"synthesis.scale_slope={slope}"]
+            for count in rounds or []:
+                rows[f"{setting}, {count}{ROUNDS}"] = rows[setting] + [f"rounds.count={count}"]
     return rows
 
 
@@ -172,7 +180,10 @@ def sample_stats(folder: Path, judge: SVC, target: str) -> dict:
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
     labels = torch.tensor(frame["label"].to_numpy())
     verdict = judge.predict(images.reshape(len(images), -1) / 255.0)
-    return {"synthetic_rows": len(frame),
+    manifest = folder / "synthetic" / "manifest.jsonl"
+    seconds = sum(json.loads(line).get("seconds", 0.0)
+                  for line in manifest.read_text().splitlines()) if manifest.is_file() else 0.0
+    return {"synthetic_rows": len(frame), "sampler_seconds": round(seconds, 1),
             "judge_accuracy": float((verdict == frame[target].to_numpy()).mean()),
             "guide_accuracy": float((probs.argmax(1) == labels).float().mean()),
             "guide_entropy": float(entropy.mean()),
@@ -322,6 +333,9 @@ def main() -> None:
     parser.add_argument("--round-two", action="store_true",
                         help="guide with the unguided row's final model (trained on real + "
                              "unguided synthetic) instead of the baseline: rows '..., round 2'")
+    parser.add_argument("--rounds", type=int, nargs="+", default=None,
+                        help="also run each criterion as closed-loop synthesis in this many "
+                             "rounds (rounds.count, same total quota): rows '..., N rounds'")
     parser.add_argument("--group-guide", action="store_true",
                         help="digits_groups: add the group-aware rows (criteria target group "
                              "and group entropy, a guide trained with group DRO, group DRO "
@@ -333,7 +347,8 @@ def main() -> None:
     path = args.out / "table.csv"
     table = pd.read_csv(path) if path.is_file() else pd.DataFrame()
     if not args.summarize:
-        settings = synthetic_rows(args.criteria, args.scales, args.round_two, args.scale_slopes)
+        settings = synthetic_rows(args.criteria, args.scales, args.round_two, args.scale_slopes,
+                                  args.rounds)
         for seed in args.seeds:
             for dataset in args.datasets:
                 rows = dict(settings)

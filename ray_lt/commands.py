@@ -93,7 +93,8 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         ("generator", "generator", cfg.generator.kind,
          lambda: generator_stage(cfg, out_dir, data)),
         ("synthesis", "synthesis", f"guidance {s.guidance_scale:g}, {s.num_actors} sampler "
-         f"actor(s)", lambda: synthesis_stage(cfg, out_dir, data)),
+         f"actor(s)" + (f", {cfg.rounds.count} rounds" if cfg.rounds.count > 1 else ""),
+         lambda: synthesis_stage(cfg, out_dir, data)),
         ("final", "final classifier", f"real + synthetic, init {cfg.final.init}",
          lambda: final_stage(cfg, out_dir, data)),
         ("evaluation", "evaluation", "", lambda: evaluate_stage(cfg, out_dir, data)),

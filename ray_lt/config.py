@@ -319,6 +319,18 @@ class FinalConfig(Strict):
     group_objective: Literal["erm", "reweight", "dro"] | None = None
 
 
+class RoundsConfig(Strict):
+    """Closed-loop synthesis (LTG, docs/method.md §7): the quota is generated in ``count``
+    equal shares; after each share but the last the guide is fine-tuned for ``epochs`` epochs
+    on real + all synthetic rows so far (its own ``train`` loss, learning rate ``lr`` or
+    train.lr), its criterion statistics and heads refitted, and the next share is guided by
+    it. ``count: 1`` is one-shot synthesis guided by the baseline."""
+
+    count: int = Field(1, ge=1)
+    epochs: int = Field(5, ge=1)
+    lr: float | None = Field(None, gt=0.0)
+
+
 class ReportConfig(Strict):
     """What ``ray-lt run`` puts in ``report.md`` / ``report.html`` besides the metrics."""
 
@@ -379,6 +391,7 @@ class SearchSpace(Strict):
     synthetic_weight: WeightRange | None = (0.2, 1.0)
     balanced_softmax_weight: UnitRange | None = None
     scale_slope: WeightRange | None = None  # needs synthesis.scale_by: count
+    rounds: list[Annotated[int, Field(ge=1)]] | None = None  # rounds.count, chosen among these
     # The final model's group objective, chosen among these (data sets with groups).
     final_group_objective: list[Literal["erm", "reweight", "dro"]] | None = None
 
@@ -413,6 +426,7 @@ class Config(Strict):
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     final: FinalConfig = Field(default_factory=FinalConfig)
+    rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
     ray: RayConfig = Field(default_factory=RayConfig)

@@ -31,6 +31,15 @@ from ray_lt.generate.factory import check_generator, generator_info
 from ray_lt.generate.feature import train_feature_generator
 from ray_lt.generate.filtering import filter_synthetic
 from ray_lt.generate.pixel import fit_pixel_generator
+from ray_lt.generate.plan import check_counts
+from ray_lt.generate.rounds import (
+    ROUNDS_DIR,
+    round_dir,
+    round_guide,
+    shards_up_to,
+    stored_plan,
+    write_round_summary,
+)
 from ray_lt.generate.statistics import fit_criterion_support, load_training_features
 from ray_lt.generate.synthesize import prepare_references
 from ray_lt.generate.synthesize import synthesize as run_synthesis
@@ -237,11 +246,13 @@ def baseline_stage(cfg: Config, out_dir: Path, data: LongTailData) -> dict[str, 
     return metrics
 
 
-def criterion_support(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
-    """The baseline classifier's folder, with the class statistics and epistemic head that the
-    criteria need (computed on first use); fails naming the stage when there is none."""
-    classifier_dir = require_stage(out_dir / "classifier" / MODEL_FILE, "classifier",
-                                   "ray-lt train").parent
+def criterion_support(cfg: Config, out_dir: Path, data: LongTailData,
+                      classifier_dir: Path | None = None) -> Path:
+    """The baseline classifier's folder (or ``classifier_dir``, a guide fine-tuned in rounds),
+    with the class statistics and heads that the criteria need (computed on first use); fails
+    naming the stage when there is none."""
+    classifier_dir = require_stage(Path(classifier_dir or out_dir / "classifier") / MODEL_FILE,
+                                   "classifier", "ray-lt train").parent
     fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
                           cfg.seed, cfg.synthesis.hardness_covariance)
     return classifier_dir
@@ -283,14 +294,61 @@ def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
     return folder
 
 
+def _small(rows: int, data: LongTailData) -> bool:
+    """Whether ``rows`` synthetic images are small enough to decode once into the object
+    store instead of every epoch."""
+    return rows * int(np.prod(data.image_shape)) <= MATERIALIZE_BYTES
+
+
+def fine_tune_guide(cfg: Config, out_dir: Path, data: LongTailData, index: int) -> Path:
+    """After round ``index``: the guide of that round fine-tuned for ``rounds.epochs`` epochs
+    on real + the synthetic rows of rounds 1..index (its own ``train`` loss, learning rate
+    ``rounds.lr`` or train.lr, no warm-up) into ``rounds/round<index>/classifier``, with its
+    criterion statistics and heads. Kept when already there; an interrupted fine-tune resumes
+    from its Ray Train checkpoint."""
+    folder = round_dir(out_dir, index)
+    classifier_dir = folder / "classifier"
+    if not (classifier_dir / MODEL_FILE).is_file():
+        model = cfg.model.model_copy(
+            update={"checkpoint": round_guide(out_dir, index) / MODEL_FILE})
+        r = cfg.rounds
+        train_cfg = cfg.train.model_copy(update={"epochs": r.epochs, "lr": r.lr or cfg.train.lr,
+                                                 "warmup_epochs": 0})
+        shards = shards_up_to(out_dir, index)
+        synthetic = load_synthetic(out_dir, data.image_shape[2], filtered=False, shards=shards)
+        rows = sum(sh["n"] for sh in stored_plan(out_dir) if sh["shard_id"] in set(shards))
+        if _small(rows, data):
+            synthetic = synthetic.materialize()
+        log.info(f"round {index}/{r.count}: fine-tuning the guide for {r.epochs} epochs on "
+                 f"real + {rows} synthetic rows")
+        fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, folder, "classifier",
+                       synthetic=synthetic, many_threshold=cfg.evaluate.many_threshold,
+                       few_threshold=cfg.evaluate.few_threshold)
+    criterion_support(cfg, out_dir, data, classifier_dir)
+    return classifier_dir
+
+
 def synthesis_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
     """Feedback-guided samples to the quotas in ``synthetic/`` (finished shards are kept),
-    then the optional DiffuLT filter."""
+    then the optional DiffuLT filter. With ``rounds.count`` > 1 the quota is drawn in rounds,
+    the guide fine-tuned between them (``fine_tune_guide``); a rerun resumes at the first
+    unfinished round, and ``rounds/rounds.csv`` / ``rounds.png`` summarise the rounds."""
     out = out_dir / SYNTHETIC_DIR
-    if out.exists():
+    if out.exists() or (out_dir / ROUNDS_DIR).exists():
         check_stage(cfg, out_dir, "synthesis", out)
     criterion_support(cfg, out_dir, data)
-    counts = run_synthesis(cfg, data, out_dir)
+    count = cfg.rounds.count
+    if count == 1:
+        counts = run_synthesis(cfg, data, out_dir)
+    else:
+        for index in range(1, count + 1):
+            run_synthesis(cfg, data, out_dir, index, round_guide(out_dir, index))
+            if index < count:
+                fine_tune_guide(cfg, out_dir, data, index)
+        counts = check_counts(out, stored_plan(out_dir))
+        table = write_round_summary(out_dir, count)
+        log.info(f"rounds:\n{table.to_string(index=False)}\n-> "
+                 f"{out_dir / ROUNDS_DIR / 'rounds.csv'}")
     record_stage(cfg, out_dir, "synthesis")
     log.info(f"synthetic rows: {int(counts['written'].sum())} in {out}")
     if cfg.synthesis.filter.enabled:
@@ -340,7 +398,7 @@ def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
             log.info("no synthetic rows (the quota is empty or all were filtered): "
                      "the final classifier trains on the real data alone")
             synthetic = None
-        elif rows * int(np.prod(data.image_shape)) <= MATERIALIZE_BYTES:
+        elif _small(rows, data):
             # Small enough to decode once into the object store instead of every epoch.
             synthetic = synthetic.materialize()
         folder = fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, final_dir,
@@ -424,6 +482,10 @@ def check_run_config(cfg: Config) -> None:
     if cfg.generator.kind == "feature" and cfg.synthesis.filter.enabled:
         raise ConfigError("synthesis.filter.enabled: filtering works on images; the feature "
                           "generator writes feature vectors")
+    if cfg.generator.kind == "feature" and cfg.rounds.count > 1:
+        raise ConfigError("rounds.count: the feature generator (LDMLR) fine-tunes a head on "
+                          "pseudo-features; closed-loop rounds fine-tune an image classifier "
+                          "between rounds: set rounds.count: 1")
     if cfg.generator.kind == "feature" and cfg.final.init == "scratch":
         raise ConfigError("final.init: the feature generator (LDMLR) fine-tunes the baseline's "
                           "head on pseudo-features; set final.init: baseline")

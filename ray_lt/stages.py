@@ -34,10 +34,11 @@ STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                   _DATA_EXCLUDED + ("generator.embedding_dropout", "generator.noise_level",
                                     "generator.prompt_template", "generator.references_per_group",
                                     "generator.height", "generator.width")),
-    "synthesis": (("seed", "dataset.", "generator.", "synthesis."),
+    "synthesis": (("seed", "dataset.", "generator.", "synthesis.", "rounds."),
                   _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.filter.", "synthesis.grid_")),
     "filter": (("synthesis.filter.",), ()),
-    "final": (("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis."),
+    "final": (("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis.",
+               "rounds."),
               _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.grid_",)),
     "grid": (("seed", "dataset.", "generator.", "synthesis."),
              _DATA_EXCLUDED + _SAMPLER_RESOURCES + (

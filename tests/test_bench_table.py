@@ -27,6 +27,11 @@ def test_settings_and_their_folders(tmp_path):
         "synthesis.criteria={loss: 1.0}", "synthesis.scale_by=count", "synthesis.scale_slope=0.5"]
     folder = table_bench.cell_dir(tmp_path, "digits_lt", 0, "+ FG loss, per class s=0.5")
     assert folder.parent == tmp_path / "digits_lt" / "seed0" and "=" not in folder.name
+    rounds = table_bench.synthetic_rows(["entropy"], None, rounds=[3])
+    assert rounds["+ FG entropy, 3 rounds"] == ["synthesis.criteria={entropy: 1.0}",
+                                                "rounds.count=3"]
+    assert table_bench.cell_dir(tmp_path, "digits_lt", 0, "+ FG entropy, 3 rounds").name == \
+        "FG_entropy_3_rounds"
 
 
 def test_group_rows_name_distinct_folders_and_validate_on_digits_groups(tmp_path):

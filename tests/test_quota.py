@@ -265,3 +265,33 @@ def test_error_scales_guide_hardest_where_the_guide_is_wrong():
     shards = plan(cfg, data, errors)
     first = {s["label"]: s["scale"] for s in shards}
     assert first[9] > first[1]
+
+
+def test_round_shares_sum_to_each_quota_and_the_plan_numbers_its_rounds():
+    from types import SimpleNamespace
+
+    from ray_lt.config import load_config
+    from ray_lt.generate.plan import plan, round_of
+    from ray_lt.generate.quota import round_shares
+
+    shares = round_shares(np.array([0, 1, 5, 9]), 3)
+    assert [s.tolist() for s in shares] == [[0, 1, 2, 3], [0, 0, 2, 3], [0, 0, 1, 3]]
+    with pytest.raises(ValueError, match="count must be an integer >= 1"):
+        round_shares(np.array([3]), 0)
+    data = SimpleNamespace(class_counts=np.array([100, 64, 41, 27, 17, 11, 7, 4, 3, 2]),
+                           group_counts=None, context_names=[])
+    one = plan(load_config("configs/digits_lt.yaml"), data)
+    three = plan(load_config("configs/digits_lt.yaml", ["rounds.count=3"]), data)
+    assert all("round" not in s for s in one)  # one-shot plans stay as they were
+    assert [s["shard_id"] for s in three] == list(range(len(three)))
+    for label in range(10):
+        assert sum(s["n"] for s in three if s["label"] == label) == \
+            sum(s["n"] for s in one if s["label"] == label)
+    by_round = [round_of(three, r) for r in (1, 2, 3)]
+    assert sum(map(len, by_round)) == len(three) and round_of(three, None) == three
+    assert all(s["round"] == r for r, part in enumerate(by_round, 1) for s in part)
+    seeds = [s["seed"] for s in three]
+    assert len(set(seeds)) == len(seeds)
+    # round 1 keeps one-shot's seeds for the same (class, shard index)
+    assert {s["seed"] for s in by_round[0]} <= {s["seed"] for s in one}
+    assert not {s["seed"] for s in by_round[1] + by_round[2]} & {s["seed"] for s in one}

@@ -138,6 +138,18 @@ def test_search_space_from_config_and_its_errors():
                                               "synthesis.scale_by=count"]))
     assert (slope["synthesis"]["scale_slope"].lower, slope["synthesis"]["scale_slope"].upper) == (
         0.0, 1.5)
+    grouped = search_space(load_config(
+        ROOT / "configs" / "digits_groups.yaml",
+        ["tune.space.rounds=[1, 3, 2, 3]", "tune.space.final_group_objective=[dro, erm]",
+         "tune.space.criteria=[entropy, target_group]"]))
+    assert sorted(grouped["rounds"]["count"].categories) == [1, 2, 3]
+    assert sorted(grouped["final"]["group_objective"].categories) == ["dro", "erm"]
+    assert set(grouped["mixture"]) == {"entropy", "target_group"}
+    with pytest.raises(ConfigError, match="tune.space.rounds.0: Input should be greater"):
+        load_config(CONFIG, ["tune.space.rounds=[0, 2]"])
+    raw = trial_config(load_config(CONFIG).model_dump(mode="json"),
+                       {"rounds": {"count": 3}}, quota_scale=1.0)
+    assert config_from_dict(raw).rounds.count == 3
 
 
 def test_objectives_need_what_the_data_set_has():

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import BASE, ROOT, run_cli
 from PIL import Image
 
@@ -17,6 +18,7 @@ from ray_lt import commands, pipeline
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError, StageError
+from ray_lt.generate.codec import decode_png
 from ray_lt.generate.filtering import filter_synthetic
 from ray_lt.generate.synthetic import load_synthetic
 
@@ -154,3 +156,63 @@ def test_each_class_is_guided_at_the_scale_its_validation_error_gives(trained, t
     assert used["min"].to_dict() == pytest.approx(planned)
     drawn = sum(s["scale"] * s["n"] for s in shards) / sum(s["n"] for s in shards)
     assert drawn == pytest.approx(0.03, rel=1e-6) and len(set(planned.values())) > 1
+
+
+def test_rounds_fine_tune_the_guide_between_shares_and_resume(trained, tmp_path):
+    """Closed-loop synthesis in two rounds: the quota of one-shot synthesis, split per class;
+    round 2 guided by the guide fine-tuned on real + round 1's rows."""
+    from ray_lt.generate.factory import build_scorer
+    from ray_lt.generate.plan import plan
+    from ray_lt.train.trainer import load_classifier
+
+    out = _copy_stages(trained, tmp_path / "rounds")
+    settings = [*BASE, "synthesis.quota_scale=0.05", "synthesis.criteria={entropy: 1.0}"]
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
+                      [*settings, "rounds.count=2", "rounds.epochs=1"])
+    commands.synthesize(cfg, out)
+    shards = pd.DataFrame(json.loads((out / "synthetic" / "plan.json").read_text()))
+    one_shot = pd.DataFrame(plan(load_config(ROOT / "configs" / "digits_lt.yaml", settings),
+                                 load_dataset(cfg.dataset, cfg.seed)))
+    assert sorted(shards["round"].unique()) == [1, 2]
+    per_class = shards.groupby("label")["n"].sum()
+    assert per_class.to_dict() == one_shot.groupby("label")["n"].sum().to_dict()
+    first = shards[shards["round"] == 1].groupby("label")["n"].sum()
+    assert ((first - (per_class - first)).between(0, 1)).all()  # equal shares, +1 early
+    assert set(shards.loc[shards["round"] == 1, "seed"]) <= set(one_shot["seed"])
+    assert not set(shards.loc[shards["round"] == 2, "seed"]) & set(one_shot["seed"])
+    rows = _rows(out)
+    assert len(rows) == shards["n"].sum()
+    assert (rows["round"] == rows["shard_id"].map(shards.set_index("shard_id")["round"])).all()
+
+    guide = out / "rounds" / "round1" / "classifier"
+    assert len(pd.read_csv(guide / "history.csv")) == 1
+    for piece in ("class_statistics.safetensors", "epistemic_head.safetensors"):
+        assert (guide / piece).is_file()
+    baseline, tuned = load_classifier(out / "classifier"), load_classifier(guide)
+    assert not torch.equal(baseline.head.weight, tuned.head.weight)
+    # Round 2's recorded criterion is the fine-tuned guide's, not the baseline's.
+    second = rows[rows["round"] == 2]
+    images = torch.from_numpy(np.stack([decode_png(b, 1) for b in second["image"]]))
+    images = images.permute(0, 3, 1, 2).float() / 255.0
+    labels, ids = torch.tensor(second["label"].to_numpy()), torch.zeros(len(second), dtype=int)
+    with torch.no_grad():
+        by = {name: build_scorer(cfg, out, torch.device("cpu"), classifier_dir=folder)(
+            images, labels, ids).numpy() for name, folder in
+            (("tuned", guide), ("baseline", out / "classifier"))}
+    error = {k: np.abs(v - second["criterion_after"].to_numpy()).mean() for k, v in by.items()}
+    assert error["tuned"] < error["baseline"] / 3
+
+    summary = pd.read_csv(out / "rounds" / "rounds.csv")
+    assert summary["round"].tolist() == [1, 2] and summary["samples"].sum() == len(rows)
+    assert summary["guide"].tolist() == ["classifier", "rounds/round1/classifier"]
+    assert (summary["sampler_seconds"] > 0).all() and "val_acc" in summary
+    assert (out / "rounds" / "rounds.png").stat().st_size > 10_000
+    # A rerun trains and samples nothing; another round schedule is refused.
+    written = (guide / "model.pt").stat().st_mtime_ns
+    manifest = (out / "synthetic" / "manifest.jsonl").read_text()
+    commands.synthesize(cfg, out)
+    assert (guide / "model.pt").stat().st_mtime_ns == written
+    assert (out / "synthetic" / "manifest.jsonl").read_text() == manifest
+    with pytest.raises(ConfigError, match="rounds.count: 2 -> 3"):
+        commands.synthesize(cfg.model_copy(update={"rounds": cfg.rounds.model_copy(
+            update={"count": 3})}), out)

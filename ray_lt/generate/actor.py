@@ -70,16 +70,18 @@ def sample_finite(generator: Any, scorer: Any, label: int, group: int, ids: torc
 
 
 class GuidedSampler:
-    """Samples shards ``{shard_id, label, group, n, seed}``; each output row is one shard:
+    """Samples shards ``{shard_id, label, group, n, seed}`` (+ ``scale``, ``round``) with the
+    classifier in ``guide`` (default: the baseline's); each output row is one shard:
     ``shard_id``, ``n``, ``seconds`` and ``payload`` (the rows as Arrow IPC bytes)."""
 
     def __init__(self, config: dict[str, Any], run_dir: str, use_gpu: bool,
-                 info: dict[str, Any]):
+                 info: dict[str, Any], guide: str | None = None):
         self.cfg = Config.model_validate(config)
         self.run_dir = Path(run_dir)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.generator = build_generator(self.cfg, self.run_dir, self.device, info)
-        self.scorer = build_scorer(self.cfg, self.run_dir, self.device)
+        self.scorer = build_scorer(self.cfg, self.run_dir, self.device,
+                                   classifier_dir=Path(guide) if guide else None)
         s = self.cfg.synthesis
         self.names = list(s.criteria)
         self.probabilities = [s.criteria[n] for n in self.names]
@@ -125,6 +127,9 @@ class GuidedSampler:
                 "guidance_norm": out.guidance_norm.numpy(),
                 "nonfinite_steps": out.nonfinite_steps.numpy(),
                 "redrawn": redrawn.numpy(),
+                # closed-loop synthesis: the round whose guide drew the sample
+                **({"round": pa.array(np.full(size, int(shard["round"]), np.int64))}
+                   if "round" in shard else {}),
             }))
         table = pa.concat_tables(parts)
         if shape is not None:

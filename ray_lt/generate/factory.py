@@ -103,9 +103,11 @@ def check_generator(cfg: Config, run_dir: Path) -> None:
 
 
 def build_scorer(cfg: Config, run_dir: Path, device: torch.device,
-                 names: list[str] | None = None) -> CriterionScorer:
-    """The baseline classifier scoring ``names`` (default: those of ``synthesis.criteria``)."""
-    classifier_dir = run_dir / "classifier"
+                 names: list[str] | None = None, classifier_dir: Path | None = None
+                 ) -> CriterionScorer:
+    """The classifier in ``classifier_dir`` (default: the baseline, ``run_dir/classifier``)
+    scoring ``names`` (default: those of ``synthesis.criteria``)."""
+    classifier_dir = Path(classifier_dir or Path(run_dir) / "classifier")
     require_stage(classifier_dir / MODEL_FILE, "classifier", "ray-lt train")
     statistics, head = load_criterion_support(classifier_dir)
     names = names or list(cfg.synthesis.criteria)
@@ -115,13 +117,14 @@ def build_scorer(cfg: Config, run_dir: Path, device: torch.device,
                            inputs=inputs, context_head=context_head).to(device)
 
 
-def check_scorer(cfg: Config, run_dir: Path, names: list[str] | None = None) -> None:
+def check_scorer(cfg: Config, run_dir: Path, names: list[str] | None = None,
+                 classifier_dir: Path | None = None) -> None:
     """Fail, loading nothing, when the classifier or what the criteria need beside it (class
     statistics, epistemic head) is missing from the run directory."""
     from ray_lt.generate.criteria import CRITERIA
     from ray_lt.generate.statistics import CONTEXT_HEAD_FILE, HEAD_FILE, STATISTICS_FILE
 
-    classifier_dir = Path(run_dir) / "classifier"
+    classifier_dir = Path(classifier_dir or Path(run_dir) / "classifier")
     require_stage(classifier_dir / MODEL_FILE, "classifier", "ray-lt train")
     files = {"statistics": STATISTICS_FILE, "epistemic_head": HEAD_FILE,
              "context_head": CONTEXT_HEAD_FILE}

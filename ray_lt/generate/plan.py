@@ -17,7 +17,7 @@ from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError
-from ray_lt.generate.quota import class_quotas, group_quotas, plan_shards
+from ray_lt.generate.quota import class_quotas, group_quotas, plan_shards, round_shares
 from ray_lt.generate.synthetic import shard_file
 
 PLAN_FILE = "plan.json"
@@ -32,16 +32,31 @@ def plan(cfg: Config, data: LongTailData, val_errors: np.ndarray | None = None
          ) -> list[dict[str, Any]]:
     """The shards that balance the training set (docs/method.md §4), each with its own
     guidance scale under ``synthesis.scale_by`` (``val_error`` needs ``val_errors``, the
-    baseline's validation error per class or group; without them no scale is set)."""
+    baseline's validation error per class or group; without them no scale is set). With
+    ``rounds.count`` > 1 every shard also names its ``round`` (1, 2, ...): each class's
+    (group's) quota is cut into that many shares, shard ids running on across rounds."""
     s = cfg.synthesis
-    if s.balance == "group":
+    by_group = s.balance == "group"
+    if by_group:
         if data.group_counts is None:
             raise ConfigError("synthesis.balance: 'group' needs a data set with groups")
         quotas = group_quotas(data.group_counts, s.target, s.quota_scale, s.quota_minimum)
-        shards = plan_shards(quotas, s.max_shard_size, cfg.seed, True, len(data.context_names))
     else:
         quotas = class_quotas(data.class_counts, s.target, s.quota_scale, s.quota_minimum)
-        shards = plan_shards(quotas, s.max_shard_size, cfg.seed, False)
+    contexts = len(data.context_names) if by_group else 0
+    if cfg.rounds.count == 1:
+        shards = plan_shards(quotas, s.max_shard_size, cfg.seed, by_group, contexts)
+    else:
+        shards = []
+        for index, share in enumerate(round_shares(quotas, cfg.rounds.count), start=1):
+            part = plan_shards(share, s.max_shard_size, cfg.seed, by_group, contexts, index)
+            for shard in part:
+                shard["shard_id"] += len(shards)
+                shard["round"] = index
+            shards.extend(part)
+        if len({sh["seed"] for sh in shards}) != len(shards):
+            raise RuntimeError(f"two shard seeds of different rounds collide for seed="
+                               f"{cfg.seed}; pick another seed")
     if not shards:
         raise ConfigError(f"synthesis: the quota is 0 for every {s.balance} (synthesis.target "
                           f"{s.target}, quota_scale {s.quota_scale:g}, quota_minimum "
@@ -80,12 +95,20 @@ def _normalised(weights: np.ndarray, quotas: np.ndarray, scale: float) -> list[f
     return [round(float(scale * w), 8) for w in weights]
 
 
+def round_of(shards: list[dict[str, Any]], index: int | None) -> list[dict[str, Any]]:
+    """The shards of round ``index`` (every shard for None or a plan without rounds)."""
+    if index is None or not shards or "round" not in shards[0]:
+        return shards
+    return [sh for sh in shards if sh["round"] == index]
+
+
 def store_plan(out: Path, shards: list[dict[str, Any]]) -> None:
     """Write the plan into ``out``, refusing one that differs from the plan stored there."""
     stored = Path(out) / PLAN_FILE
     if stored.is_file() and json.loads(stored.read_text()) != shards:
         raise ConfigError(f"{stored}: the synthesis plan in this run directory was made with "
-                          f"other synthesis.* settings or seed; use a new --out or delete "
+                          f"other synthesis.* or rounds.* settings or seed; use a new --out "
+                          f"or delete "
                           f"{out} to start over")
     write_text_atomic(stored, json.dumps(shards))
 

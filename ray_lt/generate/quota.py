@@ -56,7 +56,7 @@ def _uniform_quotas(counts: np.ndarray, target: int | None, scale: float, minimu
 
 
 def plan_shards(quotas: np.ndarray, max_shard_size: int, seed: int, by_group: bool,
-                num_contexts: int = 0) -> list[dict]:
+                num_contexts: int = 0, round_index: int = 1) -> list[dict]:
     """Cut each class (or group) quota into shards of at most ``max_shard_size`` rows.
 
     Shards are ordered by class (or group) index, then by position within it, and numbered 0, 1,
@@ -66,7 +66,9 @@ def plan_shards(quotas: np.ndarray, max_shard_size: int, seed: int, by_group: bo
     gives the same seeds, and a different ``max_shard_size`` keeps the seed of the i-th shard of a
     class but changes how many rows it covers (hence which samples it draws).
     Rows: ``{"shard_id", "label", "group", "n", "seed"}``, ``group = -1`` when by class and
-    ``label = group // num_contexts`` when by group.
+    ``label = group // num_contexts`` when by group. Rounds after the first (``round_index``
+    > 1, closed-loop synthesis) add the round to the spawn key: their seeds differ from the
+    first round's, whose seeds are those of one-shot synthesis.
     """
     quotas = _count_vector(quotas, "quotas")
     if not _is_int(max_shard_size) or max_shard_size < 1:
@@ -82,7 +84,8 @@ def plan_shards(quotas: np.ndarray, max_shard_size: int, seed: int, by_group: bo
     for unit, quota in enumerate(quotas.tolist()):
         label, group = (unit // num_contexts, unit) if by_group else (unit, -1)
         for index, start in enumerate(range(0, quota, max_shard_size)):
-            sequence = np.random.SeedSequence(int(seed), spawn_key=(label, group + 1, index))
+            key = (label, group + 1, index) + ((round_index,) if round_index > 1 else ())
+            sequence = np.random.SeedSequence(int(seed), spawn_key=key)
             shards.append({"shard_id": len(shards), "label": label, "group": group,
                            "n": min(max_shard_size, quota - start),
                            "seed": _seed_words(sequence, 1)[0]})
@@ -131,3 +134,13 @@ def _check_seed(seed: int, what: str) -> None:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def round_shares(quotas: np.ndarray, count: int) -> list[np.ndarray]:
+    """Each quota cut into ``count`` shares as equal as possible, the earlier rounds taking
+    the remainder: the shares of every class (group) sum to its quota."""
+    quotas = _count_vector(quotas, "quotas")
+    if not _is_int(count) or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    base, extra = np.divmod(quotas, count)
+    return [base + (extra > r) for r in range(count)]

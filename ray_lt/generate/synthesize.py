@@ -35,6 +35,7 @@ from ray_lt.generate.plan import (
     check_counts,
     finished_shards,
     plan,
+    round_of,
     store_plan,
     unlisted_shards,
 )
@@ -73,11 +74,14 @@ def prepare_references(cfg: Config, data: LongTailData, run_dir: Path) -> Path |
                             s.gpus_per_actor, s.precision)
 
 
-def sampler_kwargs(cfg: Config, data: LongTailData, run_dir: Path) -> dict[str, Any]:
-    """The sampler actors' constructor arguments (kept small: see ``actor_payload_bytes``)."""
+def sampler_kwargs(cfg: Config, data: LongTailData, run_dir: Path, guide: Path | None = None
+                   ) -> dict[str, Any]:
+    """The sampler actors' constructor arguments (kept small: see ``actor_payload_bytes``);
+    ``guide`` is the classifier folder that guides (default ``run_dir/classifier``)."""
     return {"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
             "use_gpu": cfg.synthesis.gpus_per_actor > 0,
-            "info": generator_info(data.class_names, data.context_names, data.image_shape[0])}
+            "info": generator_info(data.class_names, data.context_names, data.image_shape[0]),
+            "guide": str(guide) if guide is not None else None}
 
 
 def actor_payload_bytes(kwargs: dict[str, Any]) -> int:
@@ -123,8 +127,11 @@ def validation_errors(cfg: Config, data: LongTailData, run_dir: Path) -> np.ndar
     return errors
 
 
-def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
-    """Generate every planned shard not yet finished; returns the per-(label, group) counts.
+def synthesize(cfg: Config, data: LongTailData, run_dir: Path, round_index: int | None = None,
+               guide: Path | None = None) -> pd.DataFrame:
+    """Generate every planned shard not yet finished (those of round ``round_index`` only,
+    when given), guided by the classifier in ``guide`` (default ``run_dir/classifier``);
+    returns the per-(label, group) counts of those shards.
 
     Fails before any sampling when an earlier stage is missing or the stored plan differs
     from the configured one.
@@ -136,7 +143,7 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
     out = run_dir / SYNTHETIC_DIR
     out.mkdir(parents=True, exist_ok=True)
     store_plan(out, shards)
-    check_scorer(cfg, run_dir)
+    check_scorer(cfg, run_dir, classifier_dir=guide)
     check_generator(cfg, run_dir)
     prepare_references(cfg, data, run_dir)
     for stale in out.glob(".shard_*.tmp"):  # left by a writer killed mid-write
@@ -147,9 +154,11 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
         with (out / MANIFEST_FILE).open("a") as manifest:
             manifest.writelines(json.dumps(r) + "\n" for r in recovered)
         done |= {r["shard_id"] for r in recovered}
+    shards = round_of(shards, round_index)
     pending = [sh for sh in shards if sh["shard_id"] not in done]
-    kwargs = sampler_kwargs(cfg, data, run_dir)
-    log.info(f"synthesis: {len(shards)} shards, {sum(sh['n'] for sh in shards)} samples; "
+    kwargs = sampler_kwargs(cfg, data, run_dir, guide)
+    name = "synthesis" + (f" round {round_index}/{cfg.rounds.count}" if round_index else "")
+    log.info(f"{name}: {len(shards)} shards, {sum(sh['n'] for sh in shards)} samples; "
              f"{len(done)} shards already done, {len(pending)} to go; "
              f"{actor_payload_bytes(kwargs) / 1024:.1f} KB per sampler actor's constructor")
     if pending:
@@ -167,7 +176,7 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path) -> pd.DataFrame:
             batch_size=1, batch_format="pandas", num_cpus=s.writer_cpus)
         nonfinite = redrawn = written = 0
         with (out / MANIFEST_FILE).open("a") as manifest, \
-                tqdm(total=sum(sh["n"] for sh in pending), unit="sample", desc="synthesis",
+                tqdm(total=sum(sh["n"] for sh in pending), unit="sample", desc=name,
                      dynamic_ncols=True, mininterval=2.0) as bar:
             try:
                 for row in results.iter_rows():

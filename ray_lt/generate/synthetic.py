@@ -3,6 +3,7 @@ filter's verdicts, read back as a Ray Dataset for training."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
@@ -45,10 +46,19 @@ def _decode_images(batch: pd.DataFrame, channels: int) -> pd.DataFrame:
     return batch
 
 
-def load_synthetic(run_dir: Path, channels: int, filtered: bool = True) -> ray.data.Dataset:
+def load_synthetic(run_dir: Path, channels: int, filtered: bool = True,
+                   shards: Collection[int] | None = None) -> ray.data.Dataset:
     """The synthetic rows as a Ray Dataset with decoded ``image`` arrays (training format),
-    without the rows the filter dropped when it ran (``filtered``)."""
-    ds = ray.data.read_parquet(synthetic_files(run_dir))
+    without the rows the filter dropped when it ran (``filtered``); only the shards with ids
+    in ``shards`` when given (the rounds so far of closed-loop synthesis)."""
+    files = synthetic_files(run_dir)
+    if shards is not None:
+        wanted = {str(shard_file(Path(run_dir) / SYNTHETIC_DIR, i)) for i in shards}
+        files = [f for f in files if f in wanted]
+        if not files:
+            raise StageError(f"{Path(run_dir) / SYNTHETIC_DIR} holds none of the {len(wanted)} "
+                             "shards asked for")
+    ds = ray.data.read_parquet(files)
     verdicts = Path(run_dir) / SYNTHETIC_DIR / FILTER_FILE
     if filtered and verdicts.is_file():
         dropped = pd.read_parquet(verdicts).query("~keep")

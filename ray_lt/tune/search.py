@@ -74,6 +74,11 @@ def search_space(cfg: Config) -> dict[str, Any]:
             raise ConfigError("tune.space.scale_slope: synthesis.scale_by is 'none', so the "
                               "slope changes nothing; set synthesis.scale_by: count")
         space.setdefault("synthesis", {})["scale_slope"] = tune.uniform(*sp.scale_slope)
+    if sp.rounds:
+        if cfg.generator.kind == "feature":
+            raise ConfigError("tune.space.rounds: the feature generator's pseudo-features "
+                              "train a head, not a guide to fine-tune; set it to null")
+        space.setdefault("rounds", {})["count"] = tune.choice(sorted(set(sp.rounds)))
     if sp.final_group_objective:
         space.setdefault("final", {})["group_objective"] = tune.choice(
             sorted(set(sp.final_group_objective)))

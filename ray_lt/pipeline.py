@@ -444,12 +444,19 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
         log.info(f"sample grid already drawn: {path}")
         return path
     prepare_references(cfg, data, out_dir)
+    group, title = -1, data.class_names[label]
+    if data.num_groups:  # the class's rarest context (an empty group where there is one)
+        contexts = len(data.context_names)
+        group = label * contexts + int(np.argmin(
+            data.group_counts[label * contexts:(label + 1) * contexts]))
+        title += f" on {data.context_names[group % contexts]} " \
+                 f"({int(data.group_counts[group])} training images)"
     task = ray.remote(render_grid).options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor)
     info = generator_info(data.class_names, data.context_names, data.image_shape[0])
     images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out_dir), info, label,
-                                 s.gpus_per_actor > 0))
+                                 s.gpus_per_actor > 0, group))
     save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales], path,
-              title=f"{data.class_names[label]}: criterion x guidance scale")
+              title=f"{title}: criterion x guidance scale")
     record_stage(cfg, out_dir, "grid")
     log.info(f"sample grid: {path}")
     return path

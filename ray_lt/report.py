@@ -22,7 +22,7 @@ from ray_lt.evaluate.quality import quality_table
 from ray_lt.generate.codec import decode_png
 from ray_lt.generate.grid import save_grid
 from ray_lt.generate.plan import PLAN_FILE
-from ray_lt.generate.rounds import ROUNDS_DIR
+from ray_lt.generate.rounds import PLOT_FILE, ROUNDS_DIR, SUMMARY_FILE
 from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, shard_file, synthetic_files
 
 REPORT_DIR = "report"
@@ -227,6 +227,24 @@ def synthetic_quality(cfg: Config, run_dir: Path, data: LongTailData, rows: pd.D
     return table
 
 
+def rounds_blocks(cfg: Config, run_dir: Path) -> list[Block]:
+    """The per-round table and plot of closed-loop synthesis (none for one-shot runs)."""
+    rounds_csv = Path(run_dir) / ROUNDS_DIR / SUMMARY_FILE
+    if cfg.rounds.count == 1 or not rounds_csv.is_file():
+        return []
+    blocks = [Block("h2", "Rounds"),
+              Block("p", f"Closed-loop synthesis in {cfg.rounds.count} rounds: round 1 guided "
+                         f"by the baseline, each later round by the guide fine-tuned for "
+                         f"{cfg.rounds.epochs} epochs on real + all synthetic rows so far. "
+                         f"criterion_*: the guide's mean criterion on its round's samples "
+                         f"before and after guidance; val_*: the guide's validation "
+                         f"accuracy."),
+              Block("table", pd.read_csv(rounds_csv).round(4))]
+    if (Path(run_dir) / ROUNDS_DIR / PLOT_FILE).is_file():
+        blocks.append(Block("image", f"{ROUNDS_DIR}/{PLOT_FILE}", "guide and samples per round"))
+    return blocks
+
+
 def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[str, Any],
                  final: dict[str, Any], times: dict[str, tuple[float, float]] | None = None
                  ) -> Path:
@@ -281,18 +299,7 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
                            folder / "synthetic_samples.png", cfg.seed)
     if mosaic is not None:
         blocks.append(Block("image", str(mosaic.relative_to(run_dir)), "synthetic samples"))
-    rounds_csv = run_dir / ROUNDS_DIR / "rounds.csv"
-    if cfg.rounds.count > 1 and rounds_csv.is_file():
-        blocks += [Block("h2", "Rounds"),
-                   Block("p", f"Closed-loop synthesis in {cfg.rounds.count} rounds: round 1 "
-                              f"guided by the baseline, each later round by the guide "
-                              f"fine-tuned for {cfg.rounds.epochs} epochs on real + all "
-                              f"synthetic rows so far. Criterion: the guide's mean criterion "
-                              f"on its round's samples; val_*: the guide's validation "
-                              f"accuracy."),
-                   Block("table", pd.read_csv(rounds_csv).round(4))]
-        if (run_dir / ROUNDS_DIR / "rounds.png").is_file():
-            blocks.append(Block("image", f"{ROUNDS_DIR}/rounds.png", "the rounds"))
+    blocks += rounds_blocks(cfg, run_dir)
     for grid in sorted(run_dir.glob("grid_class*.png")):
         blocks.append(Block("image", grid.name, "one class: criteria (rows) x guidance scales "
                                                 "(columns), same seeds in every cell"))

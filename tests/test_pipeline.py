@@ -138,9 +138,10 @@ def test_run_digits_groups(tmp_path, ray_session):
     # The group-aware guide: trained with group DRO, guiding with the group criteria; the
     # final model reweights the groups.
     done = run_cli("run", "configs/digits_groups.yaml", "--out", str(out), "--set", *SMALL,
-                   "synthesis.target=4", "report.grid=false", "train.group_objective=dro",
+                   "synthesis.target=4", "train.group_objective=dro",
                    "final.group_objective=reweight",
                    "synthesis.criteria={target_group: 0.5, group_entropy: 0.5}",
+                   "synthesis.grid_criteria=[target_group, entropy]",
                    f"ray.address={ray_session['address']}", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     history = pd.read_csv(out / "classifier" / "history.csv")
@@ -172,4 +173,6 @@ def test_run_digits_groups(tmp_path, ray_session):
     assert after["target_group"] < 0  # a log-likelihood
     report = (out / "report.md").read_text()
     assert f"{final['worst_group']:.3f} |" in report and "five worst groups" in report
+    # The grid draws class 0 in its empty context (groups need a context to be drawn).
+    assert "grid_class0.png" in report and (out / "grid_class0.png").stat().st_size > 5000
 

@@ -159,3 +159,49 @@ def test_stage_records_keep_config_and_timings(tmp_path):
     assert len(history) == 2 and history[1]["seconds"] == 1.0
     assert history[0]["driver_peak_rss_mb"] >= 64
     assert stage_matches(cfg, tmp_path, "classifier")
+
+
+def test_round_summary_counts_times_criteria_and_guides_per_round(tmp_path):
+    """rounds.csv from the plan, the manifest, the shards' criterion columns and each guide's
+    history; the report shows it with its plot."""
+    import pyarrow.parquet as pq
+
+    from ray_lt.config import load_config
+    from ray_lt.generate.rounds import round_guide, shards_up_to, write_round_summary
+    from ray_lt.generate.synthetic import shard_file
+    from ray_lt.report import rounds_blocks, to_markdown
+
+    out = tmp_path / "synthetic"
+    out.mkdir()
+    shards = [{"shard_id": 0, "label": 0, "group": -1, "n": 2, "seed": 1, "round": 1},
+              {"shard_id": 1, "label": 1, "group": -1, "n": 1, "seed": 2, "round": 1},
+              {"shard_id": 2, "label": 0, "group": -1, "n": 3, "seed": 3, "round": 2}]
+    (out / "plan.json").write_text(json.dumps(shards))
+    (out / "manifest.jsonl").write_text("".join(
+        json.dumps({"shard_id": i, "seconds": s}) + "\n" for i, s in ((0, 1.5), (1, 2.0), (2, 4.0)))
+        + '{"shard_id": 2, "secon')  # a line cut short by a killed driver is skipped
+    values = {0: ([0.5, 1.5], [1.0, 2.0]), 1: ([1.0], [3.0]), 2: ([2.0, 2.0, 5.0], [4.0, 4.0, 7.0])}
+    for i, (before, after) in values.items():
+        pq.write_table(pa.table({"criterion_before": before, "criterion_after": after}),
+                       shard_file(out, i))
+    for index, acc in ((1, 0.5), (2, 0.75)):
+        folder = round_guide(tmp_path, index)
+        folder.mkdir(parents=True)
+        pd.DataFrame({"epoch": [0, 1], "val_acc": [0.1, acc], "val_few": [0.0, acc / 2]}
+                     ).to_csv(folder / "history.csv", index=False)
+    assert shards_up_to(tmp_path, 1) == [0, 1] and shards_up_to(tmp_path, 2) == [0, 1, 2]
+    table = write_round_summary(tmp_path, 2)
+    assert table["samples"].tolist() == [3, 3] and table["shards"].tolist() == [2, 1]
+    assert table["sampler_seconds"].tolist() == [3.5, 4.0]
+    np.testing.assert_allclose(table["criterion_before"], [1.0, 3.0])
+    np.testing.assert_allclose(table["criterion_after"], [2.0, 5.0])
+    assert table["val_acc"].tolist() == [0.5, 0.75] and table["val_few"].tolist() == [0.25, 0.375]
+    assert table["guide"].tolist() == ["classifier", "rounds/round1/classifier"]
+    assert (tmp_path / "rounds" / "rounds.png").stat().st_size > 10_000
+    cfg = load_config("configs/digits_lt.yaml", ["rounds.count=2"])
+    text = to_markdown(rounds_blocks(cfg, tmp_path))
+    assert "## Rounds" in text and "rounds/round1/classifier" in text
+    assert "![guide and samples per round](rounds/rounds.png)" in text
+    assert rounds_blocks(load_config("configs/digits_lt.yaml"), tmp_path) == []
+    with pytest.raises(ValueError, match="rounds are numbered from 1"):
+        round_guide(tmp_path, 0)

@@ -75,10 +75,11 @@ def tile(images: np.ndarray) -> np.ndarray:
     return canvas
 
 
-def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: bool
-                ) -> np.ndarray:
-    """Samples of one class: (criteria, scales, H', W', C) uint8 mosaics, the same seeds in every
-    cell so that only the criterion and the guidance scale differ (Figure 3 of the FG paper)."""
+def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: bool,
+                group: int = -1) -> np.ndarray:
+    """Samples of one class (of one class x context ``group`` on data sets with groups):
+    (criteria, scales, H', W', C) uint8 mosaics, the same seeds in every cell so that only the
+    criterion and the guidance scale differ (Figure 3 of the FG paper)."""
     import torch
 
     from ray_lt.config import Config
@@ -97,7 +98,7 @@ def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: boo
         cells = []
         for scale in s.grid_scales:
             out = guided_sample(
-                generator, scorer, torch.full((n,), label), torch.full((n,), -1),
+                generator, scorer, torch.full((n,), label), torch.full((n,), group),
                 torch.full((n,), row), seeds, s.num_steps, s.cfg_scale,
                 Guidance(scale, s.guidance_every, s.guidance_mode, s.reuse_gradient,
                          s.through_unet, s.guidance_micro_batch), s.eta, PRECISIONS[s.precision])

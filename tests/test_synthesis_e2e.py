@@ -138,29 +138,10 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     assert metrics["num_rows"] == 500 and (out / "final" / "metrics.json").is_file()
 
 
-def test_each_class_is_guided_at_the_scale_its_validation_error_gives(trained, tmp_path,
-                                                                      caplog):
-    out = _copy_stages(trained, tmp_path / "scaled")
-    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
-                      [*BASE, "synthesis.quota_scale=0.05", "synthesis.scale_by=val_error",
-                       "synthesis.scale_slope=1.0"])
-    caplog.set_level(logging.INFO, logger="ray_lt")
-    commands.synthesize(cfg, out)
-    assert "guidance scale per class from the baseline's validation error" in caplog.text
-    shards = json.loads((out / "synthetic" / "plan.json").read_text())
-    planned = {s["label"]: s["scale"] for s in shards}
-    rows = _rows(out)
-    assert len(rows) == sum(s["n"] for s in shards)
-    used = rows.groupby("label")["guidance_scale"].agg(["min", "max"])
-    assert (used["min"] == used["max"]).all()  # one scale per class
-    assert used["min"].to_dict() == pytest.approx(planned)
-    drawn = sum(s["scale"] * s["n"] for s in shards) / sum(s["n"] for s in shards)
-    assert drawn == pytest.approx(0.03, rel=1e-6) and len(set(planned.values())) > 1
-
-
-def test_rounds_fine_tune_the_guide_between_shares_and_resume(trained, tmp_path):
+def test_rounds_fine_tune_the_guide_between_shares_and_resume(trained, tmp_path, caplog):
     """Closed-loop synthesis in two rounds: the quota of one-shot synthesis, split per class;
-    round 2 guided by the guide fine-tuned on real + round 1's rows."""
+    round 2 guided by the guide fine-tuned on real + round 1's rows; each class guided at the
+    scale the baseline's validation error gives it, in both rounds."""
     from ray_lt.generate.factory import build_scorer
     from ray_lt.generate.plan import plan
     from ray_lt.train.trainer import load_classifier
@@ -168,8 +149,11 @@ def test_rounds_fine_tune_the_guide_between_shares_and_resume(trained, tmp_path)
     out = _copy_stages(trained, tmp_path / "rounds")
     settings = [*BASE, "synthesis.quota_scale=0.05", "synthesis.criteria={entropy: 1.0}"]
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
-                      [*settings, "rounds.count=2", "rounds.epochs=1"])
+                      [*settings, "rounds.count=2", "rounds.epochs=1",
+                       "synthesis.scale_by=val_error", "synthesis.scale_slope=1.0"])
+    caplog.set_level(logging.INFO, logger="ray_lt")
     commands.synthesize(cfg, out)
+    assert caplog.text.count("guidance scale per class from the baseline's validation error") == 1
     shards = pd.DataFrame(json.loads((out / "synthetic" / "plan.json").read_text()))
     one_shot = pd.DataFrame(plan(load_config(ROOT / "configs" / "digits_lt.yaml", settings),
                                  load_dataset(cfg.dataset, cfg.seed)))
@@ -183,6 +167,13 @@ def test_rounds_fine_tune_the_guide_between_shares_and_resume(trained, tmp_path)
     rows = _rows(out)
     assert len(rows) == shards["n"].sum()
     assert (rows["round"] == rows["shard_id"].map(shards.set_index("shard_id")["round"])).all()
+    planned = shards.groupby("label")["scale"].agg(["min", "max"])
+    assert (planned["min"] == planned["max"]).all()  # one scale per class, in every round
+    used = rows.groupby("label")["guidance_scale"].agg(["min", "max"])
+    assert (used["min"] == used["max"]).all()
+    assert used["min"].to_dict() == pytest.approx(planned["min"].to_dict())
+    drawn = (shards["scale"] * shards["n"]).sum() / shards["n"].sum()
+    assert drawn == pytest.approx(0.03, rel=1e-6) and planned["min"].nunique() > 1
 
     guide = out / "rounds" / "round1" / "classifier"
     assert len(pd.read_csv(guide / "history.csv")) == 1

@@ -23,6 +23,7 @@ import pandas as pd
 import ray
 from tqdm.auto import tqdm
 
+from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import DataError, RayLTError
@@ -50,6 +51,7 @@ from ray_lt.generate.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
+VAL_ERRORS_FILE = "validation_errors.json"  # the baseline's, per class (group): scale_by
 MAX_BLOCKS = 2048
 """Upper bound on the input blocks of one synthesis job: one shard per block up to this many,
 so that small jobs balance across actors and 18,500-shard jobs do not make 18,500 objects."""
@@ -138,9 +140,18 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path, round_index: int 
     """
     run_dir = Path(run_dir).resolve()
     s = cfg.synthesis
-    errors = validation_errors(cfg, data, run_dir) if s.scale_by == "val_error" else None
-    shards = plan(cfg, data, errors)
     out = run_dir / SYNTHETIC_DIR
+    errors = None
+    if s.scale_by == "val_error":
+        # One Predictor pass per run directory: every round and every rerun reads it back.
+        stored = out / VAL_ERRORS_FILE
+        if stored.is_file():
+            errors = np.asarray(json.loads(stored.read_text()), dtype=np.float64)
+        else:
+            errors = validation_errors(cfg, data, run_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(stored, json.dumps(errors.tolist()))
+    shards = plan(cfg, data, errors)
     out.mkdir(parents=True, exist_ok=True)
     store_plan(out, shards)
     check_scorer(cfg, run_dir, classifier_dir=guide)

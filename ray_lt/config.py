@@ -442,6 +442,13 @@ class Config(Strict):
     @model_validator(mode="after")
     def _groups_needed(self) -> Config:
         if self.dataset.kind in GROUPED_KINDS:
+            final = self.final.group_objective or self.train.group_objective
+            tuned = self.train.group_objective if self.rounds.count > 1 else "erm"
+            if self.synthesis.balance == "class" and "dro" in (final, tuned):
+                key = "final.group_objective" if final == "dro" else "train.group_objective"
+                raise ValueError(f"{key}: 'dro' trains on synthetic rows here, and with "
+                                 f"synthesis.balance: class they carry no group; set "
+                                 f"synthesis.balance: group or another objective")
             return self
         problems = []
         searched = self.tune.space.criteria or []

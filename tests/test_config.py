@@ -123,3 +123,19 @@ def test_group_settings_validate_on_a_data_set_with_groups():
 
     assert cfg.train.group_objective == "dro"
     assert final_train_config(cfg).group_objective == "erm"
+
+
+def test_group_dro_on_synthetic_rows_without_groups_is_refused():
+    from ray_lt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="final.group_objective: 'dro' trains on synthetic"):
+        load_config(ROOT / "configs" / "digits_groups.yaml",
+                    ["synthesis.balance=class", "final.group_objective=dro"])
+    with pytest.raises(ConfigError, match="train.group_objective: 'dro' trains on synthetic"):
+        load_config(ROOT / "configs" / "digits_groups.yaml",
+                    ["synthesis.balance=class", "train.group_objective=dro",
+                     "final.group_objective=erm", "rounds.count=2"])
+    # the guide alone, or reweighting (real rows only), is fine
+    load_config(ROOT / "configs" / "digits_groups.yaml",
+                ["synthesis.balance=class", "train.group_objective=dro",
+                 "final.group_objective=reweight"])

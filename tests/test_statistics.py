@@ -248,7 +248,7 @@ def test_support_streams_the_feature_files_and_refits_a_changed_form(tmp_path):
     assert (tmp_path / STATISTICS_FILE).stat().st_mtime_ns == stats_time
 
 
-def test_a_data_set_with_groups_gets_a_context_head_that_reads_the_context(tmp_path):
+def test_a_data_set_with_groups_gets_a_context_head_that_reads_the_context(tmp_path, caplog):
     """The context (group % contexts) is what the context head learns, from every class."""
     rng = np.random.default_rng(1)
     n, contexts = 600, 3
@@ -259,11 +259,14 @@ def test_a_data_set_with_groups_gets_a_context_head_that_reads_the_context(tmp_p
     _write_features(tmp_path, features, labels, groups=labels * contexts + context)
     data = SimpleNamespace(num_classes=4, num_groups=4 * contexts,
                            context_names=["a", "b", "c"])
+    caplog.set_level("INFO", logger="ray_lt")
     fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied")
     head = load_context_head(tmp_path)
     assert head.weight.shape == (1, contexts, 8)
     predicted = head(torch.from_numpy(features))[0].argmax(-1).numpy()
     assert (predicted == context).mean() > 0.9
+    logged = float(caplog.text.split("context head of")[1].split(": ")[1].split(" of")[0])
+    assert logged == pytest.approx((predicted == context).mean(), abs=1e-3)
     written = (tmp_path / CONTEXT_HEAD_FILE).stat().st_mtime_ns
     fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied")
     assert (tmp_path / CONTEXT_HEAD_FILE).stat().st_mtime_ns == written

@@ -6,11 +6,13 @@ fitted by streaming over those files."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from ray_lt.atomic import staged_folder
 from ray_lt.config import EvaluateConfig
@@ -24,6 +26,8 @@ from ray_lt.generate.criteria import (
     fit_class_statistics_streamed,
     fit_epistemic_head_streamed,
 )
+
+log = logging.getLogger(__name__)
 
 STATISTICS_FILE = "class_statistics.safetensors"
 HEAD_FILE = "epistemic_head.safetensors"
@@ -125,9 +129,18 @@ def fit_criterion_support(classifier_dir: Path, data: LongTailData, heads: int,
             classifier_dir / HEAD_FILE)
     contexts = len(data.context_names) if data.num_groups else 0
     if contexts and not (classifier_dir / CONTEXT_HEAD_FILE).is_file():
-        fit_epistemic_head_streamed(feature_batches(classifier_dir, contexts=contexts),
-                                    contexts, k=1, seed=seed, bootstrap=False).save(
-            classifier_dir / CONTEXT_HEAD_FILE)
+        by_context = feature_batches(classifier_dir, contexts=contexts)
+        head = fit_epistemic_head_streamed(by_context, contexts, k=1, seed=seed,
+                                           bootstrap=False)
+        head.save(classifier_dir / CONTEXT_HEAD_FILE)
+        right = seen = 0
+        with torch.no_grad():
+            for x, a in by_context():
+                right += int((head(torch.from_numpy(x))[0].argmax(-1).numpy() == a).sum())
+                seen += len(a)
+        # How much of the context the guide's embedding keeps: what the group criteria see.
+        log.info(f"context head of {classifier_dir}: {right / max(seen, 1):.3f} of the "
+                 f"training images' contexts read from the embedding")
 
 
 def load_criterion_support(classifier_dir: Path) -> tuple[ClassStatistics | None,

@@ -66,7 +66,9 @@ SAMPLE_COLUMNS = ["synthetic_rows", "judge_accuracy", "guide_accuracy", "guide_e
 UNGUIDED = "+ unguided synthetic"
 EQUAL = "{entropy: 0.25, loss: 0.25, hardness: 0.25, total_uncertainty: 0.25}"
 CRITERIA = {"loss": "{loss: 1.0}", "entropy": "{entropy: 1.0}", "hardness": "{hardness: 1.0}",
-            "total_uncertainty": "{total_uncertainty: 1.0}", "equal_mixture": EQUAL}
+            "total_uncertainty": "{total_uncertainty: 1.0}", "equal_mixture": EQUAL,
+            # digits_groups only: they read the class x context group
+            "target_group": "{target_group: 1.0}", "group_entropy": "{group_entropy: 1.0}"}
 
 
 ROUND_TWO = ", round 2"  # guided by the unguided row's final model instead of the baseline
@@ -323,7 +325,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/table"))
     parser.add_argument("--set", dest="overrides", nargs="+", default=[])
-    parser.add_argument("--criteria", nargs="+", choices=list(CRITERIA), default=list(CRITERIA))
+    parser.add_argument("--criteria", nargs="+", choices=list(CRITERIA),
+                        default=[c for c in CRITERIA if c not in ("target_group",
+                                                                   "group_entropy")])
     parser.add_argument("--scales", type=float, nargs="+", default=None,
                         help="guidance scales to run each criterion at (default: the config's)")
     parser.add_argument("--scale-slopes", type=float, nargs="+", default=None,

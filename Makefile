@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/ray-lt run $(CONFIG) --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 # Without the tests that start Ray clusters or run whole pipelines (marked slow).
 test-fast: $(STAMP)

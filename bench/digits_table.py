@@ -20,7 +20,7 @@ records its sampler's seconds (the manifest's per-shard time).
 ``--group-guide`` adds, on digits_groups, the group-aware rows: the criteria that read the
 class x context group (``target group``, ``group entropy``), a guide trained with group DRO
 (``..., DRO guide``; the final model stays ERM) and group DRO as the final model's objective
-(``+ unguided synthetic, DRO final``).
+(``+ unguided synthetic, DRO final``, ``+ FG target group, DRO final``).
 ``--round-two`` guides the chosen criteria with the unguided row's final model, already trained
 on real + unguided synthetic data (settings ``+ FG entropy, round 2``): does a guide that knows
 the tail (or the empty groups) steer better than the baseline?
@@ -85,6 +85,8 @@ GROUP_ROWS = {
     "+ unguided synthetic, DRO final": ["synthesis.guidance_scale=0",
                                         "synthesis.criteria={entropy: 1.0}",
                                         "final.group_objective=dro"],
+    "+ FG target group, DRO final": ["synthesis.criteria={target_group: 1.0}",
+                                     "final.group_objective=dro"],
 }
 DRO = ["train.group_objective=dro", "final.group_objective=erm"]
 

@@ -236,9 +236,9 @@ def rounds_blocks(cfg: Config, run_dir: Path) -> list[Block]:
               Block("p", f"Closed-loop synthesis in {cfg.rounds.count} rounds: round 1 guided "
                          f"by the baseline, each later round by the guide fine-tuned for "
                          f"{cfg.rounds.epochs} epochs on real + all synthetic rows so far. "
-                         f"criterion_*: the guide's mean criterion on its round's samples "
-                         f"before and after guidance; val_*: the guide's validation "
-                         f"accuracy."),
+                         f"criterion_before: the guide's mean criterion on x0 predicted at "
+                         f"the first guided step; criterion_after: on the final samples; "
+                         f"val_*: the guide's validation accuracy."),
               Block("table", pd.read_csv(rounds_csv).round(4))]
     if (Path(run_dir) / ROUNDS_DIR / PLOT_FILE).is_file():
         blocks.append(Block("image", f"{ROUNDS_DIR}/{PLOT_FILE}", "guide and samples per round"))

@@ -138,10 +138,18 @@ def submit_and_wait(ray_session, command: str, timeout: float = 900) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(ray_session["dashboard"])
-    job = client.submit_job(entrypoint=f"{sys.executable} {command}",
-                            runtime_env={"working_dir": str(ROOT),
-                                         "excludes": [".venv", ".git", "runs", "*.parquet"]})
     deadline = time.time() + timeout
+    while True:  # the head's job agent may still be starting on a busy machine
+        try:
+            job = client.submit_job(
+                entrypoint=f"{sys.executable} {command}",
+                runtime_env={"working_dir": str(ROOT),
+                             "excludes": [".venv", ".git", "runs", "*.parquet"]})
+            break
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.time() > deadline:
+                raise
+            time.sleep(3)
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
                                                          JobStatus.STOPPED}:
         assert time.time() < deadline, "job did not finish in time"

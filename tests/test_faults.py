@@ -254,6 +254,16 @@ worker = cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, log_to_driver=False)
 errors = []
+# The state API answers once the head's dashboard is up, later than the nodes on a busy machine.
+deadline = time.time() + 180
+while True:
+    try:
+        list_actors(address=cluster.address)
+        break
+    except ConnectionError:
+        if time.time() > deadline:
+            raise
+        time.sleep(1)
 
 def run():
     try:

@@ -59,7 +59,8 @@ def _guide_metrics(classifier_dir: Path) -> dict[str, float]:
 
 def round_summary(run_dir: Path, count: int) -> pd.DataFrame:
     """One row per round: samples, shards, sampler seconds (the manifest's per-shard time),
-    the guide's mean criterion on its samples before and after guidance, and the guide's
+    the guide's mean criterion on x0 predicted at the first guided step (``before``) and on
+    the final samples (``after``), and the guide's
     validation metrics (for round 1 the baseline's)."""
     run_dir = Path(run_dir)
     plan = pd.DataFrame(stored_plan(run_dir))
@@ -122,8 +123,9 @@ def plot_rounds(table: pd.DataFrame, path: Path) -> Path:
     left.set_xticks(table["round"])
     if left.get_legend_handles_labels()[0]:
         left.legend(fontsize=8)
-    right.plot(table["round"], table["criterion_before"], marker="o", label="before guidance")
-    right.plot(table["round"], table["criterion_after"], marker="o", label="after guidance")
+    right.plot(table["round"], table["criterion_before"], marker="o",
+               label="at the first guided step")
+    right.plot(table["round"], table["criterion_after"], marker="o", label="final samples")
     right.set_xlabel("round")
     right.set_ylabel("mean criterion of the samples")
     right.set_xticks(table["round"])

@@ -63,6 +63,9 @@ def ray_head():
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--include-dashboard=true", f"--dashboard-port={dashboard}",
+         # not the default 52365, which another cluster on this machine may hold: the job
+         # agent would not start and `ray job submit` would find none
+         f"--dashboard-agent-listen-port={_free_port()}",
          "--dashboard-host=127.0.0.1", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dashboard}"
@@ -147,7 +150,7 @@ def submit_and_wait(ray_session, command: str, timeout: float = 900) -> str:
                              "excludes": [".venv", ".git", "runs", "*.parquet"]})
             break
         except RuntimeError as err:
-            if "No available agent" not in str(err) or time.time() > deadline:
+            if "No available agent" not in str(err) or time.time() > deadline - timeout + 120:
                 raise
             time.sleep(3)
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,

@@ -237,7 +237,7 @@ def test_a_sampler_actor_that_cannot_start_fails_fast_naming_the_cause(trained, 
 
 
 NODE_LOSS = """
-import json, sys, threading, time
+import json, socket, sys, threading, time
 from pathlib import Path
 
 import ray
@@ -249,8 +249,16 @@ from ray_lt.config import load_config
 from ray_lt.errors import DataError
 
 out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-worker = cluster.add_node(num_cpus=1)
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+# Not the default ports, which another cluster on this machine may hold.
+cluster = Cluster(initialize_head=True,
+                  head_node_args={"num_cpus": 1, "dashboard_port": free_port(),
+                                  "dashboard_agent_listen_port": free_port()})
+worker = cluster.add_node(num_cpus=1, dashboard_agent_listen_port=free_port())
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, log_to_driver=False)
 errors = []

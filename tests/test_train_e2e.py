@@ -24,10 +24,21 @@ def _metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
-def test_train_digits_lt_end_to_end(tmp_path, ray_session):
+def test_bad_override_fails_before_any_work(tmp_path):
+    done = run_cli("train", "configs/digits_lt.yaml", "--out", str(tmp_path / "x"),
+                   "--set", "train.epochz=3")
+    assert done.returncode == 2
+    assert "train.epochz: Extra inputs are not permitted" in done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_same_seed_same_weights_and_a_rerun_resumes_from_its_checkpoint(tmp_path, ray_session):
+    """``ray-lt train`` end to end (metrics, predictions, plot, history, one progress bar);
+    trained again elsewhere with the same config and seed it gives the same weights; a longer
+    run in its place continues where it stopped."""
     out = tmp_path / "run"
-    done = run_cli("train", "configs/digits_lt.yaml", "--out", str(out),
-                   "--set", *QUICK, f"ray.address={ray_session['address']}")
+    done = run_cli("train", "configs/digits_lt.yaml", "--out", str(out), "--set", *QUICK,
+                   f"ray.address={ray_session['address']}")
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = _metrics(out)
     for key in ("overall", "many", "medium", "few", "worst_group", "per_class", "per_group"):
@@ -49,31 +60,21 @@ def test_train_digits_lt_end_to_end(tmp_path, ray_session):
     assert "[ray-lt] baseline test: overall" in done.stdout
     # One driver-side bar for the epochs, advanced by rank 0 (tqdm draws on stderr).
     assert "classifier: 100%" in done.stderr and "2/2 [" in done.stderr, done.stderr[-2000:]
-
-
-def test_bad_override_fails_before_any_work(tmp_path):
-    done = run_cli("train", "configs/digits_lt.yaml", "--out", str(tmp_path / "x"),
-                   "--set", "train.epochz=3")
-    assert done.returncode == 2
-    assert "train.epochz: Extra inputs are not permitted" in done.stderr
-    assert not (tmp_path / "x").exists()
-
-
-def test_same_seed_same_weights_and_a_rerun_resumes_from_its_checkpoint(tmp_path, ray_session):
-    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", ["train.epochs=2"])
-    data = load_dataset(cfg.dataset, cfg.seed)
-    folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path, "clf")
+    folder = out / "classifier"
     first = pd.read_csv(folder / "history.csv")
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", QUICK)
+    data = load_dataset(cfg.dataset, cfg.seed)
     # The same config and seed elsewhere: the same weights (ordered ingest, seeded shuffles).
     twin = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path / "twin",
-                          "clf")
+                          "classifier")
     weights = [torch.load(f / "model.pt", weights_only=True) for f in (folder, twin)]
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
     # A longer run in the same place continues where the first one stopped.
     cfg.train.epochs = 3
-    folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path, "clf")
+    folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out,
+                            "classifier")
     second = pd.read_csv(folder / "history.csv")
     assert second["epoch"].tolist() == [0, 1, 2]
     assert np.allclose(second["train_loss"][:2], first["train_loss"])

@@ -314,9 +314,9 @@ def fine_tune_guide(cfg: Config, out_dir: Path, data: LongTailData, index: int) 
         r = cfg.rounds
         train_cfg = cfg.train.model_copy(update={"epochs": r.epochs, "lr": r.lr or cfg.train.lr,
                                                  "warmup_epochs": 0})
-        shards = shards_up_to(out_dir, index)
+        shards = set(shards_up_to(out_dir, index))
         synthetic = load_synthetic(out_dir, data.image_shape[2], filtered=False, shards=shards)
-        rows = sum(sh["n"] for sh in stored_plan(out_dir) if sh["shard_id"] in set(shards))
+        rows = sum(sh["n"] for sh in stored_plan(out_dir) if sh["shard_id"] in shards)
         if _small(rows, data):
             synthetic = synthetic.materialize()
         log.info(f"round {index}/{r.count}: fine-tuning the guide for {r.epochs} epochs on "

@@ -52,28 +52,42 @@ NUM_CLASSES = 1000
 CLASSIFIER_SIZE = {"full": 224, "tiny": 32}
 
 
-def full_unclip_components(seed: int = 0) -> dict[str, Any]:
+def full_unclip_components(seed: int = 0, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Stable Diffusion 2.1 unCLIP's component shapes (the published configs) with random
-    weights; the tokenizer is the byte-level one (its vocabulary does not change the cost)."""
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        UNet2DConditionModel,
-    )
+    weights, the four networks initialised on ``device`` (1.9B parameters initialise in
+    seconds on a GPU, not minutes on a CPU); the tokenizer is the byte-level one (its
+    vocabulary does not change the cost)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
         StableUnCLIPImageNormalizer,
     )
+    from transformers import CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = _byte_tokenizer()
+    with torch.device(device):
+        networks = _full_networks(tokenizer)
+    return {
+        **networks,
+        "tokenizer": tokenizer,
+        "feature_extractor": CLIPImageProcessor(),
+        "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=1024),
+        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, prediction_type="v_prediction",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    }
+
+
+def _full_networks(tokenizer: Any) -> dict[str, torch.nn.Module]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
-        CLIPImageProcessor,
         CLIPTextConfig,
         CLIPTextModel,
         CLIPVisionConfig,
         CLIPVisionModelWithProjection,
     )
 
-    torch.manual_seed(seed)
-    tokenizer = _byte_tokenizer()
     return {
         "unet": UNet2DConditionModel(
             sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
@@ -87,7 +101,6 @@ def full_unclip_components(seed: int = 0) -> dict[str, Any]:
             block_out_channels=(128, 256, 512, 512), layers_per_block=2,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, sample_size=768, scaling_factor=0.18215),
-        "tokenizer": tokenizer,
         "text_encoder": CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096,
             num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
@@ -97,12 +110,6 @@ def full_unclip_components(seed: int = 0) -> dict[str, Any]:
             hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
             num_attention_heads=16, patch_size=14, image_size=224, projection_dim=1024,
             hidden_act="gelu")),
-        "feature_extractor": CLIPImageProcessor(),
-        "image_normalizer": StableUnCLIPImageNormalizer(embedding_dim=1024),
-        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                   beta_end=0.012, prediction_type="v_prediction",
-                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1),
     }
 
 
@@ -129,7 +136,8 @@ class Parts:
 
 def build_parts(scale: str, device: torch.device, dtype: torch.dtype) -> Parts:
     """The generator components and the scorer (ResNeXt-50 at 224 px, or a small CNN)."""
-    components = full_unclip_components() if scale == "full" else tiny_unclip_components()
+    components = (full_unclip_components(device=device) if scale == "full"
+                  else tiny_unclip_components())
     arch = "resnext50_32x4d" if scale == "full" else "small_cnn"
     classifier = build_model(arch, num_classes=NUM_CLASSES, in_channels=3, width=8).eval()
     scorer = CriterionScorer(classifier, ["entropy"]).to(device)
@@ -167,11 +175,12 @@ class Setting:
 
     @property
     def name(self) -> str:
+        compiled = ", compiled" if self.compiled else ""
         if not self.guided:
-            return "unguided"
+            return f"unguided{' (compiled)' if self.compiled else ''}"
         extra = [self.decoder] + (["through UNet"] if self.through_unet else []) + \
             ([f"micro-batch {self.micro_batch}"] if self.micro_batch else [])
-        return f"guided k={self.every} ({', '.join(extra)})"
+        return f"guided k={self.every} ({', '.join(extra)}{compiled})"
 
 
 @dataclass
@@ -182,6 +191,7 @@ class Result:
     peak_memory_gb: float | None
     tflop_per_batch: float
     ratio_to_unguided: float | None = None
+    out_of_memory: bool = False
 
     @property
     def tflops(self) -> float:
@@ -206,34 +216,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _generator_for(parts: Parts, setting: Setting,
+                   cache: dict[tuple, UnCLIPGenerator]) -> UnCLIPGenerator:
+    """A compiled generator is kept per (size, decoder), so its compiled graphs are reused
+    across batch sizes; an eager one is cheap to build and is not kept."""
+    if not setting.compiled:
+        return make_generator(parts, setting.size, setting.decoder, False)
+    key = (setting.size, setting.decoder)
+    if not setting.guided:  # unguided sampling never calls the guidance decode
+        key = next((k for k in cache if k[0] == setting.size), key)
+    if key not in cache:
+        cache[key] = make_generator(parts, setting.size, setting.decoder, True)
+    return cache[key]
+
+
 def measure(parts: Parts, setting: Setting, steps: int, repeats: int,
-            flops_cache: dict[tuple, float]) -> Result:
-    """Warm up once, then time ``repeats`` batches; FLOPs counted once per setting, eagerly."""
-    generator = make_generator(parts, setting.size, setting.decoder, setting.compiled)
-    sample_batch(generator, parts, setting, steps, seed=0)
-    _sync(parts.device)
+            flops_cache: dict[tuple, float],
+            generators: dict[tuple, UnCLIPGenerator] | None = None) -> Result:
+    """Warm up once (compiling, where compiled), then time ``repeats`` batches. FLOPs are
+    counted once per setting, eagerly, on one sample (every operation is per sample, so a
+    batch's count is the batch times one sample's). Out of CUDA memory is a result, not an
+    error: the row says so."""
+    generators = {} if generators is None else generators
+    generator = _generator_for(parts, setting, generators)
     if parts.device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(parts.device)
-    started = time.perf_counter()
-    for r in range(repeats):
-        sample_batch(generator, parts, setting, steps, seed=1000 * (r + 1))
-    _sync(parts.device)
+    try:
+        sample_batch(generator, parts, setting, steps, seed=0)
+        _sync(parts.device)
+        started = time.perf_counter()
+        for r in range(repeats):
+            sample_batch(generator, parts, setting, steps, seed=1000 * (r + 1))
+        _sync(parts.device)
+    except torch.cuda.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated(parts.device) / 1e9
+        del generator
+        torch.cuda.empty_cache()
+        return Result(setting, math.nan, math.nan, peak, math.nan, out_of_memory=True)
     seconds = (time.perf_counter() - started) / repeats
     peak = (torch.cuda.max_memory_allocated(parts.device) / 1e9
             if parts.device.type == "cuda" else None)
-    key = (setting.size, setting.batch, setting.guided, setting.every, setting.decoder,
-           setting.through_unet)
+    key = (setting.size, setting.guided, setting.every, setting.decoder, setting.through_unet)
     if key not in flops_cache:
-        eager = generator if not setting.compiled else make_generator(
-            parts, setting.size, setting.decoder, False)
+        eager = make_generator(parts, setting.size, setting.decoder, False)
+        one = Setting(setting.size, 1, setting.guided, setting.every, setting.decoder,
+                      setting.through_unet)
         counter = FlopCounterMode(display=False)
         with counter:
-            sample_batch(eager, parts, setting, steps, seed=0)
+            sample_batch(eager, parts, one, steps, seed=0)
         flops_cache[key] = counter.get_total_flops() / 1e12
     del generator
     if parts.device.type == "cuda":
         torch.cuda.empty_cache()
-    return Result(setting, setting.batch / seconds, seconds, peak, flops_cache[key])
+    return Result(setting, setting.batch / seconds, seconds, peak,
+                  flops_cache[key] * setting.batch)
 
 
 def gradient_cosines(parts: Parts, size: int, decoders: list[str], batch: int = 4
@@ -300,23 +337,102 @@ def table(results: list[Result]) -> list[str]:
     lines = [f"{'size':>5}{'batch':>6}  {'setting':<40}{'img/s':>8}{'/unguided':>10}"
              f"{'peak GB':>9}{'TFLOP/batch':>12}{'TFLOP/s':>9}"]
     for r in results:
-        s = r.setting
-        ratio = f"{r.ratio_to_unguided:.2f}" if r.ratio_to_unguided is not None else "-"
-        peak = f"{r.peak_memory_gb:.1f}" if r.peak_memory_gb is not None else "n/a"
-        lines.append(f"{s.size:>5}{s.batch:>6}  {s.name:<40}{r.images_per_s:>8.2f}{ratio:>10}"
-                     f"{peak:>9}{r.tflop_per_batch:>12.3f}{r.tflops:>9.2f}")
+        lines.append(row_line(r))
     return lines
+
+
+def row_line(r: Result) -> str:
+    s = r.setting
+    peak = f"{r.peak_memory_gb:.1f}" if r.peak_memory_gb is not None else "n/a"
+    if r.out_of_memory:
+        return f"{s.size:>5}{s.batch:>6}  {s.name:<40}{'out of memory':>18}{peak:>9}"
+    ratio = f"{r.ratio_to_unguided:.2f}" if r.ratio_to_unguided is not None else "-"
+    return (f"{s.size:>5}{s.batch:>6}  {s.name:<40}{r.images_per_s:>8.2f}{ratio:>10}"
+            f"{peak:>9}{r.tflop_per_batch:>12.3f}{r.tflops:>9.2f}")
 
 
 def with_ratios(results: list[Result]) -> list[Result]:
     """Guided seconds per image over unguided seconds per image at the same size and batch."""
-    unguided = {(r.setting.size, r.setting.batch): r.images_per_s
-                for r in results if not r.setting.guided}
+    unguided = {(r.setting.size, r.setting.batch, r.setting.compiled): r.images_per_s
+                for r in results if not r.setting.guided and not r.out_of_memory}
     for r in results:
-        base = unguided.get((r.setting.size, r.setting.batch))
-        if base:
+        base = unguided.get((r.setting.size, r.setting.batch, r.setting.compiled))
+        if base and not r.out_of_memory:
             r.ratio_to_unguided = base / r.images_per_s
     return results
+
+
+def suite_phases(scale: str, compiled: bool) -> list[tuple[str, list[Setting]]]:
+    """The settings behind ``docs/performance.md``, most wanted first, so that a run cut short
+    by its time budget still answers the main questions. Full parts: 512 px (the official
+    release's size) at batch 16 and 32, 768 px at batch 16; tiny parts: 64 and 96 px at
+    batch 2 and 4."""
+    small, large = (512, 768) if scale == "full" else (64, 96)
+    b1, b2 = (16, 32) if scale == "full" else (2, 4)
+    mb = b1 // 2
+
+    def guided(size, batch, decoder, micro=None, compile_=False):
+        return Setting(size, batch, True, 5, decoder, micro_batch=micro, compiled=compile_)
+
+    phases = [
+        ("eager", [Setting(small, b1, False), guided(small, b1, "vae", mb),
+                   guided(small, b1, "latent_resize"), guided(small, b1, "tiny")]),
+    ]
+    if compiled:
+        phases.append(("compiled", [Setting(small, b1, False, compiled=True),
+                                    guided(small, b1, "latent_resize", None, True),
+                                    guided(small, b1, "tiny", None, True)]))
+    phases += [
+        ("one by one", [Setting(small, 1, False)]),
+        ("eager, large batch", [Setting(small, b2, False), guided(small, b2, "vae", mb),
+                                guided(small, b2, "latent_resize")]),
+        ("large size", [Setting(large, b1, False), guided(large, b1, "vae", mb // 2 or None)]),
+    ]
+    if compiled:
+        phases.append(("compiled, large batch",
+                       [Setting(small, b2, False, compiled=True),
+                        guided(small, b2, "latent_resize", None, True),
+                        guided(small, b2, "tiny", None, True)]))
+    phases.append(("memory", [guided(small, b2, "vae"), guided(large, b1, "latent_resize")]))
+    return phases
+
+
+def run_suite(parts: Parts, args: argparse.Namespace, report: dict[str, Any]) -> list[Result]:
+    """Every setting of ``suite_phases`` in order, one line each as it finishes, the JSON
+    rewritten after each, so a run stopped from outside keeps what it measured. A setting is
+    not started once ``--budget-s`` has passed; it is listed under ``skipped``."""
+    if args.compile_static:
+        # one static graph per batch size, as an actor with a fixed batch size compiles
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    started = time.perf_counter()
+    flops: dict[tuple, float] = {}
+    generators: dict[tuple, UnCLIPGenerator] = {}
+    results: list[Result] = []
+    report["skipped"], report["results"] = [], []
+    for phase, settings in suite_phases(parts.scale, not args.no_compile):
+        for setting in settings:
+            elapsed = time.perf_counter() - started
+            if args.budget_s is not None and elapsed > args.budget_s:
+                report["skipped"].append(f"{phase}: {setting.size} x {setting.batch}, "
+                                         f"{setting.name}")
+                continue
+            result = measure(parts, setting, args.steps, args.repeats, flops, generators)
+            results.append(result)
+            with_ratios(results)
+            print(f"{row_line(result)}   [{phase}, {time.perf_counter() - started:.0f} s]",
+                  flush=True)
+            report["results"] = [result_record(r) for r in results]
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=1))
+    return results
+
+
+def result_record(r: Result) -> dict[str, Any]:
+    return {**asdict(r.setting), "name": r.setting.name, "images_per_s": r.images_per_s,
+            "ratio_to_unguided": r.ratio_to_unguided, "peak_memory_gb": r.peak_memory_gb,
+            "tflop_per_batch": r.tflop_per_batch, "tflops": r.tflops,
+            "out_of_memory": r.out_of_memory}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -338,6 +454,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--suite", action="store_true",
+                        help="the settings of docs/performance.md, most wanted first "
+                             "(ignores --sizes, --batches, --decoders, --micro-batch)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="--suite without its compiled settings")
+    parser.add_argument("--compile-static", action="store_true",
+                        help="--suite: compile one static graph per batch size")
+    parser.add_argument("--budget-s", type=float,
+                        help="--suite: start no setting after this many seconds")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -358,19 +483,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           + f"), {str(dtype).removeprefix('torch.')}, {args.steps} DDIM steps, CFG 5 "
           f"(built in {time.perf_counter() - started:.0f} s)", flush=True)
 
+    report: dict[str, Any] = {"device": name, "parts": scale_name, "steps": args.steps,
+                              "parameters_millions": millions}
+    if args.suite:
+        return finish_suite(parts, args, report, run_suite(parts, args, report))
     flops: dict[tuple, float] = {}
     results = with_ratios([measure(parts, s, args.steps, args.repeats, flops)
                            for s in settings_for(args)])
     for line in table(results):
         print(line)
-    report: dict[str, Any] = {"device": name, "parts": scale_name, "steps": args.steps,
-                              "parameters_millions": millions,
-                              "results": [{**asdict(r.setting), "name": r.setting.name,
-                                           "images_per_s": r.images_per_s,
-                                           "ratio_to_unguided": r.ratio_to_unguided,
-                                           "peak_memory_gb": r.peak_memory_gb,
-                                           "tflop_per_batch": r.tflop_per_batch,
-                                           "tflops": r.tflops} for r in results]}
+    report["results"] = [result_record(r) for r in results]
     if args.one_by_one:
         batch = max(args.batches)
         single = measure(parts, Setting(args.sizes[0], 1, False, compiled=args.compile),
@@ -390,7 +512,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"host-device synchronisations in one guided batch: {syncs}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    assert all(math.isfinite(r.images_per_s) for r in results)
+    assert all(math.isfinite(r.images_per_s) or r.out_of_memory for r in results)
+    return report
+
+
+def finish_suite(parts: Parts, args: argparse.Namespace, report: dict[str, Any],
+                 results: list[Result]) -> dict[str, Any]:
+    """The suite's summary lines: batched against one by one, the synchronisations of one
+    guided batch, and what the budget left out."""
+    single = next((r for r in results if r.setting.batch == 1), None)
+    if single is not None:
+        report["batched_vs_one"] = {
+            str(r.setting.batch): r.images_per_s / single.images_per_s for r in results
+            if not r.setting.guided and not r.setting.compiled and r.setting.batch > 1
+            and r.setting.size == single.setting.size and not r.out_of_memory}
+        for batch, ratio in report["batched_vs_one"].items():
+            print(f"unguided batch {batch} vs one by one: {ratio:.2f}x")
+    guided = next((r.setting for r in results if r.setting.guided
+                   and not r.setting.compiled and r.setting.decoder == "latent_resize"), None)
+    syncs = count_syncs(parts, guided, args.steps) if guided else None
+    if syncs is not None:
+        report["host_syncs_per_guided_batch"] = syncs
+        print(f"host-device synchronisations in one guided batch: {syncs}")
+    for skipped in report["skipped"]:
+        print(f"skipped (time budget): {skipped}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
     return report
 
 

@@ -41,6 +41,9 @@ def test_real_data_configs_carry_the_papers_settings():
     assert (s.target, s.criteria, s.guidance_scale, s.num_steps, s.cfg_scale,
             s.guidance_every) == (1300, {"entropy": 1.0}, 0.03, 30, 3.0, 5)
     assert imagenet.generator.embedding_dropout == 0.5
+    # the sampler's settings measured on an H100 (docs/performance.md)
+    assert (imagenet.generator.height, s.batch_size, s.guidance_decoder, s.guidance_micro_batch,
+            s.compile, s.precision) == (512, 32, "latent_resize", 16, True, "bf16")
     places = load_config(ROOT / "configs" / "places_lt.yaml")
     assert (places.model.name, places.synthesis.target, places.train.lr) == \
         ("resnet152", 4980, 0.0028)

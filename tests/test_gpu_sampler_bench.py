@@ -33,6 +33,28 @@ def test_bench_reports_speed_ratios_and_flops(tmp_path, capsys):
     assert "unguided batch 2 vs one by one" in printed
 
 
+def test_suite_runs_its_settings_in_order_and_keeps_them_in_the_json(tmp_path, capsys):
+    bench = load_bench("gpu_sampler")
+    out = tmp_path / "suite.json"
+    report = bench.main(["--tiny", "--suite", "--no-compile", "--steps", "1", "--repeats", "1",
+                         "--json", str(out)])
+    expected = [(s.size, s.batch, s.name) for _, settings in bench.suite_phases("tiny", False)
+                for s in settings]
+    assert [(r["size"], r["batch"], r["name"]) for r in report["results"]] == expected
+    assert expected[:2] == [(64, 2, "unguided"), (64, 2, "guided k=5 (vae, micro-batch 1)")]
+    assert not any(r["out_of_memory"] or r["compiled"] for r in report["results"])
+    assert report["skipped"] == []
+    assert set(report["batched_vs_one"]) == {"2", "4"}
+    assert json.loads(out.read_text())["results"] == report["results"]
+    printed = capsys.readouterr().out
+    assert "[eager, " in printed and "unguided batch 4 vs one by one" in printed
+    # a spent budget starts nothing more and names what it left out
+    bench.main(["--tiny", "--suite", "--no-compile", "--steps", "1", "--repeats", "1",
+                "--budget-s", "0", "--json", str(out)])
+    left = json.loads(out.read_text())
+    assert len(left["skipped"]) == len(expected) and left["results"] == []
+
+
 def test_bench_imports_without_ray_pydantic_or_pandas():
     code = ("import sys\n"
             "for name in ('ray', 'pydantic', 'pandas', 'pyarrow'):\n"

@@ -150,3 +150,40 @@ def test_config_refuses_decoders_that_cannot_apply():
     cfg = config_from_dict({**_raw(guidance_decoder="latent_resize", guidance_micro_batch=4),
                             "generator": {"kind": "unclip", "pretrained": "/x"}})
     assert cfg.synthesis.guidance_micro_batch == 4
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operations that read a tensor's value on the host (on a GPU, each one waits
+    for the device), and whether the step loop had started (the first noise prediction)."""
+
+    READS = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.in_loop = False
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.in_loop and func.__name__.split(".")[0] in self.READS:
+            self.reads.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_the_step_loop_reads_no_tensor_value_on_the_host(micro_batch):
+    """Timesteps, abar_t and labels reach the loop as host numbers or device tensors made
+    before it, so no step waits on the device (the GPU bench counts the same on CUDA)."""
+    generator = make_generator()
+    scorer = _unclip_scorer(generator)
+    mode = _HostReads()
+    predict = generator.predict_noise
+
+    def marked(*args, **kwargs):
+        mode.in_loop = True
+        return predict(*args, **kwargs)
+
+    generator.predict_noise = marked
+    with mode:
+        out = _run(generator, scorer, LABELS, GROUPS, SEEDS, micro_batch=micro_batch)
+    assert mode.in_loop and (out.guidance_norm > 0).all()
+    assert mode.reads == []

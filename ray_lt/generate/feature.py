@@ -65,7 +65,8 @@ class FeatureGenerator:
 
     def condition(self, labels: torch.Tensor, groups: torch.Tensor, seeds: list[int]
                   ) -> Conditioning:
-        return Conditioning(labels, groups, {"class_labels": labels.to(self.device)})
+        labels = labels.to(self.device)
+        return Conditioning(labels, groups.to(self.device), {"class_labels": labels})
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:

@@ -102,7 +102,7 @@ class PixelGenerator:
 
     def condition(self, labels: torch.Tensor, groups: torch.Tensor, seeds: list[int]
                   ) -> Conditioning:
-        labels, groups = labels.to(self.device), groups.to(self.device)
+        # checked where the labels are (the host, from the sampler), then moved
         m = self.model
         if m.num_contexts:
             if (groups < 0).any():
@@ -112,7 +112,8 @@ class PixelGenerator:
             cond = groups if self.by_group else labels
         if (cond < 0).any() or (cond[..., 0] >= m.num_conditions).any():
             raise ValueError(f"condition ids must lie in [0, {m.num_conditions})")
-        return Conditioning(labels, groups, {"cond": cond})
+        return Conditioning(labels.to(self.device), groups.to(self.device),
+                            {"cond": cond.to(self.device)})
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:

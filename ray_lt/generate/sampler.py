@@ -64,7 +64,7 @@ def _slices(n: int, size: int | None) -> list[slice]:
 
 
 def _criterion_gradient(generator: Generator, scorer: nn.Module, z: torch.Tensor,
-                        t: torch.Tensor, abar: torch.Tensor, cond: Conditioning,
+                        t: torch.Tensor, abar: float, cond: Conditioning,
                         labels: torch.Tensor, groups: torch.Tensor,
                         criterion_ids: torch.Tensor, cfg_scale: float,
                         guidance: Guidance, autocast_dtype: torch.dtype | None
@@ -89,7 +89,7 @@ def _criterion_gradient(generator: Generator, scorer: nn.Module, z: torch.Tensor
                 eps_parts.append(eps.detach())
             else:
                 eps = eps_full[part]
-            x0 = (z_in - (1 - abar).sqrt() * eps) / abar.sqrt()
+            x0 = (z_in - (1 - abar) ** 0.5 * eps) / abar ** 0.5
             with _autocast(device, autocast_dtype):
                 score = scorer(generator.decode(x0), labels[part], criterion_ids[part],
                                groups[part]).float()
@@ -110,6 +110,8 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
     never applied.
     """
     device = generator.device
+    # The conditioning reads labels on the host: it gets them before they move.
+    cond = generator.condition(labels.cpu(), groups.cpu(), seeds)
     labels, groups = labels.to(device), groups.to(device)
     criterion_ids = criterion_ids.to(device)
     scheduler = copy.deepcopy(generator.scheduler)
@@ -118,8 +120,11 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
     shape = generator.latent_shape()
     z = randn_tensor((len(seeds), *shape), generator=noise_gens, device=device)
     z = z * scheduler.init_noise_sigma
-    cond = generator.condition(labels, groups, seeds)
-    alphas = scheduler.alphas_cumprod.to(device)
+    # Nothing in the step loop waits on the device: the timesteps go to it once, here; the
+    # scheduler and abar_t take the host's copy (Python numbers).
+    timesteps = scheduler.timesteps.tolist()
+    device_timesteps = scheduler.timesteps.to(device)
+    alphas = scheduler.alphas_cumprod.tolist()
     batch = len(seeds)
     guided = scorer is not None and guidance.scale > 0
     before = torch.full((batch,), float("nan"), device=device)
@@ -129,11 +134,12 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
 
     applied = 0
     first = True
-    for i, t in enumerate(scheduler.timesteps):
-        abar = alphas[t]
+    for i, t in enumerate(timesteps):
+        abar, t_device = alphas[t], device_timesteps[i]
         grad = None
         if guided and i % guidance.every == 0:
-            eps, grad, score = _criterion_gradient(generator, scorer, z, t, abar, cond, labels,
+            eps, grad, score = _criterion_gradient(generator, scorer, z, t_device, abar, cond,
+                                                   labels,
                                                    groups, criterion_ids, cfg_scale, guidance,
                                                    autocast_dtype)
             if first:
@@ -144,7 +150,7 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
             last_grad = grad
         else:
             with torch.no_grad(), _autocast(device, autocast_dtype):
-                eps = generator.predict_noise(z, t, cond, cfg_scale).float()
+                eps = generator.predict_noise(z, t_device, cond, cfg_scale).float()
             if guided and guidance.reuse:
                 grad = last_grad
         if grad is not None:
@@ -154,7 +160,7 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
                 z = z + step
             else:
                 # eps_fg = eps - w sqrt(1 - abar_t) grad c  (gradient ascent on c)
-                step = guidance.scale * (1 - abar).sqrt() * grad
+                step = guidance.scale * (1 - abar) ** 0.5 * grad
                 eps = eps - step
             norm_sum += _per_sample_norm(step).flatten()
             applied += 1

@@ -299,7 +299,9 @@ class UnCLIPGenerator:
         if self.prediction_type == "v_prediction":
             # v = sqrt(abar) eps - sqrt(1 - abar) z0  =>  eps = sqrt(abar) v + sqrt(1 - abar) z_t;
             # linear in v, so guiding v or eps is the same.
-            abar = self._alphas_cumprod[t.long()].reshape(-1, *[1] * (out.ndim - 1))
+            # index_select, not t.item(): no wait on the device inside the step loop
+            abar = self._alphas_cumprod.index_select(0, t.long().reshape(-1))
+            abar = abar.reshape(-1, *[1] * (out.ndim - 1))
             out = abar.sqrt() * out + (1 - abar).sqrt() * z_t.to(self.device, torch.float32)
         return out
 

@@ -91,6 +91,16 @@ GROUP_ROWS = {
 DRO = ["train.group_objective=dro", "final.group_objective=erm"]
 
 
+def group_rows(only: list[str] | None) -> dict[str, list[str]]:
+    """``GROUP_ROWS``, or those whose name contains one of ``only``."""
+    rows = {name: o for name, o in GROUP_ROWS.items()
+            if only is None or any(text in name for text in only)}
+    if not rows:
+        raise SystemExit(f"--group-rows {only}: no group row matches; the rows are "
+                         f"{list(GROUP_ROWS)}")
+    return rows
+
+
 def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: bool = False,
                    slopes: list[float] | None = None, rounds: list[int] | None = None
                    ) -> dict[str, list[str]]:
@@ -346,6 +356,9 @@ def main() -> None:
                         help="digits_groups: add the group-aware rows (criteria target group "
                              "and group entropy, a guide trained with group DRO, group DRO "
                              "as the final objective)")
+    parser.add_argument("--group-rows", nargs="+", default=None, metavar="TEXT",
+                        help="with --group-guide, only the group rows whose name contains one "
+                             "of these (e.g. 'target group' 'DRO final')")
     parser.add_argument("--summarize", action="store_true",
                         help="only summarise the cells already in OUT/table.csv")
     args = parser.parse_args()
@@ -359,7 +372,7 @@ def main() -> None:
             for dataset in args.datasets:
                 rows = dict(settings)
                 if args.group_guide and dataset == "digits_groups":
-                    rows.update(GROUP_ROWS)
+                    rows.update(group_rows(args.group_rows))
                 new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, rows))
                 table = merge(table, new)
                 table.to_csv(path, index=False)

@@ -47,6 +47,11 @@ def test_group_rows_name_distinct_folders_and_validate_on_digits_groups(tmp_path
         guide, final = cfg.train.group_objective, final_train_config(cfg).group_objective
         assert (guide, final) == (("dro", "erm") if extra else
                                   ("erm", "dro") if "DRO final" in name else ("erm", "erm"))
+    assert list(table_bench.group_rows(["target group", "unguided synthetic, DRO"])) == [
+        "+ FG target group", "+ unguided synthetic, DRO final", "+ FG target group, DRO final"]
+    assert table_bench.group_rows(None) == table_bench.GROUP_ROWS
+    with pytest.raises(SystemExit, match="no group row matches"):
+        table_bench.group_rows(["nothing like it"])
 
 
 def test_paired_differences_without_few_classes():

@@ -39,6 +39,7 @@ def run(tmp_path_factory, ray_session):
         "generator.width=32", "generator.references_per_group=3", "synthesis.num_steps=3",
         "synthesis.guidance_every=1", "synthesis.quota_scale=0.004", "synthesis.max_shard_size=2",
         "synthesis.batch_size=2", "synthesis.precision=fp32", "synthesis.cpus_per_actor=0.5",
+        "synthesis.compile=false",  # the config compiles for GPUs: minutes on a CPU
         "synthesis.criteria={entropy: 1.0}", "synthesis.num_actors=1",
         "synthesis.gpus_per_actor=0", "evaluate.num_actors=1", "evaluate.gpus_per_actor=0",
         "evaluate.cpus_per_actor=0.5", "scaling.use_gpu=false"])

@@ -34,6 +34,9 @@ from ray_lt.generate.pixel import fit_pixel_generator
 from ray_lt.generate.plan import check_counts
 from ray_lt.generate.rounds import (
     ROUNDS_DIR,
+    check_fine_tunes,
+    fine_tune_settings,
+    record_fine_tune,
     round_dir,
     round_guide,
     shards_up_to,
@@ -314,6 +317,7 @@ def fine_tune_guide(cfg: Config, out_dir: Path, data: LongTailData, index: int) 
         r = cfg.rounds
         train_cfg = cfg.train.model_copy(update={"epochs": r.epochs, "lr": r.lr or cfg.train.lr,
                                                  "warmup_epochs": 0})
+        record_fine_tune(out_dir, index, fine_tune_settings(r.epochs, train_cfg.lr))
         shards = set(shards_up_to(out_dir, index))
         synthetic = load_synthetic(out_dir, data.image_shape[2], filtered=False, shards=shards)
         rows = sum(sh["n"] for sh in stored_plan(out_dir) if sh["shard_id"] in shards)
@@ -336,8 +340,11 @@ def synthesis_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
     out = out_dir / SYNTHETIC_DIR
     if out.exists() or (out_dir / ROUNDS_DIR).exists():
         check_stage(cfg, out_dir, "synthesis", out)
-    criterion_support(cfg, out_dir, data)
     count = cfg.rounds.count
+    if count > 1:
+        check_fine_tunes(out_dir, count,
+                         fine_tune_settings(cfg.rounds.epochs, cfg.rounds.lr or cfg.train.lr))
+    criterion_support(cfg, out_dir, data)
     if count == 1:
         counts = run_synthesis(cfg, data, out_dir)
     else:

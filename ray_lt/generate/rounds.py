@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from ray_lt.atomic import write_text_atomic
+from ray_lt.errors import ConfigError
 from ray_lt.generate.plan import MANIFEST_FILE, PLAN_FILE
 from ray_lt.generate.synthetic import SYNTHETIC_DIR, shard_file
 
@@ -23,6 +24,7 @@ ROUNDS_DIR = "rounds"
 SUMMARY_FILE = "rounds.csv"
 PLOT_FILE = "rounds.png"
 GUIDE_METRICS = ("val_acc", "val_balanced_acc", "val_few", "val_worst_group")
+FINE_TUNE_FILE = "fine_tune.json"
 
 
 def round_dir(run_dir: Path, index: int) -> Path:
@@ -37,6 +39,38 @@ def round_guide(run_dir: Path, index: int) -> Path:
         raise ValueError(f"rounds are numbered from 1, got {index}")
     return Path(run_dir) / "classifier" if index == 1 else round_dir(run_dir, index - 1) / \
         "classifier"
+
+
+def fine_tune_settings(epochs: int, lr: float) -> dict[str, float]:
+    """What a round's fine-tune is made with (``lr``: rounds.lr, or train.lr where it is
+    null), as its record keeps it."""
+    return {"rounds.epochs": epochs, "rounds.lr": lr}
+
+
+def record_fine_tune(run_dir: Path, index: int, settings: dict[str, float]) -> None:
+    """Written when the fine-tune after round ``index`` begins, so that an interrupted one is
+    checked on resume as a finished one is."""
+    folder = round_dir(run_dir, index)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(folder / FINE_TUNE_FILE, json.dumps(settings))
+
+
+def check_fine_tunes(run_dir: Path, count: int, settings: dict[str, float]) -> None:
+    """Refuse a rerun whose fine-tuning settings differ from those of a round's fine-tune
+    already begun or done, before anything is sampled or trained: its guide, and every round
+    after it, were made with the stored ones."""
+    for index in range(1, count):
+        record = round_dir(run_dir, index) / FINE_TUNE_FILE
+        if not record.is_file():
+            continue
+        stored = json.loads(record.read_text())
+        changed = [f"{key}: {stored.get(key)} -> {value}" for key, value in settings.items()
+                   if stored.get(key) != value]
+        if changed:
+            raise ConfigError(
+                f"{record}: the guide after round {index} was fine-tuned with other settings: "
+                f"{'; '.join(changed)} (rounds.lr null means train.lr); set them back, or use "
+                f"a new --out")
 
 
 def stored_plan(run_dir: Path) -> list[dict]:

@@ -175,12 +175,12 @@ class Setting:
 
     @property
     def name(self) -> str:
-        compiled = ", compiled" if self.compiled else ""
+        compiled = ["compiled"] if self.compiled else []
         if not self.guided:
-            return f"unguided{' (compiled)' if self.compiled else ''}"
+            return f"unguided ({compiled[0]})" if compiled else "unguided"
         extra = [self.decoder] + (["through UNet"] if self.through_unet else []) + \
-            ([f"micro-batch {self.micro_batch}"] if self.micro_batch else [])
-        return f"guided k={self.every} ({', '.join(extra)}{compiled})"
+            ([f"micro-batch {self.micro_batch}"] if self.micro_batch else []) + compiled
+        return f"guided k={self.every} ({', '.join(extra)})"
 
 
 @dataclass

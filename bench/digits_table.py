@@ -101,6 +101,20 @@ def group_rows(only: list[str] | None) -> dict[str, list[str]]:
     return rows
 
 
+def own_rows(rows: list[list[str]]) -> dict[str, list[str]]:
+    """``--row NAME KEY=VALUE ...`` -> setting name -> overrides; a row needs overrides and a
+    name no built-in row has."""
+    own = {}
+    for name, *overrides in rows:
+        if not overrides or any("=" not in o for o in overrides):
+            raise SystemExit(f"--row {name!r}: give KEY=VALUE overrides after the name, got "
+                             f"{overrides}")
+        if name in (UNGUIDED, *GROUP_ROWS, *BASELINES) or name in own:
+            raise SystemExit(f"--row {name!r}: that name is taken")
+        own[name] = list(overrides)
+    return own
+
+
 def synthetic_rows(criteria: list[str], scales: list[float] | None, round_two: bool = False,
                    slopes: list[float] | None = None, rounds: list[int] | None = None
                    ) -> dict[str, list[str]]:
@@ -359,6 +373,10 @@ def main() -> None:
     parser.add_argument("--group-rows", nargs="+", default=None, metavar="TEXT",
                         help="with --group-guide, only the group rows whose name contains one "
                              "of these (e.g. 'target group' 'DRO final')")
+    parser.add_argument("--row", dest="extra_rows", nargs="+", action="append", default=[],
+                        metavar=("NAME", "KEY=VALUE"),
+                        help="add a row of your own: its name, then config overrides (e.g. "
+                             "the values of a best_config.yaml from ray-lt tune); repeatable")
     parser.add_argument("--summarize", action="store_true",
                         help="only summarise the cells already in OUT/table.csv")
     args = parser.parse_args()
@@ -368,6 +386,7 @@ def main() -> None:
     if not args.summarize:
         settings = synthetic_rows(args.criteria, args.scales, args.round_two, args.scale_slopes,
                                   args.rounds)
+        settings.update(own_rows(args.extra_rows))
         for seed in args.seeds:
             for dataset in args.datasets:
                 rows = dict(settings)

@@ -401,7 +401,9 @@ class TuneSection(Strict):
 
     num_trials: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
-    objective: Literal["few", "worst_group", "both"] = "few"
+    # "unseen_groups": accuracy on the class x context groups with no training image, and
+    # worst-group accuracy beside it (two objectives, a Pareto front).
+    objective: Literal["few", "worst_group", "both", "unseen_groups"] = "few"
     quota_scale: float = Field(1.0, gt=0.0, le=1.0)
     trial_cpus: float = Field(0.0, ge=0.0)
     trial_memory_mb: int = Field(512, ge=1)

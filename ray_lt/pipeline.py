@@ -66,7 +66,7 @@ from ray_lt.train.trainer import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group")
+SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group", "unseen_groups")
 FINAL_DIR = "final"
 MATERIALIZE_BYTES = 1 << 30  # synthetic sets up to this size are decoded once, not per epoch
 

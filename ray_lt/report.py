@@ -27,7 +27,7 @@ from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, shard_file, sy
 
 REPORT_DIR = "report"
 QUALITY_FILE = "quality.csv"
-METRIC_COLUMNS = ("overall", "many", "medium", "few", "worst_group")
+METRIC_COLUMNS = ("overall", "many", "medium", "few", "worst_group", "unseen_groups")
 MOSAIC_CLASSES = 20
 """Classes shown in the synthetic-sample mosaic: the rarest ones."""
 CLASS_TABLE_ROWS = 50

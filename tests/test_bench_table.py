@@ -65,3 +65,13 @@ def test_paired_differences_without_few_classes():
     assert diffs["worst_group"] == pytest.approx(0.0)
     assert diffs["worst_group_wins"] == 1 and diffs["empty_groups_wins"] == 2
     assert diffs["empty_groups"] == pytest.approx(0.02)
+
+
+def test_own_rows_take_overrides_and_refuse_taken_names():
+    rows = table_bench.own_rows([["+ tuned", "synthesis.guidance_scale=0.05",
+                                  "final.group_objective=dro"]])
+    assert rows == {"+ tuned": ["synthesis.guidance_scale=0.05", "final.group_objective=dro"]}
+    with pytest.raises(SystemExit, match="'\\+ unguided synthetic': that name is taken"):
+        table_bench.own_rows([["+ unguided synthetic", "synthesis.guidance_scale=0"]])
+    with pytest.raises(SystemExit, match="give KEY=VALUE overrides after the name"):
+        table_bench.own_rows([["+ tuned"]])

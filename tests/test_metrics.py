@@ -41,3 +41,19 @@ def test_report_without_groups_has_no_worst_group():
     assert report["worst_group"] is None
     assert report["per_group"] == []
     assert report["few"] == 0.5 and report["many"] is None
+
+
+def test_unseen_groups_pool_the_rows_of_groups_without_training_images():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    preds = np.array([0, 1, 0, 1, 1, 0])
+    groups = np.array([0, 1, 1, 2, 3, 3])
+    # groups 1 and 3 had no training image: rows 1, 2, 4, 5 with 2 of 4 right
+    report = accuracy_report(labels, preds, groups, np.array([30, 30]), 4, 100, 20,
+                             group_counts=np.array([30, 0, 30, 0]))
+    assert report["unseen_groups"] == pytest.approx(0.5)
+    assert report["worst_group"] == pytest.approx(0.5)
+    seen = accuracy_report(labels, preds, groups, np.array([30, 30]), 4, 100, 20,
+                           group_counts=np.array([30, 1, 30, 2]))
+    assert seen["unseen_groups"] is None
+    assert accuracy_report(labels, preds, groups, np.array([30, 30]), 4, 100, 20
+                           )["unseen_groups"] is None

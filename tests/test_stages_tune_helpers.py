@@ -186,7 +186,7 @@ def test_best_config_validates_and_keeps_the_full_quota(tmp_path):
 
 def test_worst_group_search_ranks_by_it_and_writes_its_winner(tmp_path):
     groups = ROOT / "configs" / "digits_groups.yaml"
-    cfg = load_config(groups)
+    cfg = load_config(groups, ["tune.objective=worst_group"])
     metrics = objective_metrics(cfg, has_groups=True, has_few=False)
     assert metrics == ["val_worst_group"]
     frame = pd.DataFrame({"trial_id": ["a", "b", "c"], "val_worst_group": [0.4, 0.7, 0.55],
@@ -209,13 +209,42 @@ def test_an_empty_quota_is_refused_naming_the_keys(ray_session):
     # 0.2 of (4 - 0) rounds to 1 image for each empty group: a plan
     shards = plan(cfg, data)
     assert sum(sh["n"] for sh in shards) == int((data.group_counts == 0).sum())
-    # the config's tune.quota_scale 0.5 makes it 0.1 of 4, which rounds to 0 everywhere
+    # tune.quota_scale 0.5 makes it 0.1 of 4, which rounds to 0 everywhere
     with pytest.raises(ConfigError, match=r"tune.quota_scale: 0.5 times synthesis.quota_scale "
                                           r"0.2 .*quota is 0 for every group"):
-        check_trial_quota(cfg, data)
+        check_trial_quota(cfg.model_copy(update={"tune": cfg.tune.model_copy(
+            update={"quota_scale": 0.5})}), data)
     check_trial_quota(load_config(groups, ["synthesis.target=4", "synthesis.quota_scale=0.2",
                                            "tune.quota_scale=1"]), data)
     lt = load_config(CONFIG, ["synthesis.target=1"])  # every class already has 1 image
     with pytest.raises(ConfigError, match=r"quota is 0 for every class \(synthesis.target 1, "
                                           r"quota_scale 1"):
         plan(lt, load_dataset(lt.dataset, lt.seed))
+
+
+def test_unseen_group_search_keeps_chosen_values_and_needs_empty_groups(tmp_path):
+    groups = ROOT / "configs" / "digits_groups.yaml"
+    cfg = load_config(groups)  # its search: the empty groups, worst-group beside them
+    metrics = objective_metrics(cfg, has_groups=True, has_few=False, has_unseen=True)
+    assert metrics == ["val_unseen_groups", "val_worst_group"]
+    with pytest.raises(ConfigError, match="tune.objective: 'unseen_groups' needs class x "
+                                          "context groups with no training image, but "
+                                          "digits_groups has none"):
+        objective_metrics(cfg, has_groups=True, has_few=False, has_unseen=False)
+    frame = pd.DataFrame({"trial_id": ["a", "b", "c"], "val_unseen_groups": [0.7, 0.9, 0.8],
+                          "val_worst_group": [0.6, 0.4, 0.6],
+                          "config/synthesis/guidance_scale": [0.01, 0.2, 0.05],
+                          "config/final/group_objective": ["erm", "dro", "dro"],
+                          "config/rounds/count": [1, 3, 2],
+                          "config/mixture/target_group": [0.2, 0.9, 0.5],
+                          "config/mixture/entropy": [0.8, 0.1, 0.5]})
+    table = results_table(frame, metrics)
+    # a is beaten by c on both; b and c trade unseen-group against worst-group accuracy
+    assert table["trial_id"].tolist() == ["b", "c", "a"]
+    assert table["pareto"].tolist() == [True, True, False]
+    write_best_config(cfg, table.iloc[1], metrics, tmp_path / "best.yaml")
+    best = load_config(tmp_path / "best.yaml")
+    assert best.final.group_objective == "dro" and best.rounds.count == 2
+    assert best.synthesis.criteria == {"target_group": 0.5, "entropy": 0.5}
+    assert "val_unseen_groups 0.8000, val_worst_group 0.6000" in \
+        (tmp_path / "best.yaml").read_text()

@@ -29,7 +29,7 @@ def evaluate_classifier(classifier_dir: Path, data: LongTailData, cfg: EvaluateC
                    cfg.cpus_per_actor, cfg.gpus_per_actor)
     metrics = accuracy_report(rows["label"].to_numpy(), rows["pred"].to_numpy(),
                               rows["group"].to_numpy(), data.class_counts, data.num_groups,
-                              cfg.many_threshold, cfg.few_threshold)
+                              cfg.many_threshold, cfg.few_threshold, data.group_counts)
     metrics["split"] = split
     metrics["class_counts"] = data.class_counts.tolist()
     if data.group_counts is not None:

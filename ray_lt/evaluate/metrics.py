@@ -29,11 +29,15 @@ def _mean_or_none(mask: np.ndarray, correct: np.ndarray) -> float | None:
 
 def accuracy_report(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray,
                     class_counts: np.ndarray, num_groups: int, many_threshold: int,
-                    few_threshold: int) -> dict[str, Any]:
+                    few_threshold: int, group_counts: np.ndarray | None = None
+                    ) -> dict[str, Any]:
     """Overall, Many/Medium/Few, per-class, per-group, worst-group (and worst-class) accuracy.
 
     Many/Medium/Few are accuracies over the evaluation rows of the classes in each split.
     ``worst_group`` is the minimum over groups with evaluation rows; None without groups.
+    ``unseen_groups`` is the accuracy over the evaluation rows of the groups with no training
+    image (``group_counts`` zero): the class x context combinations only synthesis can show;
+    None when every group was seen or the counts are not given.
     """
     labels, preds, groups = (np.asarray(a, dtype=np.int64) for a in (labels, preds, groups))
     correct = labels == preds
@@ -49,6 +53,11 @@ def accuracy_report(labels: np.ndarray, preds: np.ndarray, groups: np.ndarray,
     per_group = accuracy_by(groups[groups >= 0], correct[groups >= 0], num_groups)
     present_groups = [a for a in per_group if a is not None]
     report["worst_group"] = min(present_groups) if num_groups and present_groups else None
+    report["unseen_groups"] = None
+    if num_groups and group_counts is not None and len(group_counts):
+        unseen = np.asarray(group_counts) == 0
+        in_unseen = (groups >= 0) & unseen[np.clip(groups, 0, None)]
+        report["unseen_groups"] = _mean_or_none(in_unseen, correct)
     report["per_class"] = per_class
     report["per_group"] = per_group
     report["split_sizes"] = {name: int(mask.sum()) for name, mask in splits.items()}

@@ -23,7 +23,8 @@ from ray_lt.generate.synthetic import SYNTHETIC_DIR, shard_file
 ROUNDS_DIR = "rounds"
 SUMMARY_FILE = "rounds.csv"
 PLOT_FILE = "rounds.png"
-GUIDE_METRICS = ("val_acc", "val_balanced_acc", "val_few", "val_worst_group")
+GUIDE_METRICS = ("val_acc", "val_balanced_acc", "val_few", "val_worst_group",
+                 "val_unseen_groups")
 FINE_TUNE_FILE = "fine_tune.json"
 
 

@@ -102,8 +102,9 @@ def mixed_batches(real: Any, synthetic: Any | None, batch_size: int, synthetic_f
 @torch.no_grad()
 def validate(model: nn.Module, shard: Any, config: dict[str, Any], device: torch.device
              ) -> dict[str, float]:
-    """Accuracy, class-balanced accuracy, Few accuracy and (with groups) worst-group accuracy
-    over a validation shard: the numbers ``ray-lt tune`` optimises, reported every epoch."""
+    """Accuracy, class-balanced accuracy, Few accuracy and (with groups) worst-group and
+    unseen-group accuracy over a validation shard: the numbers ``ray-lt tune`` optimises,
+    reported every epoch."""
     model.eval()
     labels, preds, groups = [], [], []
     for batch in shard.iter_torch_batches(batch_size=256):
@@ -113,9 +114,9 @@ def validate(model: nn.Module, shard: Any, config: dict[str, Any], device: torch
     report = accuracy_report(torch.cat(labels).numpy(), torch.cat(preds).numpy(),
                              torch.cat(groups).numpy(), config["class_counts"],
                              config["num_groups"], config["many_threshold"],
-                             config["few_threshold"])
+                             config["few_threshold"], config.get("group_counts"))
     metrics = {"val_acc": report["overall"], "val_balanced_acc": report["balanced"]}
-    for key in ("many", "medium", "few", "worst_group"):
+    for key in ("many", "medium", "few", "worst_group", "unseen_groups"):
         if report[key] is not None:
             metrics[f"val_{key}"] = report[key]
     return metrics

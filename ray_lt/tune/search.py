@@ -32,13 +32,19 @@ TRIALS_DIR = "trials"
 RESULTS_FILE = "results.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"few": ["val_few"], "worst_group": ["val_worst_group"],
-              "both": ["val_few", "val_worst_group"]}
+              "both": ["val_few", "val_worst_group"],
+              "unseen_groups": ["val_unseen_groups", "val_worst_group"]}
 SHARED_STAGES = ("classifier", "generator", "references")
 
 
-def objective_metrics(cfg: Config, has_groups: bool, has_few: bool) -> list[str]:
+def objective_metrics(cfg: Config, has_groups: bool, has_few: bool,
+                      has_unseen: bool = False) -> list[str]:
     """The validation metrics Optuna maximises; refused when the data set cannot give them."""
     metrics = OBJECTIVES[cfg.tune.objective]
+    if "val_unseen_groups" in metrics and not has_unseen:
+        raise ConfigError(f"tune.objective: 'unseen_groups' needs class x context groups "
+                          f"with no training image, but {cfg.dataset.kind} has "
+                          f"{'none' if has_groups else 'no groups'}; use 'worst_group'")
     if "val_worst_group" in metrics and not has_groups:
         raise ConfigError(f"tune.objective: {cfg.tune.objective!r} needs worst-group accuracy, "
                           f"but {cfg.dataset.kind} has no groups; use 'few'")
@@ -165,7 +171,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], shared_dir: str) -> 
     val = pipeline.evaluate_stage(cfg, trial_dir, data, split="val")
     test = pipeline.evaluate_stage(cfg, trial_dir, data, split="test")
     result = {f"{split}_{k}": m[k] for split, m in (("val", val), ("test", test))
-              for k in ("overall", "many", "medium", "few", "worst_group")
+              for k in ("overall", "many", "medium", "few", "worst_group", "unseen_groups")
               if m.get(k) is not None}
     result["val_acc"] = val["overall"]
     result["criteria"] = ",".join(f"{k}={v:g}" for k, v in cfg.synthesis.criteria.items())
@@ -184,7 +190,9 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
     pipeline.check_run_config(cfg)
     out_dir, data = pipeline.prepare(cfg, out_dir, needs=("train", "synthesis", "tune"))
     has_few = bool((data.class_counts < cfg.evaluate.few_threshold).any())
-    metrics = objective_metrics(cfg, data.group_counts is not None, has_few)
+    metrics = objective_metrics(cfg, data.group_counts is not None, has_few,
+                                has_unseen=data.group_counts is not None
+                                and bool((data.group_counts == 0).any()))
     check_trial_quota(cfg, data)
     log.info("tune: shared stages (baseline classifier, statistics, generator)")
     baseline = pipeline.baseline_stage(cfg, out_dir, data)
@@ -255,7 +263,10 @@ def write_best_config(cfg: Config, best: pd.Series, metrics: list[str], path: Pa
     for column, value in best.items():
         if column.startswith("config/") and not (isinstance(value, float) and math.isnan(value)):
             section, _, key = column[len("config/"):].partition("/")
-            params.setdefault(section, {})[key] = float(value)
+            # Ranges give floats, choices keep their type (rounds.count 3, group objective
+            # "dro"); numpy scalars from the result frame become plain values for YAML.
+            params.setdefault(section, {})[key] = value.item() if isinstance(
+                value, np.generic) else value
     raw = trial_config(raw, params, 1.0)
     config_from_dict(raw, source=str(path))  # what ray-lt run will read must validate
     scores = ", ".join(f"{m} {best[m]:.4f}" for m in metrics)

@@ -314,10 +314,10 @@ def fine_tune_guide(cfg: Config, out_dir: Path, data: LongTailData, index: int) 
     if not (classifier_dir / MODEL_FILE).is_file():
         model = cfg.model.model_copy(
             update={"checkpoint": round_guide(out_dir, index) / MODEL_FILE})
-        r = cfg.rounds
-        train_cfg = cfg.train.model_copy(update={"epochs": r.epochs, "lr": r.lr or cfg.train.lr,
+        r, settings = cfg.rounds, fine_tune_settings(cfg)
+        train_cfg = cfg.train.model_copy(update={"epochs": r.epochs, "lr": settings["rounds.lr"],
                                                  "warmup_epochs": 0})
-        record_fine_tune(out_dir, index, fine_tune_settings(r.epochs, train_cfg.lr))
+        record_fine_tune(out_dir, index, settings)
         shards = set(shards_up_to(out_dir, index))
         synthetic = load_synthetic(out_dir, data.image_shape[2], filtered=False, shards=shards)
         rows = sum(sh["n"] for sh in stored_plan(out_dir) if sh["shard_id"] in shards)
@@ -342,8 +342,7 @@ def synthesis_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
         check_stage(cfg, out_dir, "synthesis", out)
     count = cfg.rounds.count
     if count > 1:
-        check_fine_tunes(out_dir, count,
-                         fine_tune_settings(cfg.rounds.epochs, cfg.rounds.lr or cfg.train.lr))
+        check_fine_tunes(out_dir, count, fine_tune_settings(cfg))
     criterion_support(cfg, out_dir, data)
     if count == 1:
         counts = run_synthesis(cfg, data, out_dir)

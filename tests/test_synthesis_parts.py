@@ -210,6 +210,7 @@ def test_round_summary_counts_times_criteria_and_guides_per_round(tmp_path):
 def test_a_rerun_with_other_fine_tune_settings_is_refused_mid_rounds(tmp_path):
     """The synthesis stage's record is written when every round is done; until then the
     fine-tune records of the rounds begun refuse other epochs or learning rate."""
+    from ray_lt.config import load_config
     from ray_lt.generate.rounds import (
         FINE_TUNE_FILE,
         check_fine_tunes,
@@ -218,14 +219,20 @@ def test_a_rerun_with_other_fine_tune_settings_is_refused_mid_rounds(tmp_path):
         round_dir,
     )
 
-    settings = fine_tune_settings(5, 0.01)
+    base = load_config("configs/digits_lt.yaml", ["rounds.count=3", "rounds.epochs=5",
+                                                  "train.lr=0.01"])
+    settings = fine_tune_settings(base)  # rounds.lr null: train.lr
     check_fine_tunes(tmp_path, 3, settings)  # nothing begun: nothing to refuse
     record_fine_tune(tmp_path, 1, settings)
     assert json.loads((round_dir(tmp_path, 1) / FINE_TUNE_FILE).read_text()) == {
         "rounds.epochs": 5, "rounds.lr": 0.01}
-    check_fine_tunes(tmp_path, 3, fine_tune_settings(5, 0.01))
+    same = load_config("configs/digits_lt.yaml", ["rounds.count=3", "rounds.epochs=5",
+                                                  "rounds.lr=0.01", "train.lr=0.2"])
+    check_fine_tunes(tmp_path, 3, fine_tune_settings(same))
+    other = load_config("configs/digits_lt.yaml", ["rounds.count=3", "rounds.epochs=3",
+                                                   "train.lr=0.02"])
     with pytest.raises(ConfigError, match=r"after round 1 was fine-tuned with other settings: "
                                           r"rounds.epochs: 5 -> 3; rounds.lr: 0.01 -> 0.02"):
-        check_fine_tunes(tmp_path, 3, fine_tune_settings(3, 0.02))
+        check_fine_tunes(tmp_path, 3, fine_tune_settings(other))
     # a round not yet begun does not bind: only round 1's record is read
-    check_fine_tunes(tmp_path, 1, fine_tune_settings(3, 0.02))
+    check_fine_tunes(tmp_path, 1, fine_tune_settings(other))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,9 @@ from ray_lt.atomic import write_text_atomic
 from ray_lt.errors import ConfigError
 from ray_lt.generate.plan import MANIFEST_FILE, PLAN_FILE
 from ray_lt.generate.synthetic import SYNTHETIC_DIR, shard_file
+
+if TYPE_CHECKING:
+    from ray_lt.config import Config
 
 ROUNDS_DIR = "rounds"
 SUMMARY_FILE = "rounds.csv"
@@ -42,10 +46,10 @@ def round_guide(run_dir: Path, index: int) -> Path:
         "classifier"
 
 
-def fine_tune_settings(epochs: int, lr: float) -> dict[str, float]:
-    """What a round's fine-tune is made with (``lr``: rounds.lr, or train.lr where it is
-    null), as its record keeps it."""
-    return {"rounds.epochs": epochs, "rounds.lr": lr}
+def fine_tune_settings(cfg: Config) -> dict[str, float]:
+    """What a round's fine-tune is made with, as its record keeps it: ``rounds.epochs`` and
+    the learning rate, ``rounds.lr`` or train.lr where that is null."""
+    return {"rounds.epochs": cfg.rounds.epochs, "rounds.lr": cfg.rounds.lr or cfg.train.lr}
 
 
 def record_fine_tune(run_dir: Path, index: int, settings: dict[str, float]) -> None:

@@ -61,7 +61,8 @@ from ray_lt.train.trainer import load_classifier  # noqa: E402
 
 COLUMNS = ["overall", "many", "medium", "few", "worst_group"]
 GROUP_COLUMNS = ["empty_groups"]  # read back from each cell's metrics.json
-SAMPLE_COLUMNS = ["synthetic_rows", "judge_accuracy", "guide_accuracy", "guide_entropy",
+SAMPLE_COLUMNS = ["synthetic_rows", "judge_accuracy", "judge_empty", "guide_accuracy",
+                  "guide_entropy",
                   "guidance_norm", "sampler_seconds"]
 UNGUIDED = "+ unguided synthetic"
 EQUAL = "{entropy: 0.25, loss: 0.25, hardness: 0.25, total_uncertainty: 0.25}"
@@ -180,23 +181,29 @@ def with_empty_groups(table: pd.DataFrame, out: Path) -> pd.DataFrame:
     return table.assign(empty_groups=values)
 
 
-def fit_judge(folder: Path) -> tuple[SVC, str]:
+def fit_judge(folder: Path) -> tuple[SVC, str, np.ndarray | None]:
     """An RBF SVM fitted on the balanced val + test images of the run's data set: an
     independent judge of whether a synthetic image shows its class (digits_lt) or its class
-    and background colour (digits_groups), unaffected by the long tail."""
+    and background colour (digits_groups), unaffected by the long tail; with the groups that
+    have no training image (None on digits_lt)."""
     cfg = load_config(folder / "config.yaml")
     tables = digits_tables(cfg.dataset, cfg.seed)
     real = pd.concat([tables["val"], tables["test"]], ignore_index=True)
     target = "label" if isinstance(cfg.dataset, DigitsLTData) else "group"
     x = np.stack(real["image"]).reshape(len(real), -1) / 255.0
-    return SVC(C=10.0).fit(x, real[target]), target
+    empty = None
+    if target == "group":
+        seen = set(tables["train"]["group"].tolist())
+        empty = np.array(sorted(set(real["group"].tolist()) - seen))
+    return SVC(C=10.0).fit(x, real[target]), target, empty
 
 
 @torch.no_grad()
-def sample_stats(folder: Path, judge: SVC, target: str) -> dict:
-    """The independent judge's accuracy on a cell's synthetic images, the guiding
-    classifier's accuracy and mean predictive entropy there, and the mean guidance norm the
-    sampler recorded."""
+def sample_stats(folder: Path, judge: SVC, target: str, empty: np.ndarray | None = None
+                 ) -> dict:
+    """The independent judge's accuracy on a cell's synthetic images (and on those asked for
+    an ``empty`` group alone: what synthesis adds there), the guiding classifier's accuracy
+    and mean predictive entropy, and the mean guidance norm the sampler recorded."""
     frame = pd.concat([pd.read_parquet(f) for f in synthetic_files(folder)], ignore_index=True)
     if frame.empty:
         return {"synthetic_rows": 0}
@@ -211,8 +218,12 @@ def sample_stats(folder: Path, judge: SVC, target: str) -> dict:
     manifest = folder / "synthetic" / "manifest.jsonl"
     seconds = sum(json.loads(line).get("seconds", 0.0)
                   for line in manifest.read_text().splitlines()) if manifest.is_file() else 0.0
+    right = verdict == frame[target].to_numpy()
+    in_empty = np.isin(frame[target].to_numpy(), empty) if empty is not None else None
     return {"synthetic_rows": len(frame), "sampler_seconds": round(seconds, 1),
-            "judge_accuracy": float((verdict == frame[target].to_numpy()).mean()),
+            "judge_accuracy": float(right.mean()),
+            "judge_empty": float(right[in_empty].mean()) if in_empty is not None
+            and in_empty.any() else None,
             "guide_accuracy": float((probs.argmax(1) == labels).float().mean()),
             "guide_entropy": float(entropy.mean()),
             "guidance_norm": float(frame["guidance_norm"].mean())}
@@ -295,7 +306,8 @@ def with_sample_stats(table: pd.DataFrame, out: Path) -> pd.DataFrame:
         stats.append(sample_stats(cell_dir(out, r.dataset, r.seed, r.setting),
                                   *judges[r.dataset, r.seed]))
     return pd.concat([table.drop(columns=SAMPLE_COLUMNS, errors="ignore"),
-                      pd.DataFrame(stats, index=table.index, columns=SAMPLE_COLUMNS)], axis=1)
+                      pd.DataFrame(stats, index=table.index, columns=SAMPLE_COLUMNS,
+                                   dtype=float)], axis=1)
 
 
 def paired(table: pd.DataFrame) -> pd.DataFrame:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -150,7 +151,7 @@ FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
 def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
     name = setting.strip("+ ").replace(" @ ", "_s").replace(ROUND_TWO, "_round2")
     name = name.replace(PER_CLASS, "_perclass").replace(", ", "_")
-    name = name.replace(" ", "_")
+    name = re.sub(r"[^\w.-]", "", name.replace(" ", "_"))  # a plain folder name for any row
     return out / dataset / f"seed{seed}" / name
 
 

@@ -1,6 +1,7 @@
 """The headline-table bench: setting names, cell folders and paired differences."""
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,3 +76,5 @@ def test_own_rows_take_overrides_and_refuse_taken_names():
         table_bench.own_rows([["+ unguided synthetic", "synthesis.guidance_scale=0"]])
     with pytest.raises(SystemExit, match="give KEY=VALUE overrides after the name"):
         table_bench.own_rows([["+ tuned"]])
+    folder = table_bench.cell_dir(Path("out"), "digits_groups", 1, "+ tuned: FG mix @ 0.03, DRO")
+    assert folder.name == "tuned_FG_mix_s0.03_DRO"

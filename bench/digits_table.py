@@ -21,6 +21,8 @@ records its sampler's seconds (the manifest's per-shard time).
 class x context group (``target group``, ``group entropy``), a guide trained with group DRO
 (``..., DRO guide``; the final model stays ERM) and group DRO as the final model's objective
 (``+ unguided synthetic, DRO final``, ``+ FG target group, DRO final``).
+``--row NAME KEY=VALUE ...`` adds a row of your own (for instance the values of the
+``best_config.yaml`` that ``ray-lt tune`` wrote), beside the same unguided row.
 ``--round-two`` guides the chosen criteria with the unguided row's final model, already trained
 on real + unguided synthetic data (settings ``+ FG entropy, round 2``): does a guide that knows
 the tail (or the empty groups) steer better than the baseline?
@@ -29,7 +31,8 @@ On digits_groups the table also gives the mean accuracy over the empty class x c
 (``empty_groups``: 100 test images, where worst-group accuracy moves in steps of one image in
 10). Besides the test metrics, every synthetic cell records what an independent judge (an SVM
 on held-out real images) and the guiding classifier make of its samples (accuracy and mean
-entropy: guidance should lower the guide's accuracy and raise its entropy). Prints
+entropy: guidance should lower the guide's accuracy and raise its entropy); on digits_groups
+``judge_empty`` is the judge's accuracy on the samples asked for an empty group alone. Prints
 mean and standard deviation over seeds and the per-seed difference of every guided row to the
 unguided one; writes ``OUT/table.csv`` (per seed), ``OUT/summary.csv``, ``OUT/paired.csv``
 and ``OUT/table.png``.

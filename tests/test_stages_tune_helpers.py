@@ -248,3 +248,16 @@ def test_unseen_group_search_keeps_chosen_values_and_needs_empty_groups(tmp_path
     assert best.synthesis.criteria == {"target_group": 0.5, "entropy": 0.5}
     assert "val_unseen_groups 0.8000, val_worst_group 0.6000" in \
         (tmp_path / "best.yaml").read_text()
+
+
+def test_the_search_plot_marks_searched_choices(tmp_path):
+    from ray_lt.tune.plots import marker_column, plot_search
+
+    table = pd.DataFrame({"config/synthesis/guidance_scale": [0.01, 0.05, 0.2],
+                          "config/mixture/entropy": [0.1, 0.5, 0.9],
+                          "config/rounds/count": [1, 3, 3],
+                          "val_unseen_groups": [0.9, 0.8, 0.7], "pareto": [True, False, False]})
+    assert marker_column(table) == "config/rounds/count"
+    assert marker_column(table.drop(columns="config/rounds/count")) is None
+    path = plot_search(table, ["val_unseen_groups"], tmp_path / "search.png")
+    assert path.stat().st_size > 3000

@@ -26,6 +26,7 @@ from ray_lt.config import Config, RayConfig, dump_config, final_train_config
 from ray_lt.data import LongTailData, load_dataset
 from ray_lt.errors import ConfigError, DataError, require_stage
 from ray_lt.evaluate.classifier import METRICS_FILE, evaluate_classifier
+from ray_lt.evaluate.metrics import HEADLINE
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.factory import check_generator, generator_info
 from ray_lt.generate.feature import train_feature_generator
@@ -66,7 +67,6 @@ from ray_lt.train.trainer import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
-SUMMARY_KEYS = ("overall", "many", "medium", "few", "worst_group", "unseen_groups")
 FINAL_DIR = "final"
 MATERIALIZE_BYTES = 1 << 30  # synthetic sets up to this size are decoded once, not per epoch
 
@@ -216,7 +216,7 @@ def ray_session_logs() -> str:
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
-    cells = [f"{k} {metrics[k]:.3f}" for k in SUMMARY_KEYS if metrics.get(k) is not None]
+    cells = [f"{k} {metrics[k]:.3f}" for k in HEADLINE if metrics.get(k) is not None]
     return "  ".join(cells)
 
 

@@ -16,6 +16,7 @@ import yaml
 from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
+from ray_lt.evaluate.metrics import HEADLINE
 from ray_lt.evaluate.plots import plot_per_class_accuracy
 from ray_lt.evaluate.predict import predict
 from ray_lt.evaluate.quality import quality_table
@@ -27,7 +28,6 @@ from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, shard_file, sy
 
 REPORT_DIR = "report"
 QUALITY_FILE = "quality.csv"
-METRIC_COLUMNS = ("overall", "many", "medium", "few", "worst_group", "unseen_groups")
 MOSAIC_CLASSES = 20
 """Classes shown in the synthetic-sample mosaic: the rarest ones."""
 CLASS_TABLE_ROWS = 50
@@ -48,12 +48,12 @@ class Block:
 def metrics_table(rows: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per model with the headline accuracies (None where undefined) and, for the last
     row, its change against the first."""
-    table = pd.DataFrame([{"model": name, **{k: m.get(k) for k in METRIC_COLUMNS}}
+    table = pd.DataFrame([{"model": name, **{k: m.get(k) for k in HEADLINE}}
                           for name, m in rows.items()])
     if len(rows) >= 2:
         first, last = table.iloc[0], table.iloc[-1]
         delta = {"model": f"{table['model'].iloc[-1]} - {table['model'].iloc[0]}"}
-        for k in METRIC_COLUMNS:
+        for k in HEADLINE:
             both = first[k] is not None and last[k] is not None and \
                 not pd.isna(first[k]) and not pd.isna(last[k])
             delta[k] = float(last[k]) - float(first[k]) if both else None

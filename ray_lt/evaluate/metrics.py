@@ -6,6 +6,9 @@ from typing import Any
 
 import numpy as np
 
+HEADLINE = ("overall", "many", "medium", "few", "worst_group", "unseen_groups")
+"""The accuracies every summary shows: metrics files, the report, the console, tune results."""
+
 
 def class_splits(class_counts: np.ndarray, many_threshold: int, few_threshold: int
                  ) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import torch
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 
-from ray_lt.evaluate.metrics import accuracy_report
+from ray_lt.evaluate.metrics import HEADLINE, accuracy_report
 from ray_lt.train.augment import augment_batch
 from ray_lt.train.losses import GroupDRO, group_weights, log_prior, per_sample_loss
 from ray_lt.train.models import build_model
@@ -116,7 +116,7 @@ def validate(model: nn.Module, shard: Any, config: dict[str, Any], device: torch
                              config["num_groups"], config["many_threshold"],
                              config["few_threshold"], config.get("group_counts"))
     metrics = {"val_acc": report["overall"], "val_balanced_acc": report["balanced"]}
-    for key in ("many", "medium", "few", "worst_group", "unseen_groups"):
+    for key in HEADLINE[1:]:  # overall is val_acc
         if report[key] is not None:
             metrics[f"val_{key}"] = report[key]
     return metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 NICE_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -36,7 +37,8 @@ def plot_search(table: pd.DataFrame, metrics: list[str], path: Path) -> Path:
         x = table[x_col] if x_col in table else pd.Series(range(len(table)))
         front = table["pareto"].to_numpy(bool)
         for value, marker in zip(values, MARKERS * len(values), strict=False):
-            mine = (table[kind].astype(str) == value).to_numpy() if kind else front | ~front
+            mine = (table[kind].astype(str) == value).to_numpy() if kind else \
+                np.ones(len(table), bool)
             label = f"{kind.rsplit('/', 1)[-1]} {value}" if kind else "trial"
             if (mine & ~front).any():
                 ax.scatter(x[mine & ~front], table[m][mine & ~front], marker=marker,

@@ -22,6 +22,7 @@ import yaml
 from ray_lt.config import Config, config_from_dict
 from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError
+from ray_lt.evaluate.metrics import HEADLINE
 from ray_lt.log import verbose
 from ray_lt.tune.plots import plot_search
 
@@ -171,8 +172,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], shared_dir: str) -> 
     val = pipeline.evaluate_stage(cfg, trial_dir, data, split="val")
     test = pipeline.evaluate_stage(cfg, trial_dir, data, split="test")
     result = {f"{split}_{k}": m[k] for split, m in (("val", val), ("test", test))
-              for k in ("overall", "many", "medium", "few", "worst_group", "unseen_groups")
-              if m.get(k) is not None}
+              for k in HEADLINE if m.get(k) is not None}
     result["val_acc"] = val["overall"]
     result["criteria"] = ",".join(f"{k}={v:g}" for k, v in cfg.synthesis.criteria.items())
     ray.tune.report(result)

@@ -47,9 +47,10 @@ def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
 def train_generator(cfg: Config, out_dir: Path) -> Path:
     """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
     Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
-    if cfg.generator.kind == "unclip":
-        raise ConfigError("generator.kind: 'unclip' is not trained by train-generator (it loads "
-                          "pretrained weights from generator.pretrained)")
+    if not cfg.generator.TRAINED:
+        raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not trained by "
+                          f"train-generator (it loads pretrained weights from "
+                          f"generator.pretrained)")
     out_dir, data = prepare(cfg, out_dir, needs=("train",))
     return generator_stage(cfg, out_dir, data)
 

@@ -7,8 +7,9 @@ are rejected with the key's full path before any Ray work starts.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -210,11 +211,37 @@ class EvaluateConfig(Strict):
         return self
 
 
-class GeneratorConfig(Strict):
-    """The diffusion model: ``pixel`` (trained here), ``unclip`` (pretrained SD 2.1 unCLIP) or
-    ``feature`` (trained here on classifier features)."""
+# -- generator kinds (ray_lt.generate.kinds builds each by name) -----------------------------
 
-    kind: Literal["pixel", "unclip", "feature"] = "pixel"
+PROMPT_FIELDS = ("class_name", "context")
+
+
+def _templates(templates: list[str]) -> list[str]:
+    for template in templates:
+        try:
+            template.format(class_name="x", context="y")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"{template!r} is not a template with the fields "
+                             f"{{class_name}} and {{context}} only ({err})") from None
+    return templates
+
+
+Templates = Annotated[list[str], Field(min_length=1), AfterValidator(_templates)]
+
+
+class GeneratorSection(Strict):
+    """Base of the generator kinds' sections; its class constants say what the rest of the
+    pipeline needs to know of a kind without loading it."""
+
+    OUTPUTS: ClassVar[Literal["images", "features"]] = "images"
+    LATENT: ClassVar[bool] = False  # samples a VAE latent: the guidance decoders apply
+    TRAINED: ClassVar[bool] = True  # trained here (`ray-lt train-generator`) into DIR/generator
+
+
+class PixelSection(GeneratorSection):
+    """``pixel`` (DiffuLT): a class- or group-conditional UNet2DModel trained from scratch."""
+
+    kind: Literal["pixel"] = "pixel"
     condition_on: Literal["class", "group", "class+context"] = "class"
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
@@ -226,13 +253,63 @@ class GeneratorConfig(Strict):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(250, ge=1)
     threads: int | None = Field(None, ge=1)  # torch threads of the training worker
+
+
+class FeatureSection(GeneratorSection):
+    """``feature`` (LDMLR): a class-conditional denoiser over the baseline's features."""
+
+    OUTPUTS: ClassVar[Literal["images", "features"]] = "features"
+    kind: Literal["feature"]
+    train_steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class PretrainedSection(GeneratorSection):
+    """A pretrained Stable Diffusion read offline from a local folder in the diffusers layout,
+    or a model id already in the local Hugging Face cache (never downloaded)."""
+
+    LATENT: ClassVar[bool] = True
+    TRAINED: ClassVar[bool] = False
     pretrained: str | None = None
-    prompt_template: str = "a photo of a {class_name}"
+    # One template drawn per sample by its seed; {class_name} and {context} are filled in.
+    prompts: Templates = Field(default_factory=lambda: ["a photo of a {class_name}"])
+    # JSON lines {"class": name or index, "prompts": [template, ...]}: those classes use them.
+    prompts_file: Path | None = None
+    negative_prompt: str = ""
+    # The image size sampled; None: the UNet's own (sample_size x the VAE's factor).
+    height: int | None = Field(None, ge=8)
+    width: int | None = Field(None, ge=8)
+
+
+class UnCLIPSection(PretrainedSection):
+    """``unclip``: Stable Diffusion 2.1 unCLIP, text + a real image's CLIP embedding (FG)."""
+
+    kind: Literal["unclip"]
     embedding_dropout: float = Field(0.5, ge=0.0, le=1.0)
     noise_level: int = Field(0, ge=0)
-    height: int = Field(768, ge=8)
-    width: int = Field(768, ge=8)
     references_per_group: int = Field(8, ge=1)
+
+
+class SDSection(PretrainedSection):
+    """``sd``: Stable Diffusion 1.x / 2.x text-to-image (LTG's SD 1.4)."""
+
+    kind: Literal["sd"]
+
+
+class SDXLSection(PretrainedSection):
+    """``sdxl``: Stable Diffusion XL text-to-image (two text encoders, pooled embeddings)."""
+
+    kind: Literal["sdxl"]
+
+
+GENERATOR_SECTIONS: dict[str, type[GeneratorSection]] = {
+    cls.model_fields["kind"].annotation.__args__[0]: cls
+    for cls in (PixelSection, FeatureSection, UnCLIPSection, SDSection, SDXLSection)}
+GeneratorConfig = Annotated[
+    PixelSection | FeatureSection | UnCLIPSection | SDSection | SDXLSection,
+    Field(discriminator="kind")]
 
 
 class FilterConfig(Strict):
@@ -249,6 +326,11 @@ class SynthesisConfig(Strict):
     num_steps: int = Field(30, ge=1)
     cfg_scale: float = Field(3.0, ge=0.0)
     eta: float = Field(0.0, ge=0.0, le=1.0)
+    # "real": img2img (DA-Fusion's real guidance): a real training image of the sample's class
+    # (group), chosen by its seed, noised to the step ``strength`` names and denoised from
+    # there; strength 1 is the text-to-image sample of the same seed.
+    init: Literal["noise", "real"] = "noise"
+    strength: float = Field(1.0, gt=0.0, le=1.0)
     guidance_scale: float = Field(0.03, ge=0.0)
     # Per-class (per-group with balance: group) strength: "count" scales class c's guidance by
     # (n_c + 1)^-scale_slope, "val_error" by (e_c + 0.01)^scale_slope with e_c the baseline's
@@ -305,6 +387,12 @@ class SynthesisConfig(Strict):
         if self.guidance_decoder == "tiny" and not self.tiny_decoder:
             raise ValueError("tiny_decoder: guidance_decoder 'tiny' needs the local folder of an "
                              "AutoencoderTiny (TAESD-style weights) in synthesis.tiny_decoder")
+        if self.strength < 1 and self.init == "noise":
+            raise ValueError(f"strength: {self.strength:g} starts from a noised real image; set "
+                             f"synthesis.init: real, or strength: 1")
+        if self.num_steps * self.strength < 1:
+            raise ValueError(f"strength: {self.strength:g} x num_steps {self.num_steps} leaves "
+                             f"no denoising step; raise it to at least {1 / self.num_steps:.3g}")
         return self
 
 
@@ -425,7 +513,7 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    generator: GeneratorConfig = Field(default_factory=PixelSection)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     final: FinalConfig = Field(default_factory=FinalConfig)
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
@@ -433,12 +521,31 @@ class Config(Strict):
     tune: TuneSection = Field(default_factory=TuneSection)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _generator_kind(cls, raw: Any) -> Any:
+        """A generator section that names no kind is the default one, ``pixel``."""
+        if isinstance(raw, dict) and isinstance(raw.get("generator"), dict) \
+                and "kind" not in raw["generator"]:
+            raw = {**raw, "generator": {"kind": "pixel", **raw["generator"]}}
+        return raw
+
     @model_validator(mode="after")
-    def _decoder_needs_a_vae(self) -> Config:
-        if self.synthesis.guidance_decoder != "vae" and self.generator.kind != "unclip":
-            raise ValueError(f"synthesis.guidance_decoder: {self.synthesis.guidance_decoder!r} "
-                             f"needs a latent generator (generator.kind unclip), not "
-                             f"{self.generator.kind!r}")
+    def _generator_fits(self) -> Config:
+        g, s = self.generator, self.synthesis
+        problems = []
+        if s.guidance_decoder != "vae" and not g.LATENT:
+            problems.append(f"synthesis.guidance_decoder: {s.guidance_decoder!r} decodes a VAE "
+                            f"latent, and generator.kind {g.kind!r} has none; use 'vae'")
+        if s.init == "real" and g.OUTPUTS == "features":
+            problems.append(f"synthesis.init: 'real' starts from a real image, and generator.kind "
+                            f"{g.kind!r} samples feature vectors; use 'noise'")
+        templates = getattr(g, "prompts", [])
+        if any("{context}" in t for t in templates) and self.dataset.kind not in GROUPED_KINDS:
+            problems.append(f"generator.prompts: {{context}} needs a data set with contexts "
+                            f"({', '.join(GROUPED_KINDS)}), not {self.dataset.kind!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -471,16 +578,6 @@ class Config(Strict):
                              f"has no groups (those with groups: {', '.join(GROUPED_KINDS)})")
         return self
 
-    @model_validator(mode="after")
-    def _pretrained_needs_unclip(self) -> Config:
-        g = self.generator
-        if g.pretrained is not None and g.kind != "unclip":
-            raise ValueError(f"generator.pretrained: {g.pretrained!r} is read by generator.kind "
-                             f"unclip only; a {g.kind!r} generator is trained into "
-                             f"DIR/generator and would ignore it: set generator.kind: unclip "
-                             f"for unCLIP weights, else generator.pretrained: null")
-        return self
-
 
 def final_train_config(cfg: Config) -> TrainConfig:
     """The ``train`` section with the ``final`` section's overrides applied."""
@@ -505,10 +602,28 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"--set {item!r}: {where} is a value, not a section")
             node = child
         try:
-            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+            value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: value is not valid YAML: {err}") from err
+        if len(parts) == 2 and parts[1] == "kind" and parts[0] in KINDED_SECTIONS:
+            _switch_kind(node, parts[0], value)
+        node[parts[-1]] = value
     return raw
+
+
+def _switch_kind(node: dict[str, Any], section: str, kind: Any) -> None:
+    """``--set SECTION.kind=KIND`` over a section of another kind: the keys KIND does not have
+    are dropped (named in a warning), so that one override switches kinds."""
+    new = KINDED_SECTIONS[section].get(kind) if isinstance(kind, str) else None
+    if new is None or node.get("kind", kind) == kind:
+        return
+    dropped = [key for key in node if key != "kind" and key not in new.model_fields]
+    for key in dropped:
+        del node[key]
+    if dropped:
+        logging.getLogger(__name__).warning(
+            f"--set {section}.kind={kind}: dropped {section} keys {kind} does not have: "
+            f"{', '.join(dropped)}")
 
 
 DATASET_KINDS: dict[str, type[Strict]] = {
@@ -516,24 +631,41 @@ DATASET_KINDS: dict[str, type[Strict]] = {
     for kind in cls.model_fields["kind"].annotation.__args__}
 
 
-def _dataset_key_note(key: str, kind: str | None) -> str:
-    """For a dataset key the chosen kind lacks: which kinds have it."""
-    owners = [k for k, cls in DATASET_KINDS.items() if key in cls.model_fields and k != kind]
+# Sections with a ``kind`` that picks their class, as the discriminated unions above do.
+KINDED_SECTIONS: dict[str, dict[str, type[Strict]]] = {"dataset": DATASET_KINDS,
+                                                       "generator": GENERATOR_SECTIONS}
+
+
+def _kinds(raw: dict[str, Any]) -> dict[str, str | None]:
+    """The kind each kinded section of ``raw`` names (a generator without one: pixel)."""
+    kinds = {}
+    for name in KINDED_SECTIONS:
+        section = raw.get(name)
+        kinds[name] = section.get("kind") if isinstance(section, dict) else None
+    if kinds["generator"] is None:
+        kinds["generator"] = "pixel"
+    return kinds
+
+
+def _kind_key_note(section: str, key: str, kind: str | None) -> str:
+    """For a key of a kinded section that the chosen kind lacks: which kinds have it."""
+    owners = [k for k, cls in KINDED_SECTIONS[section].items()
+              if key in cls.model_fields and k != kind]
     if not owners:
         return ""
-    return (f" (it is a key of dataset.kind {', '.join(owners)}, not {kind}; remove it when "
+    return (f" (it is a key of {section}.kind {', '.join(owners)}, not {kind}; remove it when "
             f"switching kinds)")
 
 
-def _section(path: list[str], kind: str | None) -> type[BaseModel] | None:
+def _section(path: list[str], kinds: dict[str, str | None]) -> type[BaseModel] | None:
     """The config class of the section at ``path`` (keys from the top), None if there is none."""
     section: type[BaseModel] | None = Config
     for key in path:
         field = section.model_fields.get(key) if section else None
         if field is None:
             return None
-        if section is Config and key == "dataset":
-            section = DATASET_KINDS.get(kind or "")
+        if section is Config and key in KINDED_SECTIONS:
+            section = KINDED_SECTIONS[key].get(kinds.get(key) or "")
         else:
             section = section_model(field.annotation)
     return section
@@ -546,25 +678,25 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
     return next((m for a in get_args(annotation) if (m := section_model(a))), None)
 
 
-def _suggestion(loc: list[str], kind: str | None) -> str:
+def _suggestion(loc: list[str], kinds: dict[str, str | None]) -> str:
     """For a misspelled key: the nearest key of its section."""
-    section = _section(loc[:-1], kind)
+    section = _section(loc[:-1], kinds)
     close = difflib.get_close_matches(loc[-1], list(section.model_fields) if section else [], 1)
     return f"; did you mean {'.'.join(loc[:-1] + close)}?" if close else ""
 
 
 def _format_error(source: str, raw: dict[str, Any], err: ValidationError) -> str:
-    kind = (raw.get("dataset") or {}).get("kind") if isinstance(raw.get("dataset"), dict) else None
+    kinds = _kinds(raw)
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
-        if len(loc) > 1 and loc[0] == "dataset" and loc[1] == kind:
+        if len(loc) > 1 and loc[0] in kinds and loc[1] == kinds[loc[0]]:
             loc.pop(1)  # the discriminator tag is not a key the user wrote
         note = ""
-        if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "dataset":
-            note = _dataset_key_note(loc[1], kind)
+        if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] in kinds:
+            note = _kind_key_note(loc[0], loc[1], kinds[loc[0]])
         if e["type"] == "extra_forbidden" and not note:
-            note = _suggestion(loc, kind)
+            note = _suggestion(loc, kinds)
         lines.append(f"{source}: {'.'.join(loc) or '<root>'}: {e['msg']}{note}")
     return "invalid config\n  " + "\n  ".join(lines)
 

@@ -29,9 +29,8 @@ from ray_lt.evaluate.classifier import METRICS_FILE, evaluate_classifier
 from ray_lt.evaluate.metrics import HEADLINE
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
 from ray_lt.generate.factory import check_generator, generator_info
-from ray_lt.generate.feature import train_feature_generator
 from ray_lt.generate.filtering import filter_synthetic
-from ray_lt.generate.pixel import fit_pixel_generator
+from ray_lt.generate.kinds import generator_kind
 from ray_lt.generate.plan import check_counts
 from ray_lt.generate.rounds import (
     ROUNDS_DIR,
@@ -45,7 +44,7 @@ from ray_lt.generate.rounds import (
     write_round_summary,
 )
 from ray_lt.generate.statistics import fit_criterion_support, load_training_features
-from ray_lt.generate.synthesize import prepare_references
+from ray_lt.generate.synthesize import prepare_inputs
 from ray_lt.generate.synthesize import synthesize as run_synthesis
 from ray_lt.generate.synthetic import (
     FILTER_FILE,
@@ -262,12 +261,13 @@ def criterion_support(cfg: Config, out_dir: Path, data: LongTailData,
 
 
 def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
-    """Train the generator from scratch (``pixel``: DiffuLT on Ray Train; ``feature``: LDMLR
-    on the baseline's training features, a Ray task) or check the pretrained ``unclip``."""
+    """Train the generator into ``generator/`` (``pixel``: DiffuLT on Ray Train; ``feature``:
+    LDMLR on the baseline's training features, a Ray task), or check a pretrained one's
+    folder (``ray_lt.generate.kinds``)."""
     g = cfg.generator
-    if g.kind == "unclip":
+    if not g.TRAINED:
         check_generator(cfg, out_dir)
-        log.info(f"generator: pretrained unCLIP from {g.pretrained}")
+        log.info(f"generator: pretrained {g.kind} from {g.pretrained}")
         return Path(str(g.pretrained))
     folder = out_dir / "generator"
     if (folder / GENERATOR_SPEC).is_file():
@@ -275,23 +275,7 @@ def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
         record_stage(cfg, out_dir, "generator")
         log.info(f"generator already trained: {folder}")
         return folder
-    if g.kind == "feature":
-        classifier_dir = criterion_support(cfg, out_dir, data)
-        features, labels = load_training_features(classifier_dir)
-        task = ray.remote(train_feature_generator).options(num_cpus=cfg.scaling.cpus_per_worker)
-        folder = ray.get(task.remote(features, labels, data.num_classes,
-                                     g.train_steps, g.batch_size, g.lr, g.label_dropout,
-                                     cfg.seed, folder))
-    else:
-        if g.condition_on != "class" and data.group_counts is None:
-            raise ConfigError(f"generator.condition_on: {g.condition_on!r} needs a data set "
-                              f"with groups")
-        by_group = g.condition_on == "group"
-        num_contexts = len(data.context_names) if g.condition_on == "class+context" else 0
-        num_conditions = data.num_groups if by_group else data.num_classes
-        folder = fit_pixel_generator(data.train, g, cfg.scaling, data.image_shape,
-                                     num_conditions, cfg.seed, out_dir,
-                                     num_contexts=num_contexts)
+    folder = generator_kind(cfg).train(cfg, out_dir, data)
     record_stage(cfg, out_dir, "generator")
     log.info(f"generator trained: {folder}")
     return folder
@@ -384,7 +368,7 @@ def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
         return folder
     train_cfg = final_train_config(cfg)
     baseline = out_dir / "classifier"
-    if cfg.generator.kind == "feature":
+    if cfg.generator.OUTPUTS == "features":  # LDMLR: the baseline's head on pseudo-features
         real = load_training_features(baseline)
         rows = load_synthetic(out_dir, data.image_shape[2]).select_columns(
             ["feature", "label"]).to_pandas()
@@ -436,8 +420,8 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
     """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
     from ray_lt.generate.grid import render_grid, save_grid
 
-    if cfg.generator.kind == "feature":
-        log.info("no sample grid: the feature generator makes no images")
+    if cfg.generator.OUTPUTS == "features":
+        log.info(f"no sample grid: the {cfg.generator.kind} generator makes no images")
         return None
     criterion_support(cfg, out_dir, data)
     check_generator(cfg, out_dir)
@@ -449,7 +433,7 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
     if path.is_file() and stage_matches(cfg, out_dir, "grid"):
         log.info(f"sample grid already drawn: {path}")
         return path
-    prepare_references(cfg, data, out_dir)
+    prepare_inputs(cfg, data, out_dir)
     group, title = -1, data.class_names[label]
     if data.num_groups:  # the class's rarest context (an empty group where there is one)
         contexts = len(data.context_names)
@@ -485,20 +469,7 @@ def check_run_config(cfg: Config) -> None:
         raise DataError(f"dataset.root: data folder {root} does not exist")
     if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
         raise ConfigError(f"model.checkpoint: file {cfg.model.checkpoint} does not exist")
-    if cfg.generator.kind == "unclip":
-        if cfg.generator.pretrained is None:
-            raise ConfigError("generator.pretrained: set the local folder (or cached hub id) "
-                              "of Stable Diffusion 2.1 unCLIP")
-        from ray_lt.generate.unclip import check_pretrained
-
-        check_pretrained(cfg.generator.pretrained)
-    if cfg.generator.kind == "feature" and cfg.synthesis.filter.enabled:
-        raise ConfigError("synthesis.filter.enabled: filtering works on images; the feature "
-                          "generator writes feature vectors")
-    if cfg.generator.kind == "feature" and cfg.rounds.count > 1:
-        raise ConfigError("rounds.count: the feature generator (LDMLR) fine-tunes a head on "
-                          "pseudo-features; closed-loop rounds fine-tune an image classifier "
-                          "between rounds: set rounds.count: 1")
-    if cfg.generator.kind == "feature" and cfg.final.init == "scratch":
-        raise ConfigError("final.init: the feature generator (LDMLR) fine-tunes the baseline's "
-                          "head on pseudo-features; set final.init: baseline")
+    kind = generator_kind(cfg)
+    kind.check_config(cfg)
+    if not cfg.generator.TRAINED:
+        kind.check(cfg, None)

@@ -31,9 +31,11 @@ STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "classifier": (("seed", "dataset.", "model.", "train."),
                    _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),
     "generator": (("seed", "dataset.", "generator."),
+                  # what a trained generator is made of: none of the sampling-time keys
                   _DATA_EXCLUDED + ("generator.embedding_dropout", "generator.noise_level",
-                                    "generator.prompt_template", "generator.references_per_group",
-                                    "generator.height", "generator.width")),
+                                    "generator.prompts", "generator.negative_prompt",
+                                    "generator.references_per_group", "generator.height",
+                                    "generator.width")),
     "synthesis": (("seed", "dataset.", "generator.", "synthesis.", "rounds."),
                   _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.filter.", "synthesis.grid_")),
     "filter": (("synthesis.filter.",), ()),

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ray_lt.config import load_config
 
@@ -23,15 +24,29 @@ def test_custom_config_is_the_digits_pipeline_over_a_list_file_folder(tmp_path):
     assert cfg.dataset.list_name("train") == "ImageNet_LT_train.txt"
 
 
-def test_switching_the_dataset_kind_names_the_keys_of_the_old_kind():
+def test_switching_a_kind_drops_the_keys_of_the_old_kind_and_says_which(caplog, tmp_path):
     from ray_lt.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs" / "digits_lt.yaml", ["dataset.kind=imagenet_lt"])
-    assert ("dataset.test_per_class: Extra inputs are not permitted (it is a key of "
-            "dataset.kind digits_lt, not imagenet_lt; remove it when switching kinds)"
-            ) in str(err.value)
     assert "dataset.root: Field required" in str(err.value)
+    assert "test_per_class" not in str(err.value)
+    assert ("--set dataset.kind=imagenet_lt: dropped dataset keys imagenet_lt does not have: "
+            "imbalance_factor, max_per_class, val_per_class, test_per_class") in caplog.text
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
+                      ["generator.kind=sd", f"generator.pretrained={tmp_path}"])
+    assert (cfg.generator.kind, cfg.generator.prompts) == ("sd", ["a photo of a {class_name}"])
+    assert "dropped generator keys sd does not have: block_out_channels, train_steps" \
+        in caplog.text
+    # in a file, a key of another kind is refused, naming the kinds that have it
+    raw = yaml.safe_load((ROOT / "configs" / "digits_lt.yaml").read_text())
+    raw["generator"]["kind"] = "sdxl"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "c.yaml")
+    assert ("generator.train_steps: Extra inputs are not permitted (it is a key of "
+            "generator.kind pixel, feature, not sdxl; remove it when switching kinds)"
+            ) in str(err.value)
 
 
 def test_real_data_configs_carry_the_papers_settings():
@@ -51,7 +66,7 @@ def test_real_data_configs_carry_the_papers_settings():
     assert (nico.model.name, nico.synthesis.balance, nico.synthesis.target) == \
         ("resnet50", "group", 811)
     assert nico.tune.objective == "worst_group"
-    assert "{context}" in nico.generator.prompt_template
+    assert "{context}" in nico.generator.prompts[0]
 
 
 @pytest.mark.parametrize("name", ["imagenet_lt", "places_lt", "nico_pp"])

@@ -13,8 +13,9 @@ from ray_lt.config import config_from_dict
 from ray_lt.errors import ConfigError
 from ray_lt.generate.base import slice_condition
 from ray_lt.generate.criteria import CriterionScorer
+from ray_lt.generate.pretrained import load_tiny_decoder
 from ray_lt.generate.sampler import Guidance, guided_sample
-from ray_lt.generate.unclip import load_tiny_decoder, tiny_autoencoder, tiny_unclip_components
+from ray_lt.generate.unclip import tiny_autoencoder, tiny_unclip_components
 from ray_lt.train.models import build_model
 
 
@@ -142,8 +143,8 @@ def _raw(**synthesis):
 def test_config_refuses_decoders_that_cannot_apply():
     with pytest.raises(ConfigError, match="tiny_decoder: guidance_decoder 'tiny' needs"):
         config_from_dict(_raw(guidance_decoder="tiny"))
-    with pytest.raises(ConfigError, match="synthesis.guidance_decoder: 'latent_resize' needs a "
-                                         "latent generator"):
+    with pytest.raises(ConfigError, match="synthesis.guidance_decoder: 'latent_resize' decodes "
+                                         "a VAE latent, and generator.kind 'pixel' has none"):
         config_from_dict(_raw(guidance_decoder="latent_resize"))
     with pytest.raises(ConfigError, match="guidance_micro_batch"):
         config_from_dict(_raw(guidance_micro_batch=0))

@@ -38,7 +38,7 @@ def reference_images() -> dict:
 def make_generator(components: dict | None = None, **overrides) -> UnCLIPGenerator:
     """A tiny generator with contexts; ``overrides`` replace constructor arguments."""
     kwargs = dict(class_names=CLASSES, context_names=CONTEXTS, reference_images=reference_images(),
-                  prompt_template="a photo of a {class_name} in {context}",
+                  prompts=["a photo of a {class_name} in {context}"],
                   embedding_dropout=0.5, noise_level=100, image_size=24)
     kwargs.update(overrides)
     return UnCLIPGenerator(**(components or tiny_unclip_components()), **kwargs)
@@ -53,7 +53,7 @@ def test_from_pretrained_round_trip(tmp_path):
     direct = make_generator(components)
     loaded = UnCLIPGenerator.from_pretrained(
         tmp_path / "unclip", class_names=CLASSES, context_names=CONTEXTS,
-        reference_images=reference_images(), prompt_template=direct.prompt_template,
+        reference_images=reference_images(), prompts=direct.prompts.templates,
         noise_level=100, image_size=24)
     assert loaded.scheduler.config.prediction_type == "epsilon"
     assert loaded.prediction_type == "v_prediction"
@@ -93,7 +93,7 @@ def test_missing_folder_or_component_is_a_config_error(tmp_path):
 def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="noise_level"):
         make_generator(noise_level=1000)
-    with pytest.raises(ConfigError, match="prompt_template"):
+    with pytest.raises(ConfigError, match="generator.prompts"):
         make_generator(context_names=[])
     with pytest.raises(ConfigError, match="embedding_dropout"):
         make_generator(embedding_dropout=1.5)
@@ -123,7 +123,7 @@ def test_reference_images_come_from_the_group_else_the_class():
     for group, label, allowed in ((0, 0, {0, 1}), (1, 0, {0, 1, 2}), (2, 1, {5}), (3, 1, {3, 4})):
         cond = gen.condition(torch.full((40,), label), torch.full((40,), group), seeds)
         assert set(cond.inputs["reference"].tolist()) == allowed, group
-    no_groups = make_generator(context_names=[], prompt_template="a photo of a {class_name}")
+    no_groups = make_generator(context_names=[], prompts=["a photo of a {class_name}"])
     cond = no_groups.condition(torch.tensor([1]), torch.tensor([-1]), [0])
     assert cond.inputs["prompts"] == ["a photo of a dog"]
 

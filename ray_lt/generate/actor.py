@@ -21,11 +21,12 @@ import pyarrow as pa
 import torch
 
 from ray_lt.config import Config, SynthesisConfig
+from ray_lt.generate.base import PRECISIONS
 from ray_lt.generate.codec import to_ipc
 from ray_lt.generate.criteria import draw_criteria
-from ray_lt.generate.factory import PRECISIONS, build_generator, build_scorer
+from ray_lt.generate.factory import build_generator, build_scorer
 from ray_lt.generate.quota import per_sample_seeds
-from ray_lt.generate.sampler import Guidance, Samples, guided_sample
+from ray_lt.generate.sampler import Guidance, Samples, guided_sample, sampling_strength
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ def sample_finite(generator: Any, scorer: Any, label: int, group: int, ids: torc
     """
     size = len(seeds)
     labels, groups = torch.full((size,), label), torch.full((size,), group)
+    strength = sampling_strength(s)
     out = guided_sample(generator, scorer, labels, groups, ids, seeds, s.num_steps, s.cfg_scale,
-                        guidance, s.eta, PRECISIONS[s.precision])
+                        guidance, s.eta, PRECISIONS[s.precision], strength)
     with torch.no_grad():
         decoded = generator.decode_output(out.latents).cpu().float()
     bad = ~torch.isfinite(decoded).flatten(1).all(dim=1)
@@ -52,7 +54,7 @@ def sample_finite(generator: Any, scorer: Any, label: int, group: int, ids: torc
     rows = bad.nonzero().flatten()
     bad_seeds = [seeds[i] for i in rows.tolist()]
     again = guided_sample(generator, scorer, labels[rows], groups[rows], ids[rows], bad_seeds,
-                          s.num_steps, s.cfg_scale, guidance, s.eta, None)
+                          s.num_steps, s.cfg_scale, guidance, s.eta, None, strength)
     with torch.no_grad():
         redone = generator.decode_output(again.latents, upcast=True).cpu().float()
     if not torch.isfinite(redone).all():
@@ -127,6 +129,8 @@ class GuidedSampler:
                 "guidance_norm": out.guidance_norm.numpy(),
                 "nonfinite_steps": out.nonfinite_steps.numpy(),
                 "redrawn": redrawn.numpy(),
+                # what the generator reports per sample: its prompt, its img2img source row
+                **out.record,
                 # closed-loop synthesis: the round whose guide drew the sample
                 **({"round": pa.array(np.full(size, int(shard["round"]), np.int64))}
                    if "round" in shard else {}),

@@ -1,13 +1,13 @@
 """The small interface every generator implements, so the guided DDIM loop is written once.
 
 A generator owns a diffusers ``DDIMScheduler`` and works on a latent ``z``: pixels in [-1, 1]
-(``pixel``), a VAE latent (``unclip``) or a feature vector (``feature``).
+(``pixel``), a VAE latent (``unclip``, ``sd``, ``sdxl``) or a feature vector (``feature``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,16 +17,21 @@ from diffusers import DDIMScheduler
 from ray_lt.errors import StageError
 
 SPEC_FILE = "generator.json"
+# synthesis.precision -> the autocast / weights dtype on a GPU (None: float32)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class Conditioning:
     """Everything a generator needs to denoise one batch: labels, groups and its own inputs
-    (prompt embeddings, image embeddings, ...), already on the generator's device."""
+    (prompt embeddings, image embeddings, ``init_latents`` for img2img, ...), already on the
+    generator's device; ``record`` holds per-sample values that go to each sample's stored row
+    (its prompt, its img2img source row)."""
 
     labels: torch.Tensor
     groups: torch.Tensor
     inputs: dict[str, Any]
+    record: dict[str, list] = field(default_factory=dict)
 
 
 def slice_condition(cond: Conditioning, part: slice) -> Conditioning:
@@ -42,7 +47,8 @@ def slice_condition(cond: Conditioning, part: slice) -> Conditioning:
         return value
 
     return Conditioning(cond.labels[part], cond.groups[part],
-                        {key: cut(value) for key, value in cond.inputs.items()})
+                        {key: cut(value) for key, value in cond.inputs.items()},
+                        {key: value[part] for key, value in cond.record.items()})
 
 
 def sample_generators(seeds: list[int], stream: int = 0) -> list[torch.Generator]:
@@ -75,8 +81,10 @@ class Generator(Protocol):
 
     def condition(self, labels: torch.Tensor, groups: torch.Tensor, seeds: list[int]
                   ) -> Conditioning:
-        """Conditioning inputs for a batch of (label, group); random choices (reference
-        images, embedding dropout) draw from ``sample_generators(seeds, stream=1)``."""
+        """Conditioning inputs for a batch of (label, group); random choices draw from the
+        samples' own streams of ``sample_generators`` (1: reference images and embedding
+        dropout, 2: prompt templates, 3: img2img sources). For img2img the inputs hold
+        ``init_latents`` (B, *latent_shape), the clean latents of the source images."""
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:

@@ -146,9 +146,9 @@ def filter_synthetic(run_dir: Path, data: LongTailData, cfg: Config) -> pd.DataF
     from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, load_synthetic
 
     f = cfg.synthesis.filter
-    if cfg.generator.kind == "feature":
-        raise ConfigError("synthesis.filter.enabled: filtering works on images; the feature "
-                          "generator writes feature vectors")
+    if cfg.generator.OUTPUTS == "features":
+        raise ConfigError(f"synthesis.filter.enabled: filtering works on images; the "
+                          f"{cfg.generator.kind} generator writes feature vectors")
     run_dir = Path(run_dir)
     out = run_dir / SYNTHETIC_DIR
     classifier_dir = run_dir / "classifier"

@@ -83,8 +83,9 @@ def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: boo
     import torch
 
     from ray_lt.config import Config
-    from ray_lt.generate.factory import PRECISIONS, build_generator, build_scorer
-    from ray_lt.generate.sampler import Guidance, guided_sample
+    from ray_lt.generate.base import PRECISIONS
+    from ray_lt.generate.factory import build_generator, build_scorer
+    from ray_lt.generate.sampler import Guidance, guided_sample, sampling_strength
 
     cfg = Config.model_validate(config)
     s = cfg.synthesis
@@ -101,7 +102,8 @@ def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: boo
                 generator, scorer, torch.full((n,), label), torch.full((n,), group),
                 torch.full((n,), row), seeds, s.num_steps, s.cfg_scale,
                 Guidance(scale, s.guidance_every, s.guidance_mode, s.reuse_gradient,
-                         s.through_unet, s.guidance_micro_batch), s.eta, PRECISIONS[s.precision])
+                         s.through_unet, s.guidance_micro_batch), s.eta, PRECISIONS[s.precision],
+                sampling_strength(s))
             with torch.no_grad():
                 images = generator.decode_output(out.latents).permute(0, 2, 3, 1).cpu()
             pixels = (images.float().numpy() * 255).round().astype(np.uint8)

@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ray_lt.atomic import staged_folder
-from ray_lt.config import GeneratorConfig, ScalingSection
+from ray_lt.config import PixelSection, ScalingSection
 from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
+from ray_lt.generate.sources import SourceLatents, Sources
 from ray_lt.train.progress import report_progress
 from ray_lt.train.trainer import run_trainer
 
@@ -90,11 +91,14 @@ class PixelGenerator:
     """The Generator interface over a ConditionedUNet in pixel space ([-1, 1])."""
 
     def __init__(self, model: ConditionedUNet, scheduler: DDIMScheduler, by_group: bool,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", sources: Sources | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.scheduler = scheduler
         self.by_group = by_group
+        channels, size, _ = self.latent_shape()
+        self.sources = (SourceLatents(sources, self.encode, size, size, channels)
+                        if sources is not None else None)
 
     def latent_shape(self) -> tuple[int, ...]:
         config = self.model.unet.config
@@ -112,8 +116,15 @@ class PixelGenerator:
             cond = groups if self.by_group else labels
         if (cond < 0).any() or (cond[..., 0] >= m.num_conditions).any():
             raise ValueError(f"condition ids must lie in [0, {m.num_conditions})")
-        return Conditioning(labels.to(self.device), groups.to(self.device),
-                            {"cond": cond.to(self.device)})
+        inputs, record = {"cond": cond.to(self.device)}, {}
+        if self.sources is not None:
+            latents, rows = self.sources(labels.tolist(), groups.tolist(), seeds)
+            inputs["init_latents"], record["source_row"] = latents.to(self.device), rows
+        return Conditioning(labels.to(self.device), groups.to(self.device), inputs, record)
+
+    def encode(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, C) -> the pixel latent (C, H, W) in [-1, 1]."""
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:
@@ -149,8 +160,8 @@ class PixelGenerator:
              "num_contexts": m.num_contexts}, indent=2))
 
     @classmethod
-    def from_pretrained(cls, folder: Path, device: str | torch.device = "cpu"
-                        ) -> PixelGenerator:
+    def from_pretrained(cls, folder: Path, device: str | torch.device = "cpu",
+                        sources: Sources | None = None) -> PixelGenerator:
         folder = Path(folder)
         spec = read_spec(folder, "pixel")
         model = ConditionedUNet(UNet2DModel.from_pretrained(folder / "unet"),
@@ -160,7 +171,7 @@ class PixelGenerator:
             model.classes.weight.data.copy_(weights["classes"])
             model.contexts.weight.data.copy_(weights["contexts"])
         scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-        return cls(model, scheduler, spec["by_group"], device)
+        return cls(model, scheduler, spec["by_group"], device, sources)
 
 
 def _load_shard(shard: Any, by_group: bool, num_contexts: int
@@ -252,7 +263,7 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=saved)
 
 
-def fit_pixel_generator(train: ray.data.Dataset, cfg: GeneratorConfig, scaling: ScalingSection,
+def fit_pixel_generator(train: ray.data.Dataset, cfg: PixelSection, scaling: ScalingSection,
                         image_shape: tuple[int, int, int], num_conditions: int, seed: int,
                         out_dir: Path, name: str = "generator", num_contexts: int = 0) -> Path:
     """Train the pixel generator on Ray Train and export its EMA weights to ``out_dir/name``."""

@@ -94,14 +94,14 @@ class ReferenceEmbedder:
 
     def __init__(self, pretrained: str, root: str | None, image_size: int, channels: int,
                  use_gpu: bool, precision: str):
-        from ray_lt.generate.unclip import load_component
+        from ray_lt.generate.pretrained import load_component
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.dtype = dtype if self.device.type == "cuda" else torch.float32
-        self.encoder = load_component(pretrained, "image_encoder", self.dtype).to(self.device)
-        self.encoder.eval().requires_grad_(False)
-        self.processor = load_component(pretrained, "feature_extractor")
+        self.encoder = load_component(pretrained, "unclip", "image_encoder", self.dtype)
+        self.encoder.to(self.device).eval().requires_grad_(False)
+        self.processor = load_component(pretrained, "unclip", "feature_extractor")
         self.root = Path(root) if root else None
         self.image_size, self.channels = image_size, channels
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -46,6 +46,7 @@ class Samples:
     criterion_after: torch.Tensor
     guidance_norm: torch.Tensor
     nonfinite_steps: torch.Tensor
+    record: dict[str, list] = field(default_factory=dict)  # per-sample values for its row
 
 
 def _per_sample_norm(x: torch.Tensor) -> torch.Tensor:
@@ -99,15 +100,34 @@ def _criterion_gradient(generator: Generator, scorer: nn.Module, z: torch.Tensor
     return eps, torch.cat(grads), torch.cat(scores)
 
 
+def sampling_strength(synthesis: Any) -> float:
+    """The img2img strength a ``synthesis`` config section samples at (1: from noise)."""
+    return float(synthesis.strength) if synthesis.init == "real" else 1.0
+
+
+def first_step(num_steps: int, strength: float) -> int:
+    """The index of the first of ``num_steps`` DDIM steps that img2img at ``strength`` runs
+    (diffusers' img2img rule): the last ``int(num_steps * strength)`` steps are denoised."""
+    run = min(int(num_steps * strength), num_steps)
+    if run < 1:
+        raise ValueError(f"strength {strength} x {num_steps} steps leaves no step to run")
+    return num_steps - run
+
+
 def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.Tensor,
                   groups: torch.Tensor, criterion_ids: torch.Tensor, seeds: list[int],
                   num_steps: int, cfg_scale: float, guidance: Guidance, eta: float = 0.0,
-                  autocast_dtype: torch.dtype | None = None) -> Samples:
+                  autocast_dtype: torch.dtype | None = None, strength: float = 1.0) -> Samples:
     """Sample one batch; sample i depends only on its seed, label, group and criterion.
 
     ``scorer(images, labels, criterion_ids, groups) -> (B,)`` is the criterion c to
     increase. Non-finite gradients are zeroed per sample and counted in ``nonfinite_steps``,
     never applied.
+
+    ``strength < 1`` is img2img: the conditioning's ``init_latents`` are noised with the
+    sample's own noise to the timestep of ``first_step`` and denoised from there, guided the
+    same way. ``strength == 1`` starts from pure noise, so it is exactly the sample drawn
+    without a source (diffusers' img2img keeps sqrt(abar_T) of the source even at 1).
     """
     device = generator.device
     # The conditioning reads labels on the host: it gets them before they move.
@@ -119,7 +139,15 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
     noise_gens = sample_generators(seeds, stream=0)
     shape = generator.latent_shape()
     z = randn_tensor((len(seeds), *shape), generator=noise_gens, device=device)
-    z = z * scheduler.init_noise_sigma
+    start = first_step(num_steps, strength)
+    if start == 0:
+        z = z * scheduler.init_noise_sigma
+    else:
+        if "init_latents" not in cond.inputs:
+            raise ValueError(f"strength {strength} < 1 needs the generator's init_latents "
+                             f"(built with img2img sources)")
+        init = cond.inputs["init_latents"].to(device, torch.float32)
+        z = scheduler.add_noise(init, z, scheduler.timesteps[start:start + 1])
     # Nothing in the step loop waits on the device: the timesteps go to it once, here; the
     # scheduler and abar_t take the host's copy (Python numbers).
     timesteps = scheduler.timesteps.tolist()
@@ -134,10 +162,11 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
 
     applied = 0
     first = True
-    for i, t in enumerate(timesteps):
+    for i in range(start, len(timesteps)):
+        t = timesteps[i]
         abar, t_device = alphas[t], device_timesteps[i]
         grad = None
-        if guided and i % guidance.every == 0:
+        if guided and (i - start) % guidance.every == 0:
             eps, grad, score = _criterion_gradient(generator, scorer, z, t_device, abar, cond,
                                                    labels,
                                                    groups, criterion_ids, cfg_scale, guidance,
@@ -171,4 +200,4 @@ def guided_sample(generator: Generator, scorer: nn.Module | None, labels: torch.
         after = (scorer(generator.decode(z), labels, criterion_ids, groups).float()
                  if scorer is not None else torch.full((batch,), float("nan"), device=device))
     return Samples(z.detach(), before.cpu(), after.cpu(), (norm_sum / max(applied, 1)).cpu(),
-                   nonfinite.cpu())
+                   nonfinite.cpu(), dict(cond.record))

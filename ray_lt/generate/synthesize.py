@@ -30,6 +30,7 @@ from ray_lt.errors import DataError, RayLTError
 from ray_lt.evaluate.predict import predict
 from ray_lt.generate.actor import GuidedSampler
 from ray_lt.generate.factory import check_generator, check_scorer, generator_info
+from ray_lt.generate.kinds import generator_kind
 from ray_lt.generate.plan import (
     MANIFEST_FILE,
     MANIFEST_KEYS,
@@ -40,12 +41,7 @@ from ray_lt.generate.plan import (
     store_plan,
     unlisted_shards,
 )
-from ray_lt.generate.references import (
-    REFERENCES_DIR,
-    choose_references,
-    embed_references,
-    reference_settings,
-)
+from ray_lt.generate.sources import store_sources
 from ray_lt.generate.synthetic import SYNTHETIC_DIR
 from ray_lt.generate.writer import ShardWriter
 
@@ -57,23 +53,14 @@ MAX_BLOCKS = 2048
 so that small jobs balance across actors and 18,500-shard jobs do not make 18,500 objects."""
 
 
-def prepare_references(cfg: Config, data: LongTailData, run_dir: Path) -> Path | None:
-    """For ``unclip``: choose the reference rows by index with the config seed and store their
-    CLIP image embeddings in ``DIR/references/`` (once; redone when their settings change)."""
-    g = cfg.generator
-    if g.kind != "unclip":
-        return None
-    index = data.train_index
-    settings = reference_settings(g.pretrained, g.references_per_group, cfg.seed,
-                                  data.image_shape[0])
-    chosen = choose_references(index["label"].to_numpy(), index["group"].to_numpy(),
-                               g.references_per_group, cfg.seed)
-    column = "path" if data.root is not None else "image"
-    chosen[column] = index[column].to_numpy()[chosen["row"].to_numpy()]
-    s = cfg.synthesis
-    return embed_references(chosen, Path(run_dir) / REFERENCES_DIR, settings, data.root,
-                            data.image_shape[2], s.num_actors, s.cpus_per_actor,
-                            s.gpus_per_actor, s.precision)
+def prepare_inputs(cfg: Config, data: LongTailData, run_dir: Path) -> None:
+    """What the sampler actors read from the run directory besides the models, made once: the
+    generator kind's own inputs (unCLIP's reference embeddings) and, for img2img, the
+    training rows the sources are drawn from."""
+    generator_kind(cfg).prepare(cfg, data, run_dir)
+    if cfg.synthesis.init == "real":
+        store_sources(data.train_index, data.root, data.image_shape[0], data.image_shape[2],
+                      run_dir)
 
 
 def sampler_kwargs(cfg: Config, data: LongTailData, run_dir: Path, guide: Path | None = None
@@ -156,7 +143,7 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path, round_index: int 
     store_plan(out, shards)
     check_scorer(cfg, run_dir, classifier_dir=guide)
     check_generator(cfg, run_dir)
-    prepare_references(cfg, data, run_dir)
+    prepare_inputs(cfg, data, run_dir)
     for stale in out.glob(".shard_*.tmp"):  # left by a writer killed mid-write
         stale.unlink(missing_ok=True)
     done = finished_shards(out)

@@ -64,9 +64,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
     if sp.guidance_scale is not None:
         space.setdefault("synthesis", {})["guidance_scale"] = tune.loguniform(*sp.guidance_scale)
     if sp.embedding_dropout is not None:
-        if cfg.generator.kind != "unclip":
-            raise ConfigError("tune.space.embedding_dropout: only the unclip generator has an "
-                              "image embedding to drop")
+        if "embedding_dropout" not in type(cfg.generator).model_fields:
+            raise ConfigError(f"tune.space.embedding_dropout: the {cfg.generator.kind} "
+                              f"generator has no image embedding to drop (unclip has)")
         space.setdefault("generator", {})["embedding_dropout"] = tune.uniform(
             *sp.embedding_dropout)
     if sp.criteria is not None:
@@ -82,9 +82,10 @@ def search_space(cfg: Config) -> dict[str, Any]:
                               "slope changes nothing; set synthesis.scale_by: count")
         space.setdefault("synthesis", {})["scale_slope"] = tune.uniform(*sp.scale_slope)
     if sp.rounds:
-        if cfg.generator.kind == "feature":
-            raise ConfigError("tune.space.rounds: the feature generator's pseudo-features "
-                              "train a head, not a guide to fine-tune; set it to null")
+        if cfg.generator.OUTPUTS == "features":
+            raise ConfigError(f"tune.space.rounds: the {cfg.generator.kind} generator's "
+                              f"pseudo-features train a head, not a guide to fine-tune; set it "
+                              f"to null")
         space.setdefault("rounds", {})["count"] = tune.choice(sorted(set(sp.rounds)))
     if sp.final_group_objective:
         space.setdefault("final", {})["group_objective"] = tune.choice(
@@ -198,7 +199,7 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
     baseline = pipeline.baseline_stage(cfg, out_dir, data)
     pipeline.criterion_support(cfg, out_dir, data)
     pipeline.generator_stage(cfg, out_dir, data)
-    pipeline.prepare_references(cfg, data, out_dir)
+    pipeline.prepare_inputs(cfg, data, out_dir)
     t = cfg.tune
     log.info(f"tune: {t.num_trials} trials, {t.max_concurrent_trials} at a time, "
              f"maximising {metrics} on the validation split; TensorBoard: "

@@ -201,7 +201,7 @@ class LatentDiffusion:
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, 3) at (height, width) -> its latent (C, h, w) in the UNet's scale: the
         mean of the VAE's posterior (deterministic), float32."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()
         x = (x / 127.5 - 1).to(self.device, self.dtype)
         latent = self.vae.encode(x).latent_dist.mode().float()
         return latent[0] * self.vae.config.scaling_factor

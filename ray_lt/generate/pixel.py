@@ -124,7 +124,7 @@ class PixelGenerator:
 
     def encode(self, image: np.ndarray) -> torch.Tensor:
         """uint8 (H, W, C) -> the pixel latent (C, H, W) in [-1, 1]."""
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
 
     def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning,
                       cfg_scale: float) -> torch.Tensor:

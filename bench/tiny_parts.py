@@ -30,6 +30,17 @@ def _vae() -> Any:
         layers_per_block=1, norm_num_groups=32, sample_size=32, scaling_factor=0.18215)
 
 
+def _unet(down: tuple[str, str], **extra: Any) -> Any:
+    """A 2-block conditional UNet at 16 x 16 latents; ``down`` sets where attention is."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        down_block_types=down,
+        up_block_types=tuple(b.replace("Down", "Up") for b in reversed(down)),
+        block_out_channels=(32, 64), attention_head_dim=(2, 4), **extra)
+
+
 def _text_config(tokenizer: Any, **extra: Any) -> Any:
     from transformers import CLIPTextConfig
 
@@ -50,16 +61,11 @@ def _scheduler(prediction_type: str) -> Any:
 def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict[str, Any]:
     """A ``StableDiffusionPipeline``'s parts: a 2-block UNet at 16 x 16 latents (32 px images),
     one CLIP text encoder of width 32; v-prediction as SD 2.x 768 when asked."""
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
-            attention_head_dim=(2, 4), cross_attention_dim=WIDTH)
+        unet = _unet(("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=WIDTH)
         tokenizer = _byte_tokenizer()
         return {"unet": unet, "vae": _vae(), "tokenizer": tokenizer,
                 "text_encoder": CLIPTextModel(_text_config(tokenizer)),
@@ -70,18 +76,13 @@ def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
     """A ``StableDiffusionXLPipeline``'s parts: two text encoders of width 32 (the second with a
     32-d pooled projection), a UNet taking their 64-d concatenation and the text-time added
     condition (6 time ids x 8 + 32 = 80)."""
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
-            attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=2 * WIDTH,
-            addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + WIDTH)
+        unet = _unet(("DownBlock2D", "CrossAttnDownBlock2D"), use_linear_projection=True,
+                     cross_attention_dim=2 * WIDTH, addition_embed_type="text_time",
+                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + WIDTH)
         tokenizer, tokenizer_2 = _byte_tokenizer(), _byte_tokenizer()
         return {"unet": unet, "vae": _vae(), "tokenizer": tokenizer,
                 "text_encoder": CLIPTextModel(_text_config(tokenizer)),

@@ -162,6 +162,26 @@ def submit_and_wait(ray_session, command: str, timeout: float = 900) -> str:
     return logs
 
 
+def untrained_classifier(out: Path, num_classes: int, cfg, width: int = 32) -> Path:
+    """``out/classifier`` holding a randomly initialised small CNN of the data set's shape (for
+    synthesis tests that need a guide, not a good one)."""
+    import json
+
+    import torch
+
+    from ray_lt.train.models import build_model
+    from ray_lt.train.trainer import MODEL_FILE, SPEC_FILE
+
+    classifier = Path(out) / "classifier"
+    classifier.mkdir(parents=True)
+    spec = {"name": "small_cnn", "num_classes": num_classes, "in_channels": 3, "width": width,
+            "mean": cfg.model.mean, "std": cfg.model.std, "checkpoint": None}
+    torch.manual_seed(0)
+    torch.save(build_model(**spec).state_dict(), classifier / MODEL_FILE)
+    (classifier / SPEC_FILE).write_text(json.dumps(spec))
+    return classifier
+
+
 # -- tiny copies of the real data sets' layouts, written with PIL -------------------------
 
 def write_image(path: Path, colour: int, size=(20, 14), fmt="JPEG") -> None:

@@ -4,18 +4,13 @@ prompt, and img2img rows that name their source image in the training split."""
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
-import torch
-from conftest import ROOT, load_bench
+from conftest import ROOT, load_bench, untrained_classifier
 
 from ray_lt import commands, pipeline
 from ray_lt.config import load_config
 from ray_lt.generate.quota import class_quotas
-from ray_lt.train.models import build_model
-from ray_lt.train.trainer import MODEL_FILE, SPEC_FILE
 
 lt_shape = load_bench("lt_shape")
 tiny_parts = load_bench("tiny_parts")
@@ -31,19 +26,6 @@ def base(tmp_path_factory, ray_session):
     for kind in ("sd", "sdxl"):
         tiny_parts.save_tiny(base / kind, kind)
     return base
-
-
-def run_dir(base, name, cfg):
-    """A run directory holding an untrained classifier of the data set's shape."""
-    out = base / name
-    classifier = out / "classifier"
-    classifier.mkdir(parents=True)
-    spec = {"name": "small_cnn", "num_classes": CLASSES, "in_channels": 3, "width": 8,
-            "mean": cfg.model.mean, "std": cfg.model.std, "checkpoint": None}
-    torch.manual_seed(0)
-    torch.save(build_model(**spec).state_dict(), classifier / MODEL_FILE)
-    (classifier / SPEC_FILE).write_text(json.dumps(spec))
-    return out
 
 
 @pytest.mark.parametrize("kind, init", [("sd", "noise"), ("sdxl", "real")])
@@ -62,7 +44,8 @@ def test_synthesis_fills_the_quota_with_prompts_and_sources(base, kind, init):
         "synthesis.cpus_per_actor=0.5", "synthesis.gpus_per_actor=0",
         "synthesis.guidance_decoder=latent_resize", "evaluate.num_actors=1",
         "evaluate.gpus_per_actor=0", "evaluate.cpus_per_actor=0.5", "scaling.use_gpu=false"])
-    out = run_dir(base, kind, cfg)
+    out = base / f"run_{kind}"
+    untrained_classifier(out, CLASSES, cfg, width=8)
     commands.synthesize(cfg, out)
     _, data = pipeline.prepare(cfg, out)
     s = cfg.synthesis

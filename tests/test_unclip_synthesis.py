@@ -9,16 +9,13 @@ import logging
 
 import pandas as pd
 import pytest
-import torch
-from conftest import ROOT, load_bench
+from conftest import ROOT, load_bench, untrained_classifier
 
 from ray_lt import commands, pipeline
 from ray_lt.config import load_config
 from ray_lt.generate.quota import class_quotas
 from ray_lt.generate.references import META_FILE, REFERENCES_DIR, load_references
 from ray_lt.generate.synthesize import actor_payload_bytes, sampler_kwargs
-from ray_lt.train.models import build_model
-from ray_lt.train.trainer import MODEL_FILE, SPEC_FILE
 
 lt_shape = load_bench("lt_shape")
 CLASSES = 6
@@ -44,13 +41,7 @@ def run(tmp_path_factory, ray_session):
         "synthesis.gpus_per_actor=0", "evaluate.num_actors=1", "evaluate.gpus_per_actor=0",
         "evaluate.cpus_per_actor=0.5", "scaling.use_gpu=false"])
     out = base / "run"
-    classifier = out / "classifier"
-    classifier.mkdir(parents=True)
-    model_spec = {"name": "small_cnn", "num_classes": CLASSES, "in_channels": 3, "width": 32,
-                  "mean": cfg.model.mean, "std": cfg.model.std, "checkpoint": None}
-    torch.manual_seed(0)
-    torch.save(build_model(**model_spec).state_dict(), classifier / MODEL_FILE)
-    (classifier / SPEC_FILE).write_text(json.dumps(model_spec))
+    untrained_classifier(out, CLASSES, cfg)
     return cfg, out
 
 

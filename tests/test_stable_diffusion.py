@@ -189,3 +189,22 @@ def test_a_folder_of_another_pipeline_or_missing_a_component_is_refused(folders,
     shutil.copytree(folders["sdxl"] / "text_encoder_2", broken / "text_encoder_2")
     with pytest.raises(ConfigError, match="component 'unet'"):
         StableDiffusionXLGenerator.from_pretrained(broken, class_names=CLASSES)
+
+
+def test_pixel_img2img_starts_from_the_training_image_of_the_seed():
+    from test_sampler import pixel_parts
+
+    generator, scorer = pixel_parts()
+    rows = [{"row": i, "label": i % 10, "group": -1,
+             "image": np.full((16, 16, 1), 25 * (i % 10), np.uint8).tobytes()} for i in range(20)]
+    real = type(generator)(generator.model, generator.scheduler, False,
+                           sources=Sources(pd.DataFrame(rows), None, 16, 1))
+    labels, groups, seeds = [3, 7, 3], [-1, -1, -1], [1, 2, 3]
+    t2i = sample(generator, labels, groups, seeds, scale=0.1, scorer=scorer)
+    full = sample(real, labels, groups, seeds, strength=1.0, scale=0.1, scorer=scorer)
+    torch.testing.assert_close(full.latents, t2i.latents, atol=0, rtol=0)
+    assert [r % 10 for r in full.record["source_row"]] == labels
+    low = sample(real, labels, groups, seeds, strength=0.25, scale=0.1, scorer=scorer)
+    source = real.sources(labels, groups, seeds)[0]
+    assert ((low.latents - source).flatten(1).norm(dim=1) <
+            (t2i.latents - source).flatten(1).norm(dim=1)).all()

@@ -1,5 +1,6 @@
 """``bench/gpu_sampler.py`` at its CPU size: the table, the FLOP counts and ratios it reports,
-and that it runs without Ray, pydantic or pandas (a bare GPU box has none of them)."""
+each model's tiny parts, the published shapes of the full ones, and that it runs without Ray,
+pydantic or pandas (a bare GPU box has none of them)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import ROOT, load_bench
+
+# The smallest setting the tests below use: one DDIM step, one timed batch of two.
+MINIMAL = ["--tiny", "--steps", "1", "--repeats", "1", "--batches", "2"]
 
 
 def test_bench_reports_speed_ratios_and_flops(tmp_path, capsys):
@@ -29,8 +35,40 @@ def test_bench_reports_speed_ratios_and_flops(tmp_path, capsys):
     assert report["batched_vs_one"] > 0
     assert -1.0 <= report["gradient_cosine_to_vae"]["latent_resize"] <= 1.0
     assert json.loads((tmp_path / "out.json").read_text())["parts"] == "tiny"
+    assert report["model"] == "unclip" and all(r["model"] == "unclip" for r in rows.values())
     assert "guided k=5 (latent_resize, micro-batch 1)" in printed
     assert "unguided batch 2 vs one by one" in printed
+
+
+@pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])
+def test_each_model_runs_on_its_tiny_parts(model, tmp_path, capsys):
+    bench = load_bench("gpu_sampler")
+    out = tmp_path / "out.json"
+    report = bench.main([*MINIMAL, "--model", model, "--decoders", "vae", "--json", str(out)])
+    rows = report["results"]
+    assert [r["name"] for r in rows] == ["unguided", "guided k=5 (vae)"]
+    assert all(r["model"] == model and 0 < r["images_per_s"] < 1e4 for r in rows)
+    assert rows[0]["tflop_per_batch"] < rows[1]["tflop_per_batch"]
+    saved = json.loads(out.read_text())
+    assert (saved["model"], saved["parts"]) == (model, "tiny")
+    assert f"CPU, {model} tiny parts (unet " in capsys.readouterr().out
+
+
+def test_full_shapes_have_the_published_parameter_counts():
+    """Built on the meta device (no memory, no init): the UNets' published sizes, and the
+    parts each generator needs. The text encoders' counts are the byte-level vocabulary's."""
+    bench = load_bench("gpu_sampler")
+    # model: UNet parameters (millions), latent side, prediction type
+    published = {"unclip": (870.2, 96, "v_prediction"), "sd15": (859.5, 64, "epsilon"),
+                 "sd21": (865.9, 96, "v_prediction"), "sdxl": (2567.5, 128, "epsilon")}
+    for model, expected in published.items():
+        parts = bench.full_components(model, device="meta")
+        unet = parts["unet"]
+        assert unet.device == torch.device("meta")
+        assert (round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
+                unet.config.sample_size, parts["scheduler"].config.prediction_type) == expected
+    assert {"text_encoder_2", "tokenizer_2"} <= set(parts)  # sdxl, the last
+    assert parts["vae"].config.scaling_factor == 0.13025
 
 
 def test_suite_runs_its_settings_in_order_and_keeps_them_in_the_json(tmp_path, capsys):

@@ -222,3 +222,23 @@ def test_guided_loop_moves_each_criterion_up_on_tiny_unclip(criterion):
     assert torch.isfinite(runs[0.3].latents).all()
     assert (runs[0.3].nonfinite_steps == 0).all()
     assert runs[0.3].criterion_after.mean() > runs[0.0].criterion_after.mean()
+
+
+def test_img2img_from_a_real_image_on_unclip():
+    from test_stable_diffusion import sources
+
+    from ray_lt.generate.sampler import Guidance, guided_sample
+
+    def draw(generator, strength):
+        return guided_sample(generator, None, LABELS, GROUPS, torch.zeros(4, dtype=torch.long),
+                             SEEDS, num_steps=4, cfg_scale=2.0, guidance=Guidance(scale=0.0),
+                             strength=strength)
+
+    text, real = make_generator(), make_generator(sources=sources())
+    t2i, full = draw(text, 1.0), draw(real, 1.0)
+    torch.testing.assert_close(full.latents, t2i.latents, atol=0, rtol=0)
+    low = draw(real, 0.5)
+    start = real.sources(LABELS.tolist(), GROUPS.tolist(), SEEDS)[0]
+    assert low.record["source_row"] == full.record["source_row"]
+    assert ((low.latents - start).flatten(1).norm(dim=1) <
+            (t2i.latents - start).flatten(1).norm(dim=1)).all()

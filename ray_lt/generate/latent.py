@@ -106,10 +106,6 @@ class LatentDiffusion:
         return (self.vae.config.latent_channels, self.height // self.vae_scale,
                 self.width // self.vae_scale)
 
-    def prompt(self, label: int, group: int, seed: int = 0) -> str:
-        """The text prompt of one sample, e.g. "a photo of a cat in snow"."""
-        return self.prompts.draw([label], [group], [seed])[0]
-
     # -- conditioning ---------------------------------------------------------------------
 
     def condition(self, labels: torch.Tensor, groups: torch.Tensor, seeds: list[int]

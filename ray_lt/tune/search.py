@@ -35,7 +35,7 @@ BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"few": ["val_few"], "worst_group": ["val_worst_group"],
               "both": ["val_few", "val_worst_group"],
               "unseen_groups": ["val_unseen_groups", "val_worst_group"]}
-SHARED_STAGES = ("classifier", "generator", "references")
+SHARED_STAGES = ("classifier", "generator", "references", "sources")
 
 
 def objective_metrics(cfg: Config, has_groups: bool, has_few: bool,

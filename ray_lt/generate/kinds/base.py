@@ -26,9 +26,9 @@ class GeneratorKind:
     def check_config(self, cfg: Config) -> None:
         """Refuse settings of other sections this kind cannot honour (before Ray starts)."""
 
-    def check(self, cfg: Config, run_dir: Path) -> None:
+    def check(self, cfg: Config, run_dir: Path | None) -> None:
         """Fail, loading nothing, when the weights to sample from are missing or of another
-        kind (before any actor starts)."""
+        kind (before any actor starts); ``run_dir`` holds those trained here."""
 
     def train(self, cfg: Config, out_dir: Path, data: LongTailData) -> Path:
         """Train the generator into ``out_dir/generator`` and return that folder."""
@@ -47,7 +47,7 @@ class GeneratorKind:
 class TrainedKind(GeneratorKind):
     """A kind trained here into ``DIR/generator`` (with a ``generator.json`` naming it)."""
 
-    def check(self, cfg: Config, run_dir: Path) -> None:
+    def check(self, cfg: Config, run_dir: Path | None) -> None:
         folder = require_stage(Path(run_dir) / "generator", "generator",
                                "ray-lt train-generator")
         spec, index = folder / SPEC_FILE, folder / "model_index.json"
@@ -73,7 +73,7 @@ class TrainedKind(GeneratorKind):
 class PretrainedKind(GeneratorKind):
     """A pretrained Stable Diffusion read from ``generator.pretrained`` (never downloaded)."""
 
-    def check(self, cfg: Config, run_dir: Path | None = None) -> None:
+    def check(self, cfg: Config, run_dir: Path | None) -> None:
         from ray_lt.generate.pretrained import LAYOUTS, check_folder, check_tiny_decoder
 
         g = cfg.generator

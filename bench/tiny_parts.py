@@ -50,7 +50,7 @@ def _text_config(tokenizer: Any, **extra: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
 
 
-def _scheduler(prediction_type: str) -> Any:
+def ddim_scheduler(prediction_type: str) -> Any:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -69,7 +69,7 @@ def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon") -> dict[
         tokenizer = _byte_tokenizer()
         return {"unet": unet, "vae": _vae(), "tokenizer": tokenizer,
                 "text_encoder": CLIPTextModel(_text_config(tokenizer)),
-                "scheduler": _scheduler(prediction_type)}
+                "scheduler": ddim_scheduler(prediction_type)}
 
 
 def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def tiny_sdxl_components(seed: int = 0) -> dict[str, Any]:
                 "tokenizer_2": tokenizer_2,
                 "text_encoder_2": CLIPTextModelWithProjection(
                     _text_config(tokenizer_2, projection_dim=WIDTH)),
-                "scheduler": _scheduler("epsilon")}
+                "scheduler": ddim_scheduler("epsilon")}
 
 
 def save_tiny(out: Path, kind: str = "sd", seed: int = 0, prediction_type: str = "epsilon"

@@ -208,3 +208,19 @@ def test_pixel_img2img_starts_from_the_training_image_of_the_seed():
     source = real.sources(labels, groups, seeds)[0]
     assert ((low.latents - source).flatten(1).norm(dim=1) <
             (t2i.latents - source).flatten(1).norm(dim=1)).all()
+
+
+def test_stored_sources_read_back_and_are_kept_when_unchanged(tmp_path):
+    from ray_lt.generate.sources import META_FILE, SOURCES_DIR, store_sources
+
+    images = [np.full((4, 4, 1), 10 * i, np.uint8) for i in range(5)]
+    index = pd.DataFrame({"label": [0, 0, 1, 1, 1], "group": [-1] * 5, "image": images})
+    folder = store_sources(index, None, 4, 1, tmp_path)
+    stamp = (folder / META_FILE).stat().st_mtime_ns
+    assert store_sources(index, None, 4, 1, tmp_path) == tmp_path / SOURCES_DIR
+    assert (folder / META_FILE).stat().st_mtime_ns == stamp
+    loaded = Sources.load(tmp_path)
+    assert {k: v.tolist() for k, v in loaded.by_class.items()} == {0: [0, 1], 1: [2, 3, 4]}
+    assert (loaded.image(3, 8, 8, 1) == 30).all() and loaded.image(3, 8, 8, 1).shape == (8, 8, 1)
+    assert loaded.pick([1, 1], [-1, -1], [0, 1]) == loaded.pick([1], [-1], [0]) + \
+        loaded.pick([1], [-1], [1])

@@ -51,6 +51,7 @@ def store_sources(index: pd.DataFrame, root: Path | None, image_size: int, chann
     if column == "image":
         table["image"] = [np.asarray(i, dtype=np.uint8).tobytes() for i in table["image"]]
     with staged_folder(folder) as tmp:
+        tmp.mkdir(parents=True)
         table.to_parquet(tmp / SOURCES_FILE, index=False)
         (tmp / META_FILE).write_text(json.dumps(meta))
     return folder

@@ -540,6 +540,10 @@ class Config(Strict):
         if s.init == "real" and g.OUTPUTS == "features":
             problems.append(f"synthesis.init: 'real' starts from a real image, and generator.kind "
                             f"{g.kind!r} samples feature vectors; use 'noise'")
+        if g.LATENT and self.dataset.channels != 3:
+            problems.append(f"dataset.channels: {self.dataset.channels}, but generator.kind "
+                            f"{g.kind!r} makes RGB images for the classifier; set "
+                            f"dataset.channels: 3")
         templates = getattr(g, "prompts", [])
         if any("{context}" in t for t in templates) and self.dataset.kind not in GROUPED_KINDS:
             problems.append(f"generator.prompts: {{context}} needs a data set with contexts "

@@ -226,7 +226,8 @@ def test_generator_folder_of_another_kind_is_refused(tmp_path):
 
     pixel = tmp_path / "pixel"
     pixel_parts()[0].save_pretrained(pixel)
-    cfg = load_config(CONFIG, ["generator.kind=unclip", f"generator.pretrained={pixel}"])
+    cfg = load_config(CONFIG, ["generator.kind=unclip", f"generator.pretrained={pixel}",
+                               "dataset.channels=3"])
     with pytest.raises(ConfigError) as err:
         check_generator(cfg, tmp_path / "run")
     assert str(err.value).startswith(f"generator.pretrained: {pixel} holds a 'pixel' generator "

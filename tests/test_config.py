@@ -34,7 +34,8 @@ def test_switching_a_kind_drops_the_keys_of_the_old_kind_and_says_which(caplog, 
     assert ("--set dataset.kind=imagenet_lt: dropped dataset keys imagenet_lt does not have: "
             "imbalance_factor, max_per_class, val_per_class, test_per_class") in caplog.text
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
-                      ["generator.kind=sd", f"generator.pretrained={tmp_path}"])
+                      ["generator.kind=sd", f"generator.pretrained={tmp_path}",
+                       "dataset.channels=3"])
     assert (cfg.generator.kind, cfg.generator.prompts) == ("sd", ["a photo of a {class_name}"])
     assert "dropped generator keys sd does not have: block_out_channels, train_steps" \
         in caplog.text

@@ -42,11 +42,13 @@ def test_every_section_has_its_hooks_and_nothing_outside_branches_on_a_kind():
     (["generator.kind=sd", "generator.prompts=['a {label}']"],
      "generator.prompts: Value error, 'a {label}' is not a template"),
     (["generator.kind=sd", "generator.prompts=[]"], "generator.prompts: List should have at least"),
+    (["generator.kind=sdxl", "dataset.channels=1"],
+     "dataset.channels: 1, but generator.kind 'sdxl' makes RGB images for the classifier"),
 ])
 def test_settings_a_kind_cannot_honour_are_refused_by_key(overrides, message):
     import yaml
 
-    raw = {"dataset": {"kind": "digits_lt"}, "synthesis": {}, "generator": {}}
+    raw = {"dataset": {"kind": "digits_lt", "channels": 3}, "synthesis": {}, "generator": {}}
     for item in overrides:
         key, value = item.split("=", 1)
         section, name = key.split(".")
@@ -59,11 +61,12 @@ def test_a_pretrained_kind_without_weights_is_refused_before_ray(tmp_path):
     from ray_lt import commands
     from ray_lt.pipeline import check_run_config
 
-    cfg = load_config(DIGITS, ["generator.kind=sdxl"])
+    cfg = load_config(DIGITS, ["generator.kind=sdxl", "dataset.channels=3"])
     with pytest.raises(ConfigError, match="generator.pretrained: set the local folder .* of a "
                                           "StableDiffusionXLPipeline"):
         check_run_config(cfg)
-    cfg = load_config(DIGITS, ["generator.kind=sd", f"generator.pretrained={tmp_path / 'no'}"])
+    cfg = load_config(DIGITS, ["generator.kind=sd", f"generator.pretrained={tmp_path / 'no'}",
+                               "dataset.channels=3"])
     with pytest.raises(ConfigError, match="does not exist; weights are never downloaded, give a "
                                           "local folder laid out like stable-diffusion-v1-5"):
         check_run_config(cfg)

@@ -149,7 +149,8 @@ def test_config_refuses_decoders_that_cannot_apply():
     with pytest.raises(ConfigError, match="guidance_micro_batch"):
         config_from_dict(_raw(guidance_micro_batch=0))
     cfg = config_from_dict({**_raw(guidance_decoder="latent_resize", guidance_micro_batch=4),
-                            "generator": {"kind": "unclip", "pretrained": "/x"}})
+                            "generator": {"kind": "unclip", "pretrained": "/x"},
+                            "dataset": {"kind": "digits_lt", "channels": 3}})
     assert cfg.synthesis.guidance_micro_batch == 4
 
 

@@ -9,6 +9,7 @@ encodes prompts and ``unet_kwargs`` hands them to its UNet.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch import nn
 
 from ray_lt.errors import ConfigError
 from ray_lt.generate.base import Conditioning
+from ray_lt.generate.pretrained import LAYOUTS, load_parts
 from ray_lt.generate.prompts import Prompts
 from ray_lt.generate.sources import SourceLatents, Sources
 
@@ -89,6 +91,23 @@ class LatentDiffusion:
         self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
         self.sources = (SourceLatents(sources, self.encode, self.height, self.width, 3)
                         if sources is not None else None)
+
+    kind = ""  # the generator kind, whose folder layout ``from_pretrained`` reads
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, **kwargs: Any) -> LatentDiffusion:
+        """Every component of the kind's folder (``ray_lt.generate.pretrained``), offline;
+        ``kwargs`` go to ``__init__`` (class_names, prompts, ...)."""
+        parts = load_parts(path, cls.kind, dtype)
+        components = {name: parts[name] for name in LAYOUTS[cls.kind].components}
+        return cls(**components, **cls._pipeline_options(parts["pipeline_config"]),
+                   device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def _pipeline_options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Constructor arguments read from the pipeline's own config (model_index.json)."""
+        return {}
 
     def _validate(self, scheduler: DDIMScheduler) -> None:
         if self.guidance_decoder not in GUIDANCE_DECODERS:

@@ -8,7 +8,6 @@ Both load offline from a folder in the diffusers layout of ``StableDiffusionPipe
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +16,6 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from ray_lt.errors import ConfigError
 from ray_lt.generate.latent import LatentDiffusion
-from ray_lt.generate.pretrained import LAYOUTS, load_parts
 
 
 class StableDiffusionGenerator(LatentDiffusion):
@@ -37,15 +35,6 @@ class StableDiffusionGenerator(LatentDiffusion):
                  text_encoder: CLIPTextModel, scheduler: DDIMScheduler, **kwargs: Any):
         self.tokenizer, self.text_encoder = tokenizer, text_encoder
         super().__init__(unet, vae, scheduler, encoders=[text_encoder], **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs: Any
-                        ) -> StableDiffusionGenerator:
-        """Every component of the folder, offline; ``kwargs`` go to ``__init__``."""
-        parts = load_parts(path, cls.kind, dtype)
-        return cls(**{k: parts[k] for k in LAYOUTS[cls.kind].components}, device=device,
-                   dtype=dtype, **kwargs)
 
     def _encode_text(self, prompt: str) -> dict[str, torch.Tensor]:
         """The text encoder's last hidden states (L, D), as diffusers' pipeline conditions."""
@@ -79,14 +68,8 @@ class StableDiffusionXLGenerator(LatentDiffusion):
                               f"not an SDXL base UNet")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs: Any
-                        ) -> StableDiffusionXLGenerator:
-        """Every component of the folder, offline; ``kwargs`` go to ``__init__``."""
-        parts = load_parts(path, cls.kind, dtype)
-        zeros = parts["pipeline_config"].get("force_zeros_for_empty_prompt", True)
-        return cls(**{k: parts[k] for k in LAYOUTS[cls.kind].components}, device=device,
-                   dtype=dtype, force_zeros_for_empty_prompt=zeros, **kwargs)
+    def _pipeline_options(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"force_zeros_for_empty_prompt": config.get("force_zeros_for_empty_prompt", True)}
 
     def _encode_text(self, prompt: str) -> dict[str, torch.Tensor]:
         """(L, D1 + D2) penultimate hidden states of both encoders and (P,) the pooled

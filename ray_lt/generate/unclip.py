@@ -60,6 +60,8 @@ class UnCLIPGenerator(LatentDiffusion):
     references falls back to its class.
     """
 
+    kind = "unclip"
+
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, tokenizer: CLIPTokenizer,
                  text_encoder: CLIPTextModel, image_encoder: CLIPVisionModelWithProjection,
                  feature_extractor: CLIPImageProcessor,
@@ -100,13 +102,6 @@ class UnCLIPGenerator(LatentDiffusion):
         else:
             self._class_refs = self._index_references(reference_images.get("class", {}))
             self._group_refs = self._index_references(reference_images.get("group", {}))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, **kwargs: Any) -> UnCLIPGenerator:
-        """Load every component offline (see ``load_components``); ``kwargs`` go to
-        ``__init__`` (class_names, reference_images, ...)."""
-        return cls(**load_components(path, dtype=dtype), device=device, dtype=dtype, **kwargs)
 
     def _index_references(self, by_key: dict[int, list[np.ndarray]]) -> dict[int, list[int]]:
         """Positions of each key's images in ``self._images``; an array listed under both its

@@ -31,9 +31,9 @@ class GeneratorKind:
         kind (before any actor starts); ``run_dir`` holds those trained here."""
 
     def train(self, cfg: Config, out_dir: Path, data: LongTailData) -> Path:
-        """Train the generator into ``out_dir/generator`` and return that folder."""
-        raise ConfigError(f"generator.kind: {self.name!r} is not trained by train-generator "
-                          f"(it loads pretrained weights from generator.pretrained)")
+        """Train the generator into ``out_dir/generator`` and return that folder (kinds whose
+        section says ``TRAINED``)."""
+        raise NotImplementedError
 
     def prepare(self, cfg: Config, data: LongTailData, run_dir: Path) -> None:
         """Per-run inputs the sampler actors read from the run directory (references)."""

@@ -115,12 +115,14 @@ def dataloader_pass(loader: DataLoader) -> int:
 
 def ray_dataset(root: Path, table: pd.DataFrame) -> ray.data.Dataset:
     """The training dataset exactly as ``ray_lt.data`` builds it, with the columns it trains on."""
-    from ray_lt.config import ListFileData
-    from ray_lt.data import _from_files
+    import numpy as np
 
-    cfg = ListFileData(kind="imagenet_lt", root=root, num_classes=10, image_size=SIZE,
-                       verify_images=False)
-    return _from_files({"train": table}, cfg, seed=0)["train"].select_columns(["image", "label"])
+    from ray_lt.data import LongTailData
+
+    table = table.assign(source=table["path"])
+    data = LongTailData({"train": table, "val": table, "test": table},
+                        np.bincount(table["label"]), [], (SIZE, SIZE, 3), root=root)
+    return data.train.select_columns(["image", "label"])
 
 
 def ray_pass(ds: ray.data.Dataset, batch_size: int, shuffle_buffer: int,

@@ -33,10 +33,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 @contextmanager
 def staged_folder(folder: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yields an empty staging path beside ``folder`` (a stale one is cleared; the caller or
-    its writer creates it); on success the staged folder replaces ``folder``."""
+    its writer creates it); on success the staged folder replaces ``folder``, on failure it
+    is removed."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + suffix)
     shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import re
 import sys
-import tempfile
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from ray_lt import commands
 from ray_lt.config import Config, load_config
-from ray_lt.errors import ConfigError, RayLTError
+from ray_lt.errors import RayLTError
 from ray_lt.log import setup_console
+from ray_lt.rundir import check_out_dir
 
 COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
     "run": (commands.run, "the whole pipeline: baseline, generator, guided synthesis, "
@@ -28,47 +32,92 @@ COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
 }
 
 
+def out_dir(text: str) -> Path:
+    """``--out``: a folder path; an empty one is refused (it would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the run directory is empty; give a folder, e.g. "
+                                         "--out runs/first")
+    return Path(text)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False) -> None:
     """CONFIG, --out and --set, shared by the console script and the job entry points."""
     if config_flag:
         parser.add_argument("--config", required=True, help="YAML config file")
     else:
         parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--out", required=True, type=Path, help="run directory")
+    parser.add_argument("--out", required=True, type=out_dir, help="run directory")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="KEY.PATH=VALUE", help="override any config key")
     parser.add_argument("--verbose", action="store_true",
-                        help="also show Ray's INFO lines, the workers' output and Ray Data's "
-                             "progress bars (always in DIR/logs/ and Ray's session logs)")
+                        help="also show Ray's INFO lines, the workers' output, Ray Data's "
+                             "progress bars and the traceback of an error (always in "
+                             "DIR/logs/ and Ray's session logs)")
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse an ``--out`` folder that cannot be created or written, before Ray starts. It
-    creates nothing: a probe file in the nearest existing folder is removed at once."""
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, so the run folder cannot be made "
-                          f"there; choose another --out")
-    try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ray-lt-probe-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"--out {out}: the run folder cannot be created or written: a file "
-                          f"cannot be made in {existing} ({err.strerror}); choose a writable "
-                          f"--out") from None
+# How a RayLTError ends the traceback text of a Ray error that kept no exception object
+RAY_LT_ERROR_TEXT = re.compile(r"^ray_lt\.[\w.]*Error: (.+)", re.MULTILINE | re.DOTALL)
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-paragraph message of an error the user can fix, found in ``err`` or in what
+    it wraps (a Ray task's or actor's error around a RayLTError); None for anything else,
+    which is a fault of ray_lt and keeps its traceback."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        e = stack.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RayLTError):
+            cause = getattr(e, "cause", None)  # a RayTaskError made an instance of its cause
+            return str(cause if isinstance(cause, RayLTError) else e).strip()
+        wrapped = RAY_LT_ERROR_TEXT.search(str(e)) if type(e).__module__.startswith("ray.") \
+            else None
+        if wrapped:  # an actor's creation failed: Ray keeps only the text of its error
+            return wrapped.group(1).strip()
+        if isinstance(e, UnicodeDecodeError):
+            return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}, 0x"
+                    f"{e.object[e.start]:02x}); save it as UTF-8")
+        if isinstance(e, json.JSONDecodeError):
+            return f"a JSON file is not valid JSON: {e}"
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    return None
+
+
+def _stop_local_ray() -> None:
+    """After Ctrl-C: stop the Ray processes this command started on this machine (a cluster
+    it only connected to is left running)."""
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.shutdown()
 
 
 def run_command(name: str, args: argparse.Namespace) -> int:
-    """Load the config, run the command; bad input ends with a one-paragraph error, exit 2."""
+    """Load the config and run the command. Bad input, a cluster that cannot be reached and
+    Ctrl-C end in one line (exit 2, 130 for Ctrl-C; ``--verbose`` adds the traceback); what
+    is finished stays in the run directory."""
     setup_console(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
         check_out_dir(args.out)
         COMMANDS[name][0](cfg, args.out)
-    except RayLTError as err:
-        print(f"ray-lt {name}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        _stop_local_ray()
+        if args.verbose:
+            traceback.print_exc()
+        print(f"ray-lt {name}: interrupted; what has finished is kept in {args.out}, and the "
+              f"same command resumes from there", file=sys.stderr)
+        return 130
+    except Exception as err:
+        message = user_error(err)
+        if message is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        print(f"ray-lt {name}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,14 +1,17 @@
 """The commands users run: ``ray-lt <command>``, ``jobs/<command>.py`` and Python drivers call
-these functions. Each prepares the session (``ray_lt.pipeline.prepare``) and runs its stages
-into one run directory; a stage whose output is complete is not run again.
+these functions. Each holds its run directory's lock (``ray_lt.rundir``: one command at a
+time per directory), prepares the session (``ray_lt.pipeline.prepare``: every check first)
+and runs its stages into the directory; a stage whose output is complete is not run again.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ray_lt.config import Config
 from ray_lt.errors import ConfigError, require_stage
@@ -24,26 +27,46 @@ from ray_lt.pipeline import (
     generator_stage,
     grid_stage,
     prepare,
-    stage_outputs,
     synthesis_stage,
 )
 from ray_lt.report import write_report
-from ray_lt.stages import StageMeter, check_stages, record_timing
+from ray_lt.rundir import run_lock
+from ray_lt.stages import StageMeter, record_timing
 from ray_lt.train.trainer import MODEL_FILE
 
 log = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 
+def command(name: str) -> Callable[[Callable[[Config, Path], Result]],
+                                   Callable[[Config, Path], Result]]:
+    """Run the decorated command holding ``out_dir``'s lock: a second command into the same
+    directory is refused at once, naming the process that holds it."""
+    def wrap(body: Callable[[Config, Path], Result]) -> Callable[[Config, Path], Result]:
+        @functools.wraps(body)
+        def locked(cfg: Config, out_dir: Path) -> Result:
+            with run_lock(Path(out_dir), name):
+                return body(cfg, Path(out_dir))
+        return locked
+    return wrap
+
+
+ALL_STAGES = ("classifier", "generator", "synthesis", "filter", "final")
+
+
+@command("train")
 def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Train the classifier on the real data (unless already trained) and evaluate it on test.
 
     Writes ``classifier/`` (weights, spec, history), ``metrics.json``, ``predictions.parquet``
     and ``per_class_accuracy.png`` into ``out_dir``.
     """
-    out_dir, data = prepare(cfg, out_dir, needs=("train",))
+    out_dir, data = prepare(cfg, out_dir, needs=("train",), command="train",
+                            stages=("classifier",))
     return baseline_stage(cfg, out_dir, data)
 
 
+@command("train-generator")
 def train_generator(cfg: Config, out_dir: Path) -> Path:
     """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
     Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
@@ -51,10 +74,12 @@ def train_generator(cfg: Config, out_dir: Path) -> Path:
         raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not trained by "
                           f"train-generator (it loads pretrained weights from "
                           f"generator.pretrained)")
-    out_dir, data = prepare(cfg, out_dir, needs=("train",))
+    out_dir, data = prepare(cfg, out_dir, needs=("train",), command="train-generator",
+                            stages=("generator",))
     return generator_stage(cfg, out_dir, data)
 
 
+@command("synthesize")
 def synthesize(cfg: Config, out_dir: Path) -> Path:
     """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic``.
 
@@ -62,16 +87,19 @@ def synthesize(cfg: Config, out_dir: Path) -> Path:
     """
     require_stage(Path(out_dir) / "classifier" / MODEL_FILE, "classifier", "ray-lt train")
     check_generator(cfg, Path(out_dir))
-    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",))
+    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",), command="synthesize",
+                            stages=("synthesis", "filter"), check=lambda data: plan(cfg, data))
     return synthesis_stage(cfg, out_dir, data)
 
 
+@command("grid")
 def grid(cfg: Config, out_dir: Path) -> Path | None:
     """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
-    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",))
+    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",), command="grid")
     return grid_stage(cfg, out_dir, data)
 
 
+@command("run")
 def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """The whole pipeline into one run directory, each stage skipped when its output is
     complete: baseline -> criterion statistics -> generator -> guided synthesis (+ filter)
@@ -80,9 +108,9 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     check_run_config(cfg)
     with StageMeter() as meter:
-        out_dir, data = prepare(cfg, out_dir, needs=("train", "synthesis"))
-        plan(cfg, data)  # an empty quota is refused before any training
-        check_stages(cfg, out_dir, stage_outputs(cfg, out_dir))
+        # an empty quota is refused before any training
+        out_dir, data = prepare(cfg, out_dir, needs=("train", "synthesis"), command="run",
+                                stages=ALL_STAGES, check=lambda data: plan(cfg, data))
     times = {"data": (meter.seconds, meter.peak_rss_mb)}
     record_timing(out_dir, "data", *times["data"])
     s = cfg.synthesis
@@ -115,6 +143,7 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     return results["evaluation"]
 
 
+@command("tune")
 def tune(cfg: Config, out_dir: Path) -> Any:
     """Ray Tune + Optuna over the configured search space (``ray_lt.tune.search``)."""
     from ray_lt.tune.search import tune as run_search

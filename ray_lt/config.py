@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from ray_lt.errors import ConfigError
+from ray_lt.errors import ConfigError, read_utf8
 
 DIGITS_PER_CLASS_MIN = 174  # the rarest digit in scikit-learn's bundled set has 174 images
 # The feedback criteria (ray_lt.generate.criteria.CRITERIA); the group ones need a data set
@@ -33,9 +33,10 @@ GROUPED_KINDS = ("digits_groups", "nico_pp")
 
 
 class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+    """Base of every config section: unknown keys are errors, assignments are re-validated,
+    and a float must be finite (inf and nan are refused, whatever its bounds)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DigitsLTData(Strict):
@@ -701,7 +702,10 @@ def _format_error(source: str, raw: dict[str, Any], err: ValidationError) -> str
             note = _kind_key_note(loc[0], loc[1], kinds[loc[0]])
         if e["type"] == "extra_forbidden" and not note:
             note = _suggestion(loc, kinds)
-        lines.append(f"{source}: {'.'.join(loc) or '<root>'}: {e['msg']}{note}")
+        msg = e["msg"]
+        if e["type"] == "finite_number":
+            msg = f"must be a finite number, got {e['input']!r} (inf and nan are refused)"
+        lines.append(f"{source}: {'.'.join(loc) or '<root>'}: {msg}{note}")
     return "invalid config\n  " + "\n  ".join(lines)
 
 
@@ -719,7 +723,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_utf8(path, "config file", ConfigError)) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -729,6 +733,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(apply_overrides(raw, overrides or []), source=str(path))
 
 
-def dump_config(config: Config, path: str | Path) -> None:
-    """Write a config as YAML that ``load_config`` reads back to an equal config."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

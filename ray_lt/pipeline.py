@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ import numpy as np
 import ray
 from ray._private.utils import read_ray_address
 
-from ray_lt.config import Config, RayConfig, dump_config, final_train_config
-from ray_lt.data import LongTailData, load_dataset
-from ray_lt.errors import ConfigError, DataError, require_stage
+from ray_lt.config import Config, RayConfig, final_train_config
+from ray_lt.data import LongTailData, check_images, load_dataset
+from ray_lt.errors import ClusterError, ConfigError, DataError, require_stage
 from ray_lt.evaluate.classifier import METRICS_FILE, evaluate_classifier
 from ray_lt.evaluate.metrics import HEADLINE
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
+from ray_lt.generate.criteria import check_covariance_size
 from ray_lt.generate.factory import check_generator, generator_info
 from ray_lt.generate.filtering import filter_synthetic
 from ray_lt.generate.kinds import generator_kind
@@ -53,15 +55,18 @@ from ray_lt.generate.synthetic import (
     synthetic_count,
 )
 from ray_lt.log import log_to_file, verbose
+from ray_lt.rundir import check_run_config_file, write_run_config
 from ray_lt.stages import (
     STAGES_FILE,
     check_stage,
+    check_stages,
     forget_stage,
     record_stage,
     stage_matches,
 )
 from ray_lt.train import fit_classifier
 from ray_lt.train.head import fit_head
+from ray_lt.train.models import feature_dim
 from ray_lt.train.trainer import MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -94,32 +99,94 @@ def ray_address(configured: str | None) -> str | None:
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Connect to the configured cluster, to RAY_ADDRESS (ray job submit), or start Ray here.
+    """Connect to the configured cluster, to RAY_ADDRESS (ray job submit), or start Ray here;
+    a cluster that cannot be reached or started is a ClusterError saying where and why.
 
     Unless verbose (``--verbose``), the workers' output and Ray's INFO lines stay in Ray's
     session logs and Ray Data shows no per-dataset progress bars (see ``ray_lt.log``).
     """
     loud = verbose()
     if not ray.is_initialized():
-        ray.init(address=ray_address(cfg.address), ignore_reinit_error=True,
-                 log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+        address = ray_address(cfg.address)
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=loud,
+                     logging_level=logging.INFO if loud else logging.WARNING,
+                     runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+        except Exception as err:  # Ray raises ConnectionError, RuntimeError or plain Exception
+            ray.shutdown()  # stop what a half-started local cluster left running
+            raise ClusterError(ray_start_failure(address, cfg.address, err)) from err
     ray.data.DataContext.get_current().enable_progress_bars = loud
 
 
-def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = ()
-            ) -> tuple[Path, LongTailData]:
-    """Record the config in the run directory, start Ray, check that the cluster can run what
-    the caller ``needs`` (``check_cluster_resources``), load and check the data."""
+def ray_start_failure(address: str | None, configured: str | None, err: Exception) -> str:
+    """What failed when ``ray.init`` raised ``err``, and what to try."""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if address == "local":
+        return (f"Ray could not start a local cluster on this machine: {reason}. On a busy "
+                f"machine Ray's processes can time out while starting: try again when it is "
+                f"less loaded, or start one with `ray start --head` and set ray.address")
+    where = (f"ray.address {configured!r}" if configured
+             else f"RAY_ADDRESS {os.environ.get('RAY_ADDRESS', address)!r}")
+    lowered = reason.lower()
+    if "token" in lowered or "auth" in lowered or "unauthenticated" in lowered:
+        hint = ("the cluster refused this machine's authentication token: use that cluster's "
+                "token (`ray get-auth-token` on its head node, then RAY_AUTH_TOKEN)")
+    else:
+        hint = ("check the address (`ray status` on the head node prints it) and that the "
+                "cluster is up and reachable from here")
+    return f"{where}: could not connect to the Ray cluster: {reason}; {hint}"
+
+
+def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = (), command: str = "run",
+            stages: tuple[str, ...] = (),
+            check: Callable[[LongTailData], None] | None = None) -> tuple[Path, LongTailData]:
+    """Everything a command does before its stages, checks first: read and check the data's
+    index files and what the config decides with them (``check_inputs``, then the caller's
+    ``check``), that the recorded ``stages`` were made with this config; then start Ray,
+    check that the cluster can run what the caller ``needs`` (``check_cluster_resources``),
+    decode the images (``dataset.verify_images``), and only then record the config as
+    ``out_dir/config.yaml``. Nothing in ``out_dir`` is written before the checks pass but
+    the log."""
     out_dir = Path(out_dir).resolve()
+    data = load_dataset(cfg.dataset, cfg.seed)
+    check_inputs(cfg, data)
+    if check is not None:
+        check(data)
+    outputs = stage_outputs(cfg, out_dir)
+    check_stages(cfg, out_dir, {k: v for k, v in outputs.items() if k in stages})
+    check_run_config_file(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out_dir / "config.yaml")
     log_file = log_to_file(out_dir)
     init_ray(cfg.ray)
     check_cluster_resources(cfg, cluster_capacity(), needs)
     log.debug("Ray session logs (every worker's output): %s", ray_session_logs())
     log.debug("full log: %s", log_file)
-    return out_dir, load_dataset(cfg.dataset, cfg.seed)
+    check_images(cfg.dataset, data)
+    write_run_config(cfg, out_dir, command)
+    return out_dir, data
+
+
+def criteria_in_use(cfg: Config) -> set[str]:
+    """Every criterion the config may score with: synthesis, the grid's rows, the search."""
+    return (set(cfg.synthesis.criteria) | set(cfg.synthesis.grid_criteria)
+            | set(cfg.tune.space.criteria or []))
+
+
+def check_inputs(cfg: Config, data: LongTailData) -> None:
+    """What the config decides together with the data's index, refused before Ray starts
+    (instead of in the stage that would meet it, after hours of training)."""
+    if "hardness" in criteria_in_use(cfg):
+        dim = feature_dim(cfg.model.name, data.image_shape[2], cfg.model.width)
+        try:
+            check_covariance_size(data.num_classes, dim, cfg.synthesis.hardness_covariance)
+        except ValueError as err:
+            raise ConfigError(f"{err} (model.name {cfg.model.name} has {dim} features, "
+                              f"the data set {data.num_classes} classes)") from None
+    label = cfg.synthesis.grid_class
+    if cfg.report.grid and label >= data.num_classes:
+        raise ConfigError(f"synthesis.grid_class: {label} is not a class of this data set "
+                          f"(it has {data.num_classes}: 0 to {data.num_classes - 1}, or -1 for "
+                          f"the rarest)")
 
 
 DATA_TASK_CPUS = 1.0  # what a Ray Data read or map task asks for unless told otherwise

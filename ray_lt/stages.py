@@ -14,7 +14,7 @@ from typing import Any
 
 from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config, section_model
-from ray_lt.errors import ConfigError
+from ray_lt.errors import ConfigError, StageError
 
 STAGES_FILE = "stages.json"
 
@@ -71,7 +71,14 @@ def _document(out_dir: Path) -> dict[str, Any]:
     """``stages.json``: ``{"config": {stage: keys}, "timings": {stage: [measurement, ...]}}``
     (a file of the first format, stage -> keys at the top level, reads as its config part)."""
     path = Path(out_dir) / STAGES_FILE
-    doc = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        doc = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise StageError(f"{path}: not a valid stages record ({err}); it says which config "
+                         f"made each stage of the run. Restore it, or use a new --out") from None
+    if not isinstance(doc, dict):
+        raise StageError(f"{path}: not a valid stages record (a JSON object); restore it, or "
+                         f"use a new --out")
     if doc and set(doc) - {"config", "timings"}:
         doc = {"config": doc}
     return {"config": doc.get("config", {}), "timings": doc.get("timings", {})}

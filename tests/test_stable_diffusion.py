@@ -185,10 +185,24 @@ def test_a_folder_of_another_pipeline_or_missing_a_component_is_refused(folders,
     with pytest.raises(ConfigError, match=r"lacks the component folder\(s\) \['text_encoder_2'\] "
                                           "of a StableDiffusionXLPipeline"):
         StableDiffusionXLGenerator.from_pretrained(broken, class_names=CLASSES)
-    (broken / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
     shutil.copytree(folders["sdxl"] / "text_encoder_2", broken / "text_encoder_2")
+    with pytest.raises(ConfigError, match=f"component folder {broken / 'unet'} holds "
+                                          r"config.json but no weights \(\*.safetensors"):
+        check_folder(broken, "sdxl")  # offline, before Ray starts: nothing is loaded
+    weights.write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="component 'unet'"):
         StableDiffusionXLGenerator.from_pretrained(broken, class_names=CLASSES)
+    for part in ("tokenizer", "scheduler"):  # a component folder copied empty
+        for item in (broken / part).iterdir():
+            item.unlink()
+        with pytest.raises(ConfigError, match=f"component folder {broken / part} is empty, but "
+                                              "it is a component of a "
+                                              "StableDiffusionXLPipeline"):
+            check_folder(broken, "sdxl")
+        shutil.rmtree(broken / part)
+        shutil.copytree(folders["sdxl"] / part, broken / part)
 
 
 def test_pixel_img2img_starts_from_the_training_image_of_the_seed():

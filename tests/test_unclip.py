@@ -81,7 +81,7 @@ def test_missing_folder_or_component_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=f"{tmp_path / 'absent'}.*never downloaded"):
         load_components(tmp_path / "absent")
     save_components(tiny_unclip_components(), tmp_path / "unclip")
-    (tmp_path / "unclip" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "unclip" / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 8)
     with pytest.raises(ConfigError, match="component 'vae'"):
         load_components(tmp_path / "unclip")
     shutil.rmtree(tmp_path / "unclip" / "image_encoder")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from ray_lt.config import DatasetConfig, DigitsGroupsData, DigitsLTData, ListFileData, NicoData
+from ray_lt.config import DatasetConfig, DigitsGroupsData, DigitsLTData, ListFileData
 from ray_lt.data.digits import DIGIT_NAMES, digits_groups_tables, digits_lt_tables
 from ray_lt.data.files import read_class_names, read_nico_metadata, read_split_list
 from ray_lt.data.images import DECODE_BLOCK_ROWS, decode_batch, row_blocks, verify_images
@@ -27,26 +27,55 @@ SPLITS = ("train", "val", "test")
 class LongTailData:
     """The three splits of one data set and what the later stages need to know about them.
 
-    ``train_index`` is the training split's table (label, group and the file ``path`` under
-    ``root``, or the ``image`` itself for the embedded data sets), read by stages that pick
-    rows by index instead of streaming the split.
+    ``tables`` holds each split's rows as read on the driver (label, group and the file
+    ``path`` under ``root``, or the ``image`` itself for the embedded data sets); ``train``,
+    ``val`` and ``test`` are the Ray Datasets made from them on first use, so that the index
+    files are read and checked before Ray starts. ``train_index`` is the training split's
+    table, read by stages that pick rows by index instead of streaming the split.
     """
 
-    train: ray.data.Dataset
-    val: ray.data.Dataset
-    test: ray.data.Dataset
+    tables: dict[str, pd.DataFrame]
     class_counts: np.ndarray
     class_names: list[str]
     image_shape: tuple[int, int, int]
     context_names: list[str] = field(default_factory=list)
     group_counts: np.ndarray | None = None
-    train_index: pd.DataFrame | None = None
     root: Path | None = None
+    seed: int = 0
+    _datasets: dict[str, ray.data.Dataset] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.train_index is None:
-            raise ValueError("LongTailData needs train_index: the training split's label and "
-                             "group per row, with its path (file data sets) or image")
+        if set(self.tables) != set(SPLITS):
+            raise ValueError(f"LongTailData needs the tables of {SPLITS}, got "
+                             f"{sorted(self.tables)}")
+
+    @property
+    def train_index(self) -> pd.DataFrame:
+        table = self.tables["train"]
+        column = "path" if self.root is not None else "image"
+        return table[["label", "group", column]].reset_index(drop=True)
+
+    def split(self, name: str) -> ray.data.Dataset:
+        """The Ray Dataset of split ``name`` (the training split shuffled by the seed)."""
+        if name not in self._datasets:
+            table = self.tables[name]
+            if name == "train":
+                table = table.sample(frac=1.0, random_state=self.seed).reset_index(drop=True)
+            self._datasets[name] = (_from_files(table, self) if self.root is not None
+                                    else _from_memory(table))
+        return self._datasets[name]
+
+    @property
+    def train(self) -> ray.data.Dataset:
+        return self.split("train")
+
+    @property
+    def val(self) -> ray.data.Dataset:
+        return self.split("val")
+
+    @property
+    def test(self) -> ray.data.Dataset:
+        return self.split("test")
 
     @property
     def num_classes(self) -> int:
@@ -68,33 +97,24 @@ def _require_every_class(labels: np.ndarray, num_classes: int, where: str) -> np
     return counts
 
 
-def _from_memory(tables: dict[str, pd.DataFrame], seed: int) -> dict[str, ray.data.Dataset]:
-    out = {}
-    for split, table in tables.items():
-        if split == "train":
-            table = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-        blocks = max(1, min(8, len(table) // 512))
-        out[split] = ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks)
-    return out
+def _from_memory(table: pd.DataFrame) -> ray.data.Dataset:
+    blocks = max(1, min(8, len(table) // 512))
+    return ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks)
 
 
-def _from_files(tables: dict[str, pd.DataFrame], cfg: ListFileData | NicoData, seed: int
-                ) -> dict[str, ray.data.Dataset]:
-    if cfg.verify_images:
-        verify_images(pd.concat(tables.values(), ignore_index=True), cfg.root)
-    out = {}
-    for split, table in tables.items():
-        if split == "train":
-            table = table.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-        blocks = row_blocks(table[["path", "label", "group"]], DECODE_BLOCK_ROWS)
-        out[split] = ray.data.from_pandas(blocks).map_batches(
-            decode_batch, batch_format="pandas", batch_size=DECODE_BLOCK_ROWS,
-            fn_kwargs={"root": str(cfg.root), "size": cfg.image_size, "channels": cfg.channels})
-    return out
+def _from_files(table: pd.DataFrame, data: LongTailData) -> ray.data.Dataset:
+    size, _, channels = data.image_shape
+    blocks = row_blocks(table[["path", "label", "group", "source"]], DECODE_BLOCK_ROWS)
+    return ray.data.from_pandas(blocks).map_batches(
+        decode_batch, batch_format="pandas", batch_size=DECODE_BLOCK_ROWS,
+        fn_kwargs={"root": str(data.root), "size": size, "channels": channels})
 
 
-def _index(table: pd.DataFrame, column: str) -> pd.DataFrame:
-    return table[["label", "group", column]].reset_index(drop=True)
+def check_images(cfg: DatasetConfig, data: LongTailData) -> None:
+    """With ``dataset.verify_images``, decode every listed image once on Ray (the file data
+    sets), failing naming each bad file:line: after Ray starts, before anything trains."""
+    if data.root is not None and getattr(cfg, "verify_images", False):
+        verify_images(pd.concat(data.tables.values(), ignore_index=True), data.root)
 
 
 def digits_tables(cfg: DigitsLTData | DigitsGroupsData, seed: int) -> dict[str, pd.DataFrame]:
@@ -109,24 +129,20 @@ def digits_tables(cfg: DigitsLTData | DigitsGroupsData, seed: int) -> dict[str, 
 
 
 def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
-    """Build the Ray Datasets of any configured data set; raises DataError on bad input."""
+    """Read and check any configured data set's index (no Ray needed: the Ray Datasets are
+    made on first use, ``check_images`` decodes the files); raises DataError on bad input."""
     if isinstance(cfg, DigitsLTData):
         tables = digits_tables(cfg, seed)
         counts = np.bincount(tables["train"]["label"], minlength=10)
-        ds = _from_memory(tables, seed)
-        return LongTailData(ds["train"], ds["val"], ds["test"], counts, list(DIGIT_NAMES),
-                            (cfg.image_size, cfg.image_size, cfg.channels),
-                            train_index=_index(tables["train"], "image"))
+        return LongTailData(tables, counts, list(DIGIT_NAMES),
+                            (cfg.image_size, cfg.image_size, cfg.channels), seed=seed)
     if isinstance(cfg, DigitsGroupsData):
         tables = digits_tables(cfg, seed)
         n_groups = 10 * len(cfg.context_names)
-        ds = _from_memory(tables, seed)
         return LongTailData(
-            ds["train"], ds["val"], ds["test"],
-            np.bincount(tables["train"]["label"], minlength=10), list(DIGIT_NAMES),
+            tables, np.bincount(tables["train"]["label"], minlength=10), list(DIGIT_NAMES),
             (cfg.image_size, cfg.image_size, 3), list(cfg.context_names),
-            np.bincount(tables["train"]["group"], minlength=n_groups),
-            train_index=_index(tables["train"], "image"))
+            np.bincount(tables["train"]["group"], minlength=n_groups), seed=seed)
     if not cfg.root.is_dir():
         raise DataError(f"dataset.root: data folder {cfg.root} does not exist")
     class_names = read_class_names(cfg.class_names_file, cfg.num_classes)
@@ -136,15 +152,11 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
                                          cfg.num_classes) for split in SPLITS}
         counts = _require_every_class(tables["train"]["label"].to_numpy(), cfg.num_classes,
                                       str(cfg.root / cfg.list_name("train")))
-        ds = _from_files(tables, cfg, seed)
-        return LongTailData(ds["train"], ds["val"], ds["test"], counts, class_names, shape,
-                            train_index=_index(tables["train"], "path"), root=cfg.root)
+        return LongTailData(tables, counts, class_names, shape, root=cfg.root, seed=seed)
     n_ctx = len(cfg.context_names)
     tables = read_nico_metadata(cfg.root / cfg.metadata, cfg.root, cfg.num_classes, n_ctx)
     counts = _require_every_class(tables["train"]["label"].to_numpy(), cfg.num_classes,
                                   f"{cfg.root / cfg.metadata} (split=0)")
     group_counts = np.bincount(tables["train"]["group"], minlength=cfg.num_classes * n_ctx)
-    ds = _from_files(tables, cfg, seed)
-    return LongTailData(ds["train"], ds["val"], ds["test"], counts, class_names, shape,
-                        list(cfg.context_names), group_counts,
-                        train_index=_index(tables["train"], "path"), root=cfg.root)
+    return LongTailData(tables, counts, class_names, shape, list(cfg.context_names),
+                        group_counts, root=cfg.root, seed=seed)

@@ -7,13 +7,14 @@ Each parser returns a table with columns ``path`` (relative to the root), ``labe
 from __future__ import annotations
 
 import csv
+import io
 import os
 import stat
 from pathlib import Path
 
 import pandas as pd
 
-from ray_lt.errors import DataError
+from ray_lt.errors import DataError, read_utf8
 
 COLUMNS = ["path", "label", "group", "source"]
 
@@ -56,17 +57,19 @@ def _checked_label(text: str, num_classes: int, source: str, what: str = "label"
 
 
 def read_split_list(list_file: Path, root: Path, num_classes: int) -> pd.DataFrame:
-    """Parse an ImageNet-LT / Places-LT split file: one ``relative/path label`` per line."""
+    """Parse an ImageNet-LT / Places-LT split file: one ``relative/path label`` per line (the
+    label is the last field, so a path may contain spaces; a UTF-8 byte-order mark is dropped)."""
     if not list_file.is_file():
         raise DataError(f"split list {list_file} does not exist")
     rows = []
     listed: dict[str, str] = {}
     resolved = root.resolve()
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_utf8(list_file, "split list").splitlines(),
+                                  start=1):
         if not line.strip():
             continue
         source = f"{list_file}:{number}"
-        parts = line.split()
+        parts = line.strip().rsplit(maxsplit=1)  # the label is last: a path may hold spaces
         if len(parts) != 2:
             raise DataError(f"{source}: expected 'relative/path label', got {line.strip()!r}")
         label = _checked_label(parts[1], num_classes, source)
@@ -95,13 +98,20 @@ def read_nico_metadata(
     listed: dict[str, str] = {}
     resolved = root.resolve()
     split_names = {v: k for k, v in NICO_SPLITS.items()}
-    with metadata.open(newline="", encoding="utf-8-sig") as handle:  # -sig: drop a BOM
+    text = read_utf8(metadata, "metadata file")
+    with io.StringIO(text, newline="") as handle:
         reader = csv.reader(handle)
         header = [name.strip() for name in next(reader, [])]
         missing = [name for name in NICO_COLUMNS if name not in header]
         if missing:
             raise DataError(f"{metadata}:1: the header lacks the column(s) {', '.join(missing)}; "
                             f"it needs {','.join(NICO_COLUMNS)} (found {','.join(header)!r})")
+        twice = [f"{name} (columns "
+                 f"{', '.join(str(i + 1) for i, h in enumerate(header) if h == name)})"
+                 for name in NICO_COLUMNS if header.count(name) > 1]
+        if twice:
+            raise DataError(f"{metadata}:1: the header names {'; '.join(twice)} more than once; "
+                            f"keep one column of each name")
         at = [header.index(name) for name in NICO_COLUMNS]
         for number, record in enumerate(reader, start=2):
             if not record or not any(field.strip() for field in record):
@@ -129,7 +139,8 @@ def read_class_names(path: Path | None, num_classes: int) -> list[str]:
         return [f"class {i}" for i in range(num_classes)]
     if not path.is_file():
         raise DataError(f"class names file {path} does not exist")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [line.strip() for line in read_utf8(path, "class names file").splitlines()
+             if line.strip()]
     if len(names) != num_classes:
         raise DataError(f"{path}: has {len(names)} class names, expected {num_classes}")
     return names

@@ -58,14 +58,21 @@ def row_blocks(table: pd.DataFrame, rows: int) -> list[pd.DataFrame]:
 
 def decode_batch(batch: pd.DataFrame, root: str, size: int, channels: int
                  ) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: add the ``image`` column from the ``path`` column.
+    """Ray Data ``map_batches`` function: add the ``image`` column from the ``path`` column;
+    a file that cannot be decoded raises DataError naming it and its list line (``source``).
 
     Returns numpy columns, the images as one uint8 (B, size, size, C) array, which Ray Data
     stores as a tensor column without converting one object per row.
     """
     images = np.empty((len(batch), size, size, channels), np.uint8)
-    for i, rel in enumerate(batch["path"]):
-        images[i] = load_image(Path(root) / rel, size, channels)
+    sources = batch["source"] if "source" in batch else batch["path"]
+    for i, (rel, source) in enumerate(zip(batch["path"], sources, strict=True)):
+        try:
+            images[i] = load_image(Path(root) / rel, size, channels)
+        except Exception as err:  # a decoder failure names the file and its list line
+            raise DataError(f"{source}: unreadable image {Path(root) / rel}: "
+                            f"{type(err).__name__}: {err} (dataset.verify_images: true finds "
+                            f"every such file before training)") from None
     return {"label": batch["label"].to_numpy(), "group": batch["group"].to_numpy(),
             "path": batch["path"].to_numpy(dtype=object), "image": images}
 

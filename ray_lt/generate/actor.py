@@ -71,6 +71,13 @@ def sample_finite(generator: Any, scorer: Any, label: int, group: int, ids: torc
     return out, decoded, bad
 
 
+def saturated_fraction(pixels: np.ndarray) -> np.ndarray:
+    """Per image of a uint8 (B, H, W, C) batch: the fraction of its values at 0 or 255, which
+    guidance too strong for the generator drives its samples to."""
+    flat = pixels.reshape(len(pixels), -1)
+    return ((flat == 0) | (flat == 255)).mean(axis=1).astype(np.float32)
+
+
 class GuidedSampler:
     """Samples shards ``{shard_id, label, group, n, seed}`` (+ ``scale``, ``round``) with the
     classifier in ``guide`` (default: the baseline's); each output row is one shard:
@@ -115,7 +122,8 @@ class GuidedSampler:
             else:
                 pixels = (decoded.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
                 shape = pixels.shape[1:]
-                payload = {"pixels": pa.array([p.tobytes() for p in pixels], type=pa.binary())}
+                payload = {"pixels": pa.array([p.tobytes() for p in pixels], type=pa.binary()),
+                           "saturated": saturated_fraction(pixels)}
             parts.append(pa.table({
                 **payload,
                 "label": pa.array(np.full(size, int(shard["label"]), np.int64)),

@@ -28,7 +28,7 @@ from ray_lt.atomic import staged_folder
 from ray_lt.config import PixelSection, ScalingSection
 from ray_lt.generate.base import SPEC_FILE, Conditioning, read_spec
 from ray_lt.generate.sources import SourceLatents, Sources
-from ray_lt.train.progress import report_progress
+from ray_lt.train.progress import finite_everywhere, report_divergence, report_progress
 from ray_lt.train.trainer import run_trainer
 
 EMBEDDING_FILE = "condition_embedding.safetensors"
@@ -213,7 +213,7 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, losses = state["step"], state["losses"]
-    resumed_from = step  # > 0 when this worker group restored a checkpoint
+    resumed_from = last_saved = step  # > 0 when this worker group restored a checkpoint
     starts = (state.get("starts", [0]) if checkpoint is not None else []) + [step]
     ema.to(device)
     images, conds = _load_shard(ray.train.get_dataset_shard("train"), config["by_group"], n_ctx)
@@ -248,6 +248,12 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and (step % PROGRESS_EVERY == 0 or step == hp["train_steps"]):
             report_progress(config, step, loss=losses[-1])
         if step % hp["checkpoint_every"] == 0 or step == hp["train_steps"]:
+            recent = float(np.mean(losses[-hp["checkpoint_every"]:]))
+            if not finite_everywhere(recent, device):  # stop, keeping the last checkpoint
+                if rank == 0:
+                    report_divergence(config, step, recent, last_saved or None)
+                return
+            last_saved = step
             metrics = {"step": step, "resumed_from": resumed_from,
                        "loss": float(np.mean(losses[-hp["checkpoint_every"]:])),
                        "steps_per_second": len(losses[-hp["checkpoint_every"]:]) /
@@ -275,7 +281,7 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: PixelSection, scaling: Sca
     result = run_trainer(generator_loop_per_worker, loop_config,
                          {"train": train.select_columns(["image", "label", "group"])},
                          scaling, out_dir, name, split=["train"],
-                         progress=(name, cfg.train_steps, "step"))
+                         progress=(name, cfg.train_steps, "step"), lr=("generator.lr", cfg.lr))
     if result.checkpoint is None:
         raise RuntimeError(f"generator training in {out_dir} finished without a checkpoint")
     with result.checkpoint.as_directory() as folder:

@@ -23,9 +23,10 @@ from ray_lt.generate.synthetic import shard_file
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.jsonl"
 # nonfinite: samples with a guidance step whose gradient was not finite (skipped);
-# redrawn: samples not finite in reduced precision, sampled again from their seeds in float32.
+# redrawn: samples not finite in reduced precision, sampled again from their seeds in float32;
+# saturated: the mean fraction of the shard's pixel values at 0 or 255.
 MANIFEST_KEYS = ("shard_id", "n", "file", "seconds", "write_seconds", "finished", "nonfinite",
-                 "redrawn")
+                 "redrawn", "saturated")
 
 
 def plan(cfg: Config, data: LongTailData, val_errors: np.ndarray | None = None

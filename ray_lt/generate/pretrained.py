@@ -127,7 +127,29 @@ def check_folder(path: str | Path, kind: str) -> Path:
         raise ConfigError(f"generator.pretrained: {root}{holds} lacks the component folder(s) "
                           f"{missing} of a {name}; expected {list(layout.components)} (weights "
                           f"are never downloaded)")
+    for part in layout.components:
+        problem = _component_problem(root / part)
+        if problem:
+            raise ConfigError(f"generator.pretrained: component folder {root / part} {problem} "
+                              f"of a {name}; copy the whole folder again (weights are never "
+                              f"downloaded)")
     return root
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _component_problem(folder: Path) -> str:
+    """What a component folder lacks, "" when it holds a config (``*.json``) and, for a
+    model (``config.json``), a weights file: checked without loading anything."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    if not any(n.endswith(".json") for n in names):
+        return ("is empty" if not names else "holds no config file (*.json)") + \
+            ", but it is a component"
+    if "config.json" in names and not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        return ("holds config.json but no weights (*.safetensors or *.bin), which it needs as "
+                "a component")
+    return ""
 
 
 def load_parts(path: str | Path, kind: str, dtype: torch.dtype = torch.float32

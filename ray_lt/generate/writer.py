@@ -48,6 +48,7 @@ def write_shards(batch: pd.DataFrame, out: str) -> pd.DataFrame:
         done.append({"shard_id": int(row["shard_id"]), "n": table.num_rows, "file": path.name,
                      "nonfinite": _count(table, "nonfinite_steps"),
                      "redrawn": _count(table, "redrawn"),
+                     "saturated": _mean(table, "saturated"),
                      "seconds": float(row["seconds"]),
                      "write_seconds": time.perf_counter() - started, "finished": time.time()})
     return pd.DataFrame(done)
@@ -58,6 +59,13 @@ def _count(table: pa.Table, column: str) -> int:
     if column not in table.column_names:
         return 0
     return int(np.count_nonzero(table.column(column).to_numpy(zero_copy_only=False)))
+
+
+def _mean(table: pa.Table, column: str) -> float:
+    """The mean of ``column`` (0 when the column is absent or the table empty)."""
+    if column not in table.column_names or table.num_rows == 0:
+        return 0.0
+    return float(np.mean(table.column(column).to_numpy(zero_copy_only=False)))
 
 
 class ShardWriter:

@@ -2,7 +2,8 @@
 
 Reads the ``train`` shard (and, when given, a ``synthetic`` shard mixed into every batch at
 ``synthetic_fraction``), checkpoints every epoch on rank 0 and resumes from Ray Train's latest
-checkpoint after a failure or a rerun.
+checkpoint after a failure or a rerun. An epoch whose loss is not finite on some worker ends
+the loop on every worker, without a checkpoint (``report_divergence``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ray_lt.evaluate.metrics import HEADLINE, accuracy_report
 from ray_lt.train.augment import augment_batch
 from ray_lt.train.losses import GroupDRO, group_weights, log_prior, per_sample_loss
 from ray_lt.train.models import build_model
-from ray_lt.train.progress import report_progress
+from ray_lt.train.progress import finite_everywhere, report_divergence, report_progress
 from ray_lt.train.resident import ResidentShard
 
 STATE_FILE = "state.pt"
@@ -194,6 +195,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss_sum += float(loss.detach()) * len(labels)
             correct += float((logits.argmax(1) == labels).sum())
             seen += len(labels)
+        if not finite_everywhere(loss_sum, device):  # stop at once, keep the last checkpoint
+            if rank == 0:
+                report_divergence(config, epoch + 1, loss_sum / max(seen, 1),
+                                  epoch if epoch > 0 else None)
+            return
         metrics = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                    "train_acc": correct / max(seen, 1), "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": time.perf_counter() - started,

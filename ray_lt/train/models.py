@@ -131,6 +131,15 @@ def _load_weights(model: Classifier, name: str, checkpoint: Path) -> None:
     target.load_state_dict(state, strict=False)  # checked above; BatchNorm fills its counters
 
 
+def feature_dim(name: str, in_channels: int, width: int = 32) -> int:
+    """The width of ``name``'s penultimate features (``Classifier.embed``), from a copy built
+    on the meta device: no memory, no weights."""
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model {name!r}; choose one of {sorted(MODELS)}")
+    with torch.device("meta"):
+        return MODELS[name](in_channels, width)[1]
+
+
 def build_model(name: str, num_classes: int, in_channels: int, width: int = 32,
                 mean: list[float] | None = None, std: list[float] | None = None,
                 checkpoint: Path | None = None) -> Classifier:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import warnings
@@ -18,10 +17,10 @@ from ray.train.torch import TorchTrainer
 from ray_lt.atomic import staged_folder
 from ray_lt.config import ModelConfig, ScalingSection, TrainConfig
 from ray_lt.data import LongTailData
-from ray_lt.errors import ConfigError, StageError
+from ray_lt.errors import ConfigError, StageError, TrainingError
 from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
 from ray_lt.train.models import Classifier, build_model
-from ray_lt.train.progress import train_progress
+from ray_lt.train.progress import divergence, train_progress
 
 MODEL_FILE = "model.pt"
 SPEC_FILE = "classifier.json"
@@ -77,28 +76,42 @@ def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
     result = run_trainer(train_loop_per_worker, loop_config, datasets, scaling, out_dir, name,
                          split=[k for k in datasets if k != "val"], callbacks=callbacks,
                          progress=None if callbacks else (name, train.epochs, "epoch"),
-                         ordered=train.deterministic)
+                         ordered=train.deterministic, lr=("train.lr", train.lr))
     return export(result, spec, out_dir / name)
 
 
 def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
                 scaling: ScalingSection, out_dir: Path, name: str, split: list[str],
                 callbacks: list[Any] | None = None,
-                progress: tuple[str, int, str] | None = None, ordered: bool = True
-                ) -> ray.train.Result:
+                progress: tuple[str, int, str] | None = None, ordered: bool = True,
+                lr: tuple[str, float] = ("train.lr", float("nan"))) -> ray.train.Result:
     """Fit ``loop`` with a ``TorchTrainer`` whose run lives in ``out_dir/ray_results/name``, so
     that a rerun after an interruption resumes from the run's latest checkpoint.
     ``progress`` (description, total, unit) draws a bar on the driver that the loop advances
     with ``report_progress``. ``ordered`` keeps Ray Data's block order in the workers' shards,
-    so that seeded shuffles make the same batches on every run."""
+    so that seeded shuffles make the same batches on every run. A loop that reports its loss
+    no longer finite (``report_divergence``) ends in a TrainingError naming ``lr`` (its config
+    key and value)."""
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    with contextlib.ExitStack() as stack:
-        if progress is not None:
-            loop_config = stack.enter_context(train_progress(loop_config, *progress))
-        return _trainer(loop, loop_config, datasets, scaling, resources, out_dir, name, split,
-                        callbacks, ordered).fit()
+    shown = progress or (name, 0, "")
+    with train_progress(loop_config, *shown, bar=progress is not None) as loop_config:
+        result = _trainer(loop, loop_config, datasets, scaling, resources, out_dir, name,
+                          split, callbacks, ordered).fit()
+        diverged = divergence(loop_config)
+    if diverged is not None:
+        unit = progress[2] if progress else "epoch"
+        folder = Path(out_dir).resolve() / "ray_results" / name
+        kept = (f"the last finite checkpoint ({unit} {diverged['last_checkpoint']}) is kept in "
+                f"{folder}" if diverged["last_checkpoint"] is not None else
+                f"no {unit} before it ended finite, so there is no checkpoint to keep")
+        raise TrainingError(f"{name}: the training loss became {diverged['loss']} in {unit} "
+                            f"{diverged['at']}, so training stopped there and nothing was "
+                            f"exported; {kept}. Lower {lr[0]} (now {lr[1]:g}), delete {folder} "
+                            f"and train again (a rerun that keeps it resumes from its "
+                            f"checkpoint with the old settings)")
+    return result
 
 
 def _trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],

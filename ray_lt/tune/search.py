@@ -152,8 +152,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], shared_dir: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ray_lt import pipeline
-    from ray_lt.config import dump_config
     from ray_lt.data import load_dataset
+    from ray_lt.rundir import write_run_config
 
     raw = trial_config(base, params, base["tune"]["quota_scale"])
     if "verify_images" in raw["dataset"]:
@@ -166,7 +166,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], shared_dir: str) -> 
         link = trial_dir / stage
         if (shared / stage).exists() and not link.exists():
             link.symlink_to(shared / stage, target_is_directory=True)
-    dump_config(cfg, trial_dir / "config.yaml")
+    write_run_config(cfg, trial_dir, "run")
     data = load_dataset(cfg.dataset, cfg.seed)
     pipeline.synthesis_stage(cfg, trial_dir, data)
     pipeline.final_stage(cfg, trial_dir, data, callbacks=[TuneReportCallback()])
@@ -189,12 +189,19 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
 
     space = search_space(cfg)
     pipeline.check_run_config(cfg)
-    out_dir, data = pipeline.prepare(cfg, out_dir, needs=("train", "synthesis", "tune"))
-    has_few = bool((data.class_counts < cfg.evaluate.few_threshold).any())
-    metrics = objective_metrics(cfg, data.group_counts is not None, has_few,
-                                has_unseen=data.group_counts is not None
-                                and bool((data.group_counts == 0).any()))
-    check_trial_quota(cfg, data)
+
+    def check(data: Any) -> None:  # before Ray starts: objectives and the trials' quota
+        has_few = bool((data.class_counts < cfg.evaluate.few_threshold).any())
+        found.extend(objective_metrics(cfg, data.group_counts is not None, has_few,
+                                       has_unseen=data.group_counts is not None
+                                       and bool((data.group_counts == 0).any())))
+        check_trial_quota(cfg, data)
+
+    found: list[str] = []
+    out_dir, data = pipeline.prepare(cfg, out_dir, needs=("train", "synthesis", "tune"),
+                                     command="tune", stages=("classifier", "generator"),
+                                     check=check)
+    metrics = found
     log.info("tune: shared stages (baseline classifier, statistics, generator)")
     baseline = pipeline.baseline_stage(cfg, out_dir, data)
     pipeline.criterion_support(cfg, out_dir, data)

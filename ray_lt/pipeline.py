@@ -108,6 +108,10 @@ def init_ray(cfg: RayConfig) -> None:
     loud = verbose()
     if not ray.is_initialized():
         address = ray_address(cfg.address)
+        if address not in (None, "local", "auto") and not address.startswith("ray://") \
+                and not _reachable(address, timeout=5.0):  # ray.init would retry for minutes
+            raise ClusterError(ray_start_failure(address, cfg.address, ConnectionError(
+                f"nothing answers at {address}")))
         try:
             ray.init(address=address, ignore_reinit_error=True, log_to_driver=loud,
                      logging_level=logging.INFO if loud else logging.WARNING,

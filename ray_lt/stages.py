@@ -128,7 +128,8 @@ def check_stage(cfg: Config, out_dir: Path, stage: str, output: Path) -> None:
     if recorded is None:
         return
     now = stage_keys(cfg, stage)
-    changed = [k for k in sorted(set(recorded) | set(now)) if not _unchanged(recorded, now, k)]
+    changed = [k for k in sorted(set(recorded) | set(now), key=lambda k: (k[-5:] != ".kind", k))
+               if not _unchanged(recorded, now, k)]  # another kind first: it explains the rest
     if changed:
         shown = "; ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
@@ -138,7 +139,9 @@ def check_stage(cfg: Config, out_dir: Path, stage: str, output: Path) -> None:
 
 
 def check_stages(cfg: Config, out_dir: Path, outputs: dict[str, Path]) -> None:
-    """``check_stage`` for every stage whose output exists: run before any work starts."""
+    """``check_stage`` for every stage whose output exists: run before any work starts (a
+    stages record that cannot be read is refused even where no output exists yet)."""
+    _records(out_dir)
     for stage, output in outputs.items():
         if output.exists():
             check_stage(cfg, out_dir, stage, output)

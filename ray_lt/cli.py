@@ -55,34 +55,48 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False
                              "DIR/logs/ and Ray's session logs)")
 
 
-# How a RayLTError ends the traceback text of a Ray error that kept no exception object
-RAY_LT_ERROR_TEXT = re.compile(r"^ray_lt\.[\w.]*Error: (.+)", re.MULTILINE | re.DOTALL)
+# How a RayLTError ends the traceback text of a Ray error that kept no exception object: its
+# message runs to a blank line or the end
+RAY_LT_ERROR_TEXT = re.compile(r"^ray_lt\.[\w.]*Error: (.+?)(?:\n\s*\n|\Z)",
+                               re.MULTILINE | re.DOTALL)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and everything it wraps: causes, contexts, a Ray error's ``cause`` and a Ray
+    Train worker group's failures, outermost first."""
+    found: list[BaseException] = []
+    stack: list[object] = [err]
+    while stack:
+        e = stack.pop(0)
+        if not isinstance(e, BaseException) or any(e is f for f in found):
+            continue
+        found.append(e)
+        failures = getattr(e, "worker_failures", None)
+        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__,
+                      *(failures.values() if isinstance(failures, dict) else ())])
+    return found
 
 
 def user_error(err: BaseException) -> str | None:
     """The one-paragraph message of an error the user can fix, found in ``err`` or in what
-    it wraps (a Ray task's or actor's error around a RayLTError); None for anything else,
-    which is a fault of ray_lt and keeps its traceback."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        e = stack.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    it wraps (a Ray task's, actor's or training worker's error around a RayLTError); None for
+    anything else, which is a fault of ray_lt and keeps its traceback."""
+    chain = _chain(err)
+    for e in chain:
         if isinstance(e, RayLTError):
             cause = getattr(e, "cause", None)  # a RayTaskError made an instance of its cause
             return str(cause if isinstance(cause, RayLTError) else e).strip()
-        wrapped = RAY_LT_ERROR_TEXT.search(str(e)) if type(e).__module__.startswith("ray.") \
-            else None
-        if wrapped:  # an actor's creation failed: Ray keeps only the text of its error
-            return wrapped.group(1).strip()
+    for e in chain:
         if isinstance(e, UnicodeDecodeError):
             return (f"a file is not UTF-8 text ({e.reason} at byte {e.start}, 0x"
                     f"{e.object[e.start]:02x}); save it as UTF-8")
         if isinstance(e, json.JSONDecodeError):
             return f"a JSON file is not valid JSON: {e}"
-        stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+    for e in chain:  # an actor's creation failed: Ray keeps only the text of its error
+        wrapped = RAY_LT_ERROR_TEXT.search(str(e)) if type(e).__module__.startswith("ray.") \
+            else None
+        if wrapped:
+            return wrapped.group(1).strip()
     return None
 
 

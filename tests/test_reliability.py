@@ -283,3 +283,85 @@ def test_nico_metadata_with_a_column_named_twice_is_refused(tmp_path):
         read_nico_metadata(meta, root, 2, 3)
     assert str(err.value) == (f"{meta}:1: the header names y (columns 3, 5) more than once; "
                               f"keep one column of each name")
+
+
+# -- on Ray ------------------------------------------------------------------------------------
+
+def test_a_loss_that_is_not_finite_stops_training_and_exports_nothing(tmp_path, ray_session,
+                                                                    capsys):
+    out = tmp_path / "run"
+    code, err = _run(capsys, "train", str(DIGITS), "--out", str(out), "--set", "train.lr=1e30",
+                     "train.epochs=3", f"ray.address={ray_session['address']}")
+    assert code == 2
+    assert "ray-lt train: error: classifier: the training loss became nan in epoch 1, so " \
+           "training stopped there and nothing was exported; no epoch before it ended finite" \
+           in err, err
+    assert "Lower train.lr (now 1e+30)" in err and "Traceback" not in err
+    assert not (out / "classifier").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_worker_whose_loss_is_not_finite_stops_every_worker_and_keeps_the_last_checkpoint(
+        tmp_path, ray_session):
+    """Two DDP workers; only rank 1's loss is NaN in epoch 2: both stop there (no hang in the
+    all-reduce), nothing is reported for it, and epoch 1's checkpoint is the run's last."""
+    import torch
+
+    from ray_lt.config import ScalingSection
+    from ray_lt.errors import TrainingError
+    from ray_lt.train.trainer import run_trainer
+
+    def loop(config):
+        import tempfile
+        from pathlib import Path
+
+        import ray.train
+        import torch
+
+        from ray_lt.train.progress import finite_everywhere, report_divergence
+
+        rank = ray.train.get_context().get_world_rank()
+        for epoch in range(3):
+            loss = float("nan") if (epoch, rank) == (1, 1) else 1.0
+            if not finite_everywhere(loss, torch.device("cpu")):
+                if rank == 0:
+                    report_divergence(config, epoch + 1, float("nan"), epoch or None)
+                return
+            with tempfile.TemporaryDirectory() as folder:
+                saved = None
+                if rank == 0:
+                    torch.save({"epoch": epoch}, Path(folder) / "state.pt")
+                    saved = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report({"epoch": epoch}, checkpoint=saved)
+
+    scaling = ScalingSection(num_workers=2, cpus_per_worker=0.5, checkpoints_to_keep=3)
+    runs = tmp_path / "ray_results" / "toy"
+    with pytest.raises(TrainingError) as err:
+        run_trainer(loop, {}, {}, scaling, tmp_path, "toy", split=[], lr=("train.lr", 0.1))
+    assert str(err.value).startswith(
+        f"toy: the training loss became nan in epoch 2, so training stopped there and nothing "
+        f"was exported; the last finite checkpoint (epoch 1) is kept in {runs}. Lower train.lr "
+        f"(now 0.1), delete {runs} and train again")
+    saved = [torch.load(p / "state.pt")["epoch"] for p in sorted(runs.glob("checkpoint_*"))
+             if p.is_dir()]
+    assert saved == [0]
+
+
+def test_an_unreadable_image_without_verify_images_names_its_file_and_line(tmp_path,
+                                                                           ray_session):
+    from ray_lt import commands
+
+    root = imagenet_lt_folder(tmp_path / "data")
+    image = root / "train/n0000/img_1.JPEG"
+    image.write_bytes(image.read_bytes()[:200])  # truncated
+    listing = root / "ImageNet_LT_train.txt"
+    line = listing.read_text().splitlines().index("train/n0000/img_1.JPEG 0") + 1
+    cfg = load_config(CUSTOM, [f"dataset.root={root}", "dataset.num_classes=3",
+                               "dataset.verify_images=false", "train.epochs=1",
+                               f"ray.address={ray_session['address']}"])
+    with pytest.raises(Exception) as err:
+        commands.train(cfg, tmp_path / "run")
+    message = user_error(err.value)
+    assert message is not None, err.value
+    assert message.startswith(f"{listing}:{line}: unreadable image {image}: "), message
+    assert message.endswith("(dataset.verify_images: true finds every such file before "
+                            "training)")

@@ -500,9 +500,12 @@ class TuneSection(Strict):
 
 
 class RayConfig(Strict):
-    """Where to run: None connects to RAY_ADDRESS when set (ray job submit), else starts Ray."""
+    """Where to run: None connects to RAY_ADDRESS when set (ray job submit), else starts Ray.
+    ``autoscaler_config``: the cluster's autoscaler config (``cluster.yaml``), read for the
+    node types it may add when they cannot be found otherwise (``ray_lt.cluster``)."""
 
     address: str | None = None
+    autoscaler_config: str | None = None
 
 
 class Config(Strict):

@@ -23,6 +23,7 @@ import numpy as np
 import ray
 from ray._private.utils import read_ray_address
 
+from ray_lt.cluster import Capacity, cluster_capacity
 from ray_lt.config import Config, RayConfig, final_train_config
 from ray_lt.data import LongTailData, check_images, load_dataset
 from ray_lt.errors import ClusterError, ConfigError, DataError, require_stage
@@ -162,7 +163,7 @@ def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = (), command: st
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_to_file(out_dir)
     init_ray(cfg.ray)
-    check_cluster_resources(cfg, cluster_capacity(), needs)
+    check_cluster_resources(cfg, cluster_capacity(cfg.ray.autoscaler_config), needs)
     log.debug("Ray session logs (every worker's output): %s", ray_session_logs())
     log.debug("full log: %s", log_file)
     check_images(cfg.dataset, data)
@@ -196,34 +197,30 @@ def check_inputs(cfg: Config, data: LongTailData) -> None:
 DATA_TASK_CPUS = 1.0  # what a Ray Data read or map task asks for unless told otherwise
 
 
-def cluster_capacity() -> dict[str, float]:
-    """The connected cluster's resources (``ray.cluster_resources()``), raised to what its
-    autoscaler may add when it has one."""
-    resources = dict(ray.cluster_resources())
-    try:
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # a private API: a client connection or another Ray version lacks it
-        most = {}
-    for key, value in most.items():
-        resources[key] = max(resources.get(key, 0.0), float(value))
-    return resources
-
-
-def check_cluster_resources(cfg: Config, resources: dict[str, float], needs: tuple[str, ...]
-                            ) -> None:
-    """Refuse settings that the cluster's ``resources`` (``cluster_capacity()``) can never
+def check_cluster_resources(cfg: Config, capacity: Capacity | dict[str, float],
+                            needs: tuple[str, ...]) -> None:
+    """Refuse settings that the cluster (``ray_lt.cluster.cluster_capacity``: its nodes and
+    what its autoscaler may add; a plain dict of resources is a fixed cluster) can never
     schedule, which would otherwise wait for them forever with every process idle.
 
     ``needs`` names what the command runs: ``train`` (Ray Train workers, which must leave
     Ray Data a CPU for its read and map tasks), ``synthesis`` (the sampler actor pool, the grid
     task) and ``tune`` (each trial's driver beside its Train workers); the evaluation actor
-    pool is always checked.
+    pool is always checked. A worker or actor must also fit on one node.
     """
+    if not isinstance(capacity, Capacity):
+        capacity = Capacity(dict(capacity), dict(capacity))
+    resources = capacity.most
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    has = f"the Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s)"
+    has = capacity.describe()
     problems = []
+
+    def one_node(key: str, what: str, demand: dict[str, float]) -> None:
+        if capacity.nodes and not capacity.fits_one_node(demand):
+            shown = ", ".join(f"{v:g} {k}" for k, v in demand.items() if v > 0)
+            problems.append(f"{key}: {what} needs {shown} on one node, but no node "
+                            f"{'or node type ' if capacity.autoscaling else ''}of the cluster "
+                            f"has that much ({has}); lower {key}")
 
     def pool(section: str, size: int, cpus_each: float, gpus_each: float) -> None:
         if size * cpus_each > cpus:
@@ -234,6 +231,8 @@ def check_cluster_resources(cfg: Config, resources: dict[str, float], needs: tup
             problems.append(f"{section}.gpus_per_actor: {size} actor(s) x {gpus_each:g} GPU = "
                             f"{size * gpus_each:g} GPUs, but {has}; lower {section}.num_actors "
                             f"or set {section}.gpus_per_actor: 0")
+        one_node(f"{section}.cpus_per_actor", f"one {section} actor",
+                 {"CPU": cpus_each, "GPU": gpus_each})
 
     sc = cfg.scaling
     if "train" in needs:
@@ -251,6 +250,9 @@ def check_cluster_resources(cfg: Config, resources: dict[str, float], needs: tup
                             f"{max(cpus - held, 0):g} of the cluster's CPUs, and each of its "
                             f"tasks needs {DATA_TASK_CPUS:g}: training would wait forever; "
                             f"{has}; lower scaling.cpus_per_worker or scaling.num_workers")
+        one_node("scaling.cpus_per_worker", "one training worker",
+                 {"CPU": sc.cpus_per_worker,
+                  "GPU": sc.gpus_per_worker if sc.use_gpu else 0.0})
     if "synthesis" in needs:
         # The sampler pool goes on with as many actors as fit (ray_lt.generate.synthesize):
         # one actor beside the writer must fit; fewer than asked is worth a warning.
@@ -264,6 +266,8 @@ def check_cluster_resources(cfg: Config, resources: dict[str, float], needs: tup
             problems.append(f"synthesis.gpus_per_actor: one sampler actor needs "
                             f"{s.gpus_per_actor:g} GPU, but {has}; set "
                             f"synthesis.gpus_per_actor: 0 or connect to a cluster with GPUs")
+        one_node("synthesis.cpus_per_actor", "one sampler actor",
+                 {"CPU": s.cpus_per_actor, "GPU": s.gpus_per_actor})
         fit = min(s.num_actors, int((cpus - s.writer_cpus) // s.cpus_per_actor),
                   int(gpus // s.gpus_per_actor) if s.gpus_per_actor > 0 else s.num_actors)
         if not problems and 0 < fit < s.num_actors:

@@ -5,7 +5,7 @@ import pytest
 from conftest import imagenet_lt_folder, nico_folder, write_image
 
 from ray_lt.config import DigitsGroupsData, DigitsLTData, ListFileData, NicoData
-from ray_lt.data import load_dataset
+from ray_lt.data import check_images, load_dataset
 from ray_lt.data.digits import digits_groups_tables, digits_lt_tables, long_tail_counts
 from ray_lt.data.files import read_nico_metadata, read_split_list
 from ray_lt.errors import ConfigError, DataError
@@ -84,8 +84,10 @@ def test_corrupt_image_named_with_its_list_line(tmp_path, ray_session):
     root = imagenet_lt_folder(tmp_path / "d")
     bad = root / "train/n0001/img_1.JPEG"
     bad.write_bytes(bad.read_bytes()[:40])  # truncated JPEG
+    cfg = ListFileData(kind="imagenet_lt", root=root, num_classes=3)
+    data = load_dataset(cfg, 0)  # the lists are fine: read before Ray starts
     with pytest.raises(DataError) as err:
-        load_dataset(ListFileData(kind="imagenet_lt", root=root, num_classes=3), 0)
+        check_images(cfg, data)  # on Ray, before anything trains
     listing = root / "ImageNet_LT_train.txt"
     number = listing.read_text().splitlines().index("train/n0001/img_1.JPEG 1") + 1
     assert f"{listing}:{number}: unreadable image" in str(err.value)

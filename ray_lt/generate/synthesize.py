@@ -24,6 +24,7 @@ import ray
 from tqdm.auto import tqdm
 
 from ray_lt.atomic import write_text_atomic
+from ray_lt.cluster import cluster_capacity, request_pool
 from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import DataError, RayLTError
@@ -165,6 +166,23 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path, round_index: int 
              f"{len(done)} shards already done, {len(pending)} to go; "
              f"{actor_payload_bytes(kwargs) / 1024:.1f} KB per sampler actor's constructor")
     if pending:
+        # On an autoscaling cluster: the nodes of the whole pool, asked for at once.
+        capacity = cluster_capacity(cfg.ray.autoscaler_config)
+        request_pool([{"CPU": s.cpus_per_actor, "GPU": s.gpus_per_actor}] * s.num_actors
+                     + [{"CPU": s.writer_cpus}] * s.writer_actors, capacity)
+        try:
+            _sample(cfg, pending, kwargs, out, name, len(done))
+        finally:
+            request_pool([], capacity)
+    return check_counts(out, shards)
+
+
+def _sample(cfg: Config, pending: list[dict[str, Any]], kwargs: dict[str, Any], out: Path,
+            name: str, done: int) -> None:
+    """The sampler pool over the ``pending`` shards, each shard's manifest line written once
+    its file is; ``done`` shards were finished before."""
+    s = cfg.synthesis
+    if pending:
         results = ray.data.from_items(
             pending, override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
             GuidedSampler, fn_constructor_kwargs=kwargs,
@@ -195,14 +213,14 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path, round_index: int 
                     raise
                 raise SamplerStartError(
                     f"synthesis: a sampler actor could not start: {_last_line(err)}; the "
-                    f"{len(done) + written} finished shard(s) in {out} are kept, rerun the "
+                    f"{done + written} finished shard(s) in {out} are kept, rerun the "
                     "same command once the cause is fixed") from None
             except (ray.exceptions.RayTaskError, OSError) as err:  # the writers' or the manifest's
                 if _disk_full(err):
                     raise DataError(
                         f"synthesis: the disk holding {out} is full (No space left on device, "
                         f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free); the "
-                        f"{len(done) + written} finished shard(s) are kept and no partial "
+                        f"{done + written} finished shard(s) are kept and no partial "
                         "shard file is left: free some space, then rerun the same command"
                     ) from None
                 raise
@@ -218,4 +236,3 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path, round_index: int 
                         f"criterion gradient (skipped), {redrawn} were redrawn in float32 after "
                         f"a non-finite decode; per sample in the shards' nonfinite_steps and "
                         f"redrawn columns")
-    return check_counts(out, shards)

@@ -4,12 +4,15 @@ data sets' layouts, shared by the data tests."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +39,8 @@ def pytest_collection_modifyitems(config, items):
     ``pytest -m "not slow"`` (``make test-fast``) is the quick tier."""
     for item in items:
         name = f"{Path(item.fspath).name}::{item.name}"
-        if {"ray_session", "ray_head"} & set(item.fixturenames) or name in SLOW_WITHOUT_FIXTURE:
+        if {"ray_session", "ray_head", "autoscaling_cluster"} & set(item.fixturenames) or \
+                name in SLOW_WITHOUT_FIXTURE:
             item.add_marker(pytest.mark.slow)
 
 
@@ -246,3 +250,149 @@ def trained(tmp_path_factory, ray_session):
 
     criterion_support(cfg, out, load_dataset(cfg.dataset, cfg.seed))
     return out
+
+
+# -- a cluster that grows ----------------------------------------------------------------------
+
+def autoscaler_config(gcs_address: str, idle_minutes: float) -> dict:
+    """A whole autoscaler config for the fake multi-node provider: every key the autoscaler
+    reads, with no commands to run."""
+    return {
+        "cluster_name": "ray-lt-test", "max_workers": 2, "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_minutes, "docker": {},
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address,
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {"ssh_user": "ray"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {}, "node_config": {}, "max_workers": 0},
+            "cpu_worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0,
+                           "max_workers": 2}},
+        "head_node_type": "ray.head.default",
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+        "head_start_ray_commands": [], "worker_start_ray_commands": []}
+
+
+@pytest.fixture(scope="module")
+def autoscaling_cluster(tmp_path_factory):
+    """A head without CPUs and an autoscaler that adds 2-CPU worker nodes (at most 2),
+    removing them after 6 idle seconds; its processes are ours alone (own process group,
+    own Ray temp folder) and are stopped at the end."""
+    from ray._private.services import get_node_ip_address
+
+    temp = tempfile.mkdtemp(prefix="rl-as-", dir="/tmp")  # Ray's socket paths stay short
+    ip, port = get_node_ip_address(), _free_port()
+    config = tmp_path_factory.mktemp("autoscaler") / "autoscaler.json"
+    config.write_text(json.dumps(autoscaler_config(f"{ip}:{port}", idle_minutes=0.1)))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
+           "RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
+         f"--autoscaling-config={config}", "--include-dashboard=true",
+         f"--dashboard-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: _listening(ip, port), timeout=120)
+        yield {"address": f"{ip}:{port}", "env": env, "config": config}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        _kill_by_temp_folder(temp)  # worker nodes the fake provider started
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _kill_by_temp_folder(temp: str) -> None:
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(process.info.get("cmdline") or []):
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _kill_by_temp_folder(temp: str) -> None:
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if temp in " ".join(process.info.get("cmdline") or []):
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+
+WATCH = r"""
+import json, sys, time
+from pathlib import Path
+
+import ray
+from ray.util.state import list_actors
+
+address, log, stop = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ray.init(address=address, log_to_driver=False)
+started, timeline, samplers, gone = time.time(), [], {}, set()
+alive_before = set()
+while not stop.exists():
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0}
+    gone |= alive_before - alive
+    alive_before = alive
+    if not timeline or timeline[-1][1] != len(alive):
+        timeline.append((round(time.time() - started, 1), len(alive)))
+    try:
+        for a in list_actors(address=address, limit=1000, raise_on_missing_output=False):
+            if "GuidedSampler" in a.class_name:  # node_id is None until it is placed
+                samplers[a.actor_id] = a.node_id or samplers.get(a.actor_id)
+    except Exception:  # the state API answers once the dashboard is up
+        pass
+    time.sleep(0.5)
+log.write_text(json.dumps({"timeline": timeline, "sampler_actors": len(samplers),
+                           "sampler_nodes": sorted(set(samplers.values()) - {None}),
+                           "removed": sorted(gone)}))
+ray.shutdown()
+"""
+
+
+@contextlib.contextmanager
+def watch_cluster(cluster: dict, folder: Path):
+    """Yield a dict that, after the block, holds what a watcher connected to ``cluster`` saw
+    every half second: ``timeline`` ([seconds, worker nodes alive] at each change),
+    ``sampler_actors`` (the sampler pool's actors, placed or still waiting for a node),
+    ``sampler_nodes`` (the nodes those placed ran on) and
+    ``removed`` (worker nodes that went away)."""
+    log, stop = folder / "watch.json", folder / "watch.stop"
+    watcher = subprocess.Popen([sys.executable, "-c", WATCH, cluster["address"], str(log),
+                                str(stop)], env=cluster["env"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: dict = {}
+    try:
+        yield seen
+    finally:
+        stop.touch()
+        _, err = watcher.communicate(timeout=60)
+        assert log.is_file(), err[-3000:]
+        seen.update(json.loads(log.read_text()))

@@ -1,15 +1,20 @@
-"""``ray-lt run`` and ``ray-lt tune`` end to end on a real local Ray cluster: every stage, the
-report, skipping finished stages, refusing a changed config, a 2-trial Optuna search whose best
-config ``ray-lt run`` accepts, and ``jobs/balance.py`` through ``ray job submit``."""
+"""``ray-lt run`` and ``ray-lt tune`` end to end on real local Ray clusters: every stage, the
+report, on an autoscaling cluster that starts with no worker node; skipping finished stages,
+refusing a changed config, a 2-trial Optuna search whose best config ``ray-lt run`` accepts,
+and ``jobs/balance.py`` through ``ray job submit``."""
 
 import json
 import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
-from conftest import run_cli, submit_and_wait
+from conftest import ROOT, run_cli, submit_and_wait, watch_cluster
 
 from ray_lt.config import load_config
 
@@ -21,16 +26,44 @@ SMALL = ["train.epochs=2", "generator.train_steps=16", "generator.block_out_chan
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory, ray_session):
-    out = tmp_path_factory.mktemp("pipeline") / "run"
-    done = run_cli("run", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
-                   f"ray.address={ray_session['address']}", timeout=900)
+def digits_run(tmp_path_factory, autoscaling_cluster):
+    """``ray-lt run`` on the digits on an autoscaling cluster with no worker node at the start;
+    two sampler actors of 1.5 CPU need both of its 2-CPU worker nodes."""
+    folder = tmp_path_factory.mktemp("pipeline")
+    out = folder / "run"
+    exe = str(Path(sys.executable).with_name("ray-lt"))
+    started = time.perf_counter()
+    with watch_cluster(autoscaling_cluster, folder) as seen:
+        done = subprocess.run(
+            [exe, "run", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
+             "synthesis.num_actors=2", "synthesis.cpus_per_actor=1.5",
+             f"ray.address={autoscaling_cluster['address']}"],
+            capture_output=True, text=True, timeout=900, cwd=ROOT,
+            env=autoscaling_cluster["env"])
+    seen["seconds"] = time.perf_counter() - started
     assert done.returncode == 0, done.stderr[-3000:]
-    return out, done
+    return out, done, seen
+
+
+def test_a_run_from_zero_worker_nodes_grows_the_cluster_and_fills_the_exact_quota(digits_run):
+    out, _, seen = digits_run
+    print(f"autoscaling run: {seen}")
+    timeline = seen["timeline"]
+    assert timeline[0][1] == 0 and max(n for _, n in timeline) == 2, timeline
+    # The pool asked for its two actors at once, and the autoscaler added a node for the second
+    # (which joins the sampling if it is up before the last shard is taken).
+    assert seen["sampler_actors"] == 2 and len(seen["sampler_nodes"]) >= 1, seen
+    # A node left idle between stages was removed while the run went on; nothing was lost:
+    # the exact quota, and every later stage finished.
+    assert seen["removed"] and timeline[-1][0] < seen["seconds"] - 5, seen
+    plan = json.loads((out / "synthetic" / "plan.json").read_text())
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in (out / "synthetic").glob("shard_*"))
+    assert rows == sum(shard["n"] for shard in plan) == 146
+    assert (out / "report.md").is_file()
 
 
 def test_run_writes_every_stage_and_the_report(digits_run):
-    out, done = digits_run
+    out, done, _ = digits_run
     for step in range(1, 9):
         assert f"[ray-lt] stage {step}/8" in done.stdout
     # Quiet by default: banners, results, warnings; Ray's lines stay in the logs.
@@ -70,7 +103,7 @@ def test_run_writes_every_stage_and_the_report(digits_run):
 
 
 def test_rerun_skips_finished_stages_and_refuses_a_changed_config(digits_run, ray_session):
-    out, _ = digits_run
+    out, _, _ = digits_run
     model = out / "final" / "classifier" / "model.pt"
     shards = sorted((out / "synthetic").glob("shard_*.parquet"))
     stamps = [p.stat().st_mtime_ns for p in [model, *shards]]
@@ -94,7 +127,7 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(digits_run, ra
 
 
 def test_tune_two_trials_and_run_the_best_config(digits_run, ray_session, tmp_path):
-    out, _ = digits_run
+    out, _, _ = digits_run
     done = run_cli("tune", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
                    "tune.num_trials=2", "tune.quota_scale=0.3",
                    "tune.space.criteria=[entropy, loss]", f"ray.address={ray_session['address']}",
@@ -141,8 +174,9 @@ def test_run_digits_groups(tmp_path, ray_session):
                    "synthesis.target=4", "train.group_objective=dro",
                    "final.group_objective=reweight",
                    "synthesis.criteria={target_group: 0.5, group_entropy: 0.5}",
-                   "synthesis.grid_criteria=[target_group, entropy]",
-                   f"ray.address={ray_session['address']}", timeout=900)
+                   "synthesis.grid_criteria=[target_group, entropy]", "train.epochs=1",
+                   "report.quality=false", f"ray.address={ray_session['address']}",
+                   timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     history = pd.read_csv(out / "classifier" / "history.csv")
     assert (history["dro_q_max"] > 1 / 40).all()  # q left the uniform start

@@ -327,25 +327,6 @@ def _kill_by_temp_folder(temp: str) -> None:
             continue
 
 
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _kill_by_temp_folder(temp: str) -> None:
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if temp in " ".join(process.info.get("cmdline") or []):
-                process.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-
 WATCH = r"""
 import json, sys, time
 from pathlib import Path

@@ -34,6 +34,9 @@ def test_a_staged_folder_replaces_the_old_one_only_when_complete(tmp_path):
         (tmp / "model.pt").write_text("half")
         raise RuntimeError("killed")
     assert (folder / "model.pt").read_text() == "old"
+    assert not (tmp_path / "classifier.tmp").exists()  # a failed write leaves no staging
+    (tmp_path / "classifier.tmp").mkdir()  # left by a killed run
+    (tmp_path / "classifier.tmp" / "stale").write_text("x")
     with staged_folder(folder) as tmp:
         assert not tmp.exists()  # the stale staging folder was cleared
         tmp.mkdir()

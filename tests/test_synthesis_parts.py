@@ -236,3 +236,22 @@ def test_a_rerun_with_other_fine_tune_settings_is_refused_mid_rounds(tmp_path):
         check_fine_tunes(tmp_path, 3, fine_tune_settings(other))
     # a round not yet begun does not bind: only round 1's record is read
     check_fine_tunes(tmp_path, 1, fine_tune_settings(other))
+
+
+def test_saturated_pixels_are_counted_per_sample_and_per_shard(tmp_path):
+    from ray_lt.generate.actor import saturated_fraction
+    from ray_lt.generate.writer import write_shards
+
+    pixels = np.full((2, 4, 4, 1), 128, np.uint8)
+    pixels[0, :2] = 255  # half of the first image is white
+    pixels[1, 0, 0] = 0  # one value of sixteen is black
+    saturated = saturated_fraction(pixels)
+    assert saturated.tolist() == [0.5, 1 / 16]
+    table = pa.table({"pixels": pa.array([p.tobytes() for p in pixels], type=pa.binary()),
+                      "saturated": saturated, "label": [3, 3]}).replace_schema_metadata(
+        {"shape": "4,4,1"})
+    rows = write_shards(pd.DataFrame([{"shard_id": 7, "payload": to_ipc(table),
+                                       "seconds": 0.1}]), str(tmp_path))
+    assert rows["saturated"].iloc[0] == pytest.approx((0.5 + 1 / 16) / 2)
+    assert pd.read_parquet(tmp_path / "shard_000007.parquet")["saturated"].tolist() == \
+        pytest.approx([0.5, 1 / 16])

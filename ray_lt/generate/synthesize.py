@@ -79,8 +79,8 @@ def actor_payload_bytes(kwargs: dict[str, Any]) -> int:
     return len(pickle.dumps(kwargs))
 
 
-# Above this share of pixel values at 0 or 255 the samples are flagged (guided digits at
-# scale 0.03: about 2%; at 1e6: 69%).
+# Above this share of pixel values at 0 or 255 over a run's new samples, synthesis warns that
+# the guidance drives them out of the images' range.
 SATURATED_WARNING = 0.25
 
 

@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config, items):
     ``pytest -m "not slow"`` (``make test-fast``) is the quick tier."""
     for item in items:
         name = f"{Path(item.fspath).name}::{item.name}"
-        if {"ray_session", "ray_head", "autoscaling_cluster"} & set(item.fixturenames) or \
+        if {"ray_session", "ray_head", "digits_run"} & set(item.fixturenames) or \
                 name in SLOW_WITHOUT_FIXTURE:
             item.add_marker(pytest.mark.slow)
 
@@ -275,16 +275,16 @@ def autoscaler_config(gcs_address: str, idle_minutes: float) -> dict:
         "head_start_ray_commands": [], "worker_start_ray_commands": []}
 
 
-@pytest.fixture(scope="module")
-def autoscaling_cluster(tmp_path_factory):
+@contextlib.contextmanager
+def autoscaling_cluster(folder: Path):
     """A head without CPUs and an autoscaler that adds 2-CPU worker nodes (at most 2),
     removing them after 6 idle seconds; its processes are ours alone (own process group,
-    own Ray temp folder) and are stopped at the end."""
+    own Ray temp folder) and are stopped when the block ends."""
     from ray._private.services import get_node_ip_address
 
     temp = tempfile.mkdtemp(prefix="rl-as-", dir="/tmp")  # Ray's socket paths stay short
     ip, port = get_node_ip_address(), _free_port()
-    config = tmp_path_factory.mktemp("autoscaler") / "autoscaler.json"
+    config = folder / "autoscaler.json"
     config.write_text(json.dumps(autoscaler_config(f"{ip}:{port}", idle_minutes=0.1)))
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
            "RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0"}

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, run_cli, submit_and_wait, watch_cluster
+from conftest import ROOT, autoscaling_cluster, run_cli, submit_and_wait, watch_cluster
 
 from ray_lt.config import load_config
 
@@ -26,21 +26,22 @@ SMALL = ["train.epochs=2", "generator.train_steps=16", "generator.block_out_chan
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory, autoscaling_cluster):
-    """``ray-lt run`` on the digits on an autoscaling cluster with no worker node at the start;
-    two sampler actors of 1.5 CPU need both of its 2-CPU worker nodes."""
+def digits_run(tmp_path_factory):
+    """``ray-lt run`` on the digits on an autoscaling cluster with no worker node at the start
+    (stopped once the run is done); two sampler actors of 1.5 CPU need both of its 2-CPU
+    worker nodes."""
     folder = tmp_path_factory.mktemp("pipeline")
     out = folder / "run"
     exe = str(Path(sys.executable).with_name("ray-lt"))
-    started = time.perf_counter()
-    with watch_cluster(autoscaling_cluster, folder) as seen:
+    with autoscaling_cluster(folder) as cluster, watch_cluster(cluster, folder) as seen:
+        started = time.perf_counter()
         done = subprocess.run(
             [exe, "run", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
              "synthesis.num_actors=2", "synthesis.cpus_per_actor=1.5",
-             f"ray.address={autoscaling_cluster['address']}"],
-            capture_output=True, text=True, timeout=900, cwd=ROOT,
-            env=autoscaling_cluster["env"])
-    seen["seconds"] = time.perf_counter() - started
+             f"ray.address={cluster['address']}"],
+            capture_output=True, text=True, timeout=900, cwd=ROOT, env=cluster["env"])
+        elapsed = time.perf_counter() - started
+    seen["seconds"] = elapsed
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done, seen
 

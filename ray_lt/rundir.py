@@ -19,11 +19,11 @@ import yaml
 from ray_lt.atomic import write_text_atomic
 from ray_lt.config import Config
 from ray_lt.errors import ConfigError
+from ray_lt.stages import STAGES_FILE  # a folder that has one is a run's
 
 LOCK_FILE = ".ray-lt.lock"
 CONFIG_FILE = "config.yaml"
 CONFIG_HEADER = "# ray-lt run config"
-STAGES_FILE = "stages.json"  # ray_lt.stages writes it; a folder that has one is a run's
 
 
 def check_out_dir(out: Path) -> None:

@@ -182,57 +182,56 @@ def _sample(cfg: Config, pending: list[dict[str, Any]], kwargs: dict[str, Any], 
     """The sampler pool over the ``pending`` shards, each shard's manifest line written once
     its file is; ``done`` shards were finished before."""
     s = cfg.synthesis
-    if pending:
-        results = ray.data.from_items(
-            pending, override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
-            GuidedSampler, fn_constructor_kwargs=kwargs,
-            # Asks for num_actors, goes on with as many as the cluster can place (at least
-            # one): a pool that starts short, or loses a node, still finishes.
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.num_actors,
-                                               initial_size=s.num_actors),
-            batch_size=1, batch_format="pandas",
-            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor).map_batches(
-            ShardWriter, fn_constructor_kwargs={"out": str(out)},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.writer_actors),
-            batch_size=1, batch_format="pandas", num_cpus=s.writer_cpus)
-        nonfinite = redrawn = written = 0
-        saturated = 0.0  # pixel values at 0 or 255, summed over the samples
-        with (out / MANIFEST_FILE).open("a") as manifest, \
-                tqdm(total=sum(sh["n"] for sh in pending), unit="sample", desc=name,
-                     dynamic_ncols=True, mininterval=2.0) as bar:
-            try:
-                for row in results.iter_rows():
-                    manifest.write(json.dumps({k: row[k] for k in MANIFEST_KEYS}) + "\n")
-                    manifest.flush()
-                    bar.update(int(row["n"]))
-                    nonfinite, redrawn = nonfinite + row["nonfinite"], redrawn + row["redrawn"]
-                    saturated += float(row["saturated"]) * int(row["n"])
-                    written += 1
-            except ray.exceptions.ActorDiedError as err:
-                if "creation task" not in str(err):
-                    raise
-                raise SamplerStartError(
-                    f"synthesis: a sampler actor could not start: {_last_line(err)}; the "
-                    f"{done + written} finished shard(s) in {out} are kept, rerun the "
-                    "same command once the cause is fixed") from None
-            except (ray.exceptions.RayTaskError, OSError) as err:  # the writers' or the manifest's
-                if _disk_full(err):
-                    raise DataError(
-                        f"synthesis: the disk holding {out} is full (No space left on device, "
-                        f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free); the "
-                        f"{done + written} finished shard(s) are kept and no partial "
-                        "shard file is left: free some space, then rerun the same command"
-                    ) from None
+    results = ray.data.from_items(
+        pending, override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
+        GuidedSampler, fn_constructor_kwargs=kwargs,
+        # Asks for num_actors, goes on with as many as the cluster can place (at least
+        # one): a pool that starts short, or loses a node, still finishes.
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.num_actors,
+                                           initial_size=s.num_actors),
+        batch_size=1, batch_format="pandas",
+        num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor).map_batches(
+        ShardWriter, fn_constructor_kwargs={"out": str(out)},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.writer_actors),
+        batch_size=1, batch_format="pandas", num_cpus=s.writer_cpus)
+    nonfinite = redrawn = written = 0
+    saturated = 0.0  # pixel values at 0 or 255, summed over the samples
+    with (out / MANIFEST_FILE).open("a") as manifest, \
+            tqdm(total=sum(sh["n"] for sh in pending), unit="sample", desc=name,
+                 dynamic_ncols=True, mininterval=2.0) as bar:
+        try:
+            for row in results.iter_rows():
+                manifest.write(json.dumps({k: row[k] for k in MANIFEST_KEYS}) + "\n")
+                manifest.flush()
+                bar.update(int(row["n"]))
+                nonfinite, redrawn = nonfinite + row["nonfinite"], redrawn + row["redrawn"]
+                saturated += float(row["saturated"]) * int(row["n"])
+                written += 1
+        except ray.exceptions.ActorDiedError as err:
+            if "creation task" not in str(err):
                 raise
-        share = saturated / max(sum(sh["n"] for sh in pending), 1)
-        if share > SATURATED_WARNING:
-            log.warning(f"synthesis: {share:.1%} of the new samples' pixel values are saturated "
-                        f"(0 or 255): guidance this strong (synthesis.guidance_scale "
-                        f"{s.guidance_scale:g}) pushes the samples out of the images' range; "
-                        f"per sample in the shards' saturated column. Look at the sample grid, "
-                        f"or lower synthesis.guidance_scale")
-        if nonfinite or redrawn:
-            log.warning(f"synthesis: {nonfinite} sample(s) had guidance steps with a non-finite "
-                        f"criterion gradient (skipped), {redrawn} were redrawn in float32 after "
-                        f"a non-finite decode; per sample in the shards' nonfinite_steps and "
-                        f"redrawn columns")
+            raise SamplerStartError(
+                f"synthesis: a sampler actor could not start: {_last_line(err)}; the "
+                f"{done + written} finished shard(s) in {out} are kept, rerun the "
+                "same command once the cause is fixed") from None
+        except (ray.exceptions.RayTaskError, OSError) as err:  # the writers' or the manifest's
+            if _disk_full(err):
+                raise DataError(
+                    f"synthesis: the disk holding {out} is full (No space left on device, "
+                    f"{shutil.disk_usage(out).free / 2**20:.1f} MiB free); the "
+                    f"{done + written} finished shard(s) are kept and no partial "
+                    "shard file is left: free some space, then rerun the same command"
+                ) from None
+            raise
+    share = saturated / max(sum(sh["n"] for sh in pending), 1)
+    if share > SATURATED_WARNING:
+        log.warning(f"synthesis: {share:.1%} of the new samples' pixel values are saturated "
+                    f"(0 or 255): guidance this strong (synthesis.guidance_scale "
+                    f"{s.guidance_scale:g}) pushes the samples out of the images' range; "
+                    f"per sample in the shards' saturated column. Look at the sample grid, "
+                    f"or lower synthesis.guidance_scale")
+    if nonfinite or redrawn:
+        log.warning(f"synthesis: {nonfinite} sample(s) had guidance steps with a non-finite "
+                    f"criterion gradient (skipped), {redrawn} were redrawn in float32 after "
+                    f"a non-finite decode; per sample in the shards' nonfinite_steps and "
+                    f"redrawn columns")

@@ -12,7 +12,7 @@ parameters, the SD VAE, OpenCLIP ViT-H text and image encoders), ``sd15`` SD 1.5
 text encoder, 512 px), ``sd21`` SD 2.1 768 v-prediction (OpenCLIP ViT-H text, 768 px) and
 ``sdxl`` SDXL base (ViT-L and OpenCLIP bigG text encoders, 1024 px); the scorer is a
 ResNeXt-50 at 224 px with the entropy criterion. ``--tiny`` (the default on CPU) runs the same
-code on the tiny random parts of the model (``tiny_unclip_components``, ``bench/tiny_parts.py``)
+code on the tiny random parts of the model (``ray_lt.testing``)
 and a small CNN at 32 px, so the script and its numbers stay tested on a CPU.
 
 For every size and batch it times unguided sampling, then guided sampling (guidance every
@@ -43,10 +43,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling tiny_parts
-    sys.path.append(str(Path(__file__).resolve().parent))
-
-from tiny_parts import ddim_scheduler, tiny_sd_components, tiny_sdxl_components  # noqa: E402
 
 from ray_lt.generate.criteria import CriterionScorer  # noqa: E402
 from ray_lt.generate.latent import LatentDiffusion  # noqa: E402
@@ -55,10 +51,13 @@ from ray_lt.generate.stable_diffusion import (  # noqa: E402
     StableDiffusionGenerator,
     StableDiffusionXLGenerator,
 )
-from ray_lt.generate.unclip import (  # noqa: E402
-    UnCLIPGenerator,
-    _byte_tokenizer,
+from ray_lt.generate.unclip import UnCLIPGenerator  # noqa: E402
+from ray_lt.testing import (  # noqa: E402
+    byte_tokenizer,
+    ddim_scheduler,
     tiny_autoencoder,
+    tiny_sd_components,
+    tiny_sdxl_components,
     tiny_unclip_components,
 )
 from ray_lt.train.models import build_model  # noqa: E402
@@ -153,10 +152,12 @@ def _unclip_extras(tokenizer: Any) -> dict[str, Any]:
 
 
 def _unclip_references() -> dict[str, Any]:
-    """unCLIP's image conditions: one random reference image for each of classes 0 - 3."""
+    """unCLIP's image conditions: one random reference image for each of classes 0 - 3, the
+    image embedding dropped half the time as FG's setting does, no embedding noise."""
     rng = np.random.default_rng(0)
     return {"reference_images": {"class": {
-        c: [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] for c in range(4)}}}
+        c: [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)] for c in range(4)}},
+        "embedding_dropout": 0.5, "noise_level": 0}
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def full_components(model: str = "unclip", seed: int = 0,
     the cost), the scheduler the published DDIM one."""
     spec = MODELS[model]
     torch.manual_seed(seed)
-    tokenizer = _byte_tokenizer()
+    tokenizer = byte_tokenizer()
     with torch.device(device):
         networks = spec.networks(tokenizer)
     return {**networks, **spec.extras(tokenizer), "tokenizer": tokenizer,

@@ -289,7 +289,8 @@ def write_lt_shape(out: Path, kind: Kind, image_size: int = 16, val_per_class: i
 
 def save_tiny_unclip(out: Path) -> Path:
     """Save the tiny random SD 2.1 unCLIP stand-in to ``out`` in the Hugging Face layout."""
-    from ray_lt.generate.unclip import save_components, tiny_unclip_components
+    from ray_lt.generate.unclip import save_components
+    from ray_lt.testing import tiny_unclip_components
 
     save_components(tiny_unclip_components(), out)
     return out

@@ -32,7 +32,8 @@ from ray_lt.generate.pixel import (
     training_scheduler,
 )
 from ray_lt.generate.sampler import Guidance, guided_sample
-from ray_lt.generate.unclip import UnCLIPGenerator, tiny_unclip_components
+from ray_lt.generate.unclip import UnCLIPGenerator
+from ray_lt.testing import tiny_unclip_components
 from ray_lt.train.models import build_model
 
 
@@ -61,7 +62,8 @@ def unclip_parts() -> tuple[UnCLIPGenerator, CriterionScorer]:
                       for c in range(10)}}
     generator = UnCLIPGenerator(**tiny_unclip_components(0), class_names=[str(c) for c in
                                                                          range(10)],
-                                reference_images=refs, image_size=32, height=64, width=64)
+                                reference_images=refs, embedding_dropout=0.5, noise_level=0,
+                                image_size=32, height=64, width=64)
     classifier = build_model("small_cnn", 10, 3, 32).eval()
     return generator, CriterionScorer(classifier, ["entropy"])
 
@@ -126,6 +128,7 @@ def actor_costs(run_dir: Path, quota_scale: float) -> None:
     import ray
 
     from ray_lt import pipeline
+    from ray_lt.cluster import init_ray
     from ray_lt.config import load_config
     from ray_lt.generate import synthesize
 
@@ -142,9 +145,9 @@ def actor_costs(run_dir: Path, quota_scale: float) -> None:
                 f"synthesis.quota_scale={quota_scale}", "synthesis.max_shard_size=16",
                 f"synthesis.num_actors={actors}", "synthesis.cpus_per_actor=0.85",
                 "synthesis.writer_cpus=0.25", "ray.address=local"])
-            pipeline.init_ray(cfg.ray)
+            init_ray(cfg.ray)
             ray.data.DataContext.get_current().enable_progress_bars = False
-            _, data = pipeline.prepare(cfg, out)
+            data = pipeline.prepare(cfg, out).data
             pipeline.criterion_support(cfg, out, data)
             started = time.time()
             synthesize.synthesize(cfg, data, out)

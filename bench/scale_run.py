@@ -103,26 +103,14 @@ def main() -> None:
     cfg = load_config(args.config, overrides)
     rows: list[dict] = []
     with meter(rows, "load + check data"):
-        out_dir, data = pipeline.prepare(cfg, args.out)
+        session = pipeline.prepare(cfg, args.out)
+    out_dir, data = session.out_dir, session.data
     print(f"  {data.num_classes} classes, {int(data.class_counts.sum())} training images")
     full_plan(cfg, data, rows)
     print(f"  sampler actor constructor: {actor_payload(cfg, data, out_dir) / 2**20:.2f} MB")
-    with meter(rows, "baseline classifier"):
-        baseline = pipeline.baseline_stage(cfg, out_dir, data)
-    with meter(rows, "criterion statistics"):
-        pipeline.criterion_support(cfg, out_dir, data)
-    with meter(rows, "generator"):
-        pipeline.generator_stage(cfg, out_dir, data)
-    with meter(rows, "synthesis"):
-        pipeline.synthesis_stage(cfg, out_dir, data)
-    with meter(rows, "final classifier"):
-        pipeline.final_stage(cfg, out_dir, data)
-    with meter(rows, "evaluation"):
-        final = pipeline.evaluate_stage(cfg, out_dir, data)
-    from ray_lt.report import write_report
-
-    with meter(rows, "report"):
-        write_report(cfg, out_dir, data, baseline, final)
+    for stage in pipeline.RUN_STAGES:
+        with meter(rows, stage.title):
+            pipeline.run_stage(stage, session)
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / "stages.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.1f}"))

@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ray_lt.cluster import init_ray
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
-from ray_lt.pipeline import init_ray
 from ray_lt.train import fit_classifier
 from ray_lt.train.augment import augment_batch
 from ray_lt.train.loop import make_optimizer
@@ -76,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, Path(tmp),
-                                "bench")
+                                "bench", evaluate=cfg.evaluate)
         fit_wall = time.perf_counter() - started
         history = pd.read_csv(folder / "history.csv")
     ray_epochs = history["epoch_seconds"].tolist()

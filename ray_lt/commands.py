@@ -17,19 +17,20 @@ from ray_lt.config import Config
 from ray_lt.errors import ConfigError, require_stage
 from ray_lt.generate.factory import check_generator
 from ray_lt.generate.plan import plan
+from ray_lt.log import close_log_files
 from ray_lt.pipeline import (
-    banner,
-    baseline_stage,
+    BASELINE_EVALUATION,
+    CLASSIFIER,
+    FILTER,
+    GENERATOR,
+    GRID,
+    RUN_STAGES,
+    STATISTICS,
+    SYNTHESIS,
     check_run_config,
-    criterion_support,
-    evaluate_stage,
-    final_stage,
-    generator_stage,
-    grid_stage,
     prepare,
-    synthesis_stage,
+    run_stage,
 )
-from ray_lt.report import write_report
 from ray_lt.rundir import run_lock
 from ray_lt.stages import StageMeter, record_timing
 from ray_lt.train.trainer import MODEL_FILE
@@ -41,17 +42,19 @@ Result = TypeVar("Result")
 def command(name: str) -> Callable[[Callable[[Config, Path], Result]],
                                    Callable[[Config, Path], Result]]:
     """Run the decorated command holding ``out_dir``'s lock: a second command into the same
-    directory is refused at once, naming the process that holds it."""
+    directory is refused at once, naming the process that holds it. Its log file
+    (``DIR/logs/ray-lt.log``) is closed when it ends, so that a Python driver's next command
+    logs into its own run directory only."""
     def wrap(body: Callable[[Config, Path], Result]) -> Callable[[Config, Path], Result]:
         @functools.wraps(body)
         def locked(cfg: Config, out_dir: Path) -> Result:
-            with run_lock(Path(out_dir), name):
-                return body(cfg, Path(out_dir))
+            try:
+                with run_lock(Path(out_dir), name):
+                    return body(cfg, Path(out_dir))
+            finally:
+                close_log_files()
         return locked
     return wrap
-
-
-ALL_STAGES = ("classifier", "generator", "synthesis", "filter", "final")
 
 
 @command("train")
@@ -61,9 +64,9 @@ def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
     Writes ``classifier/`` (weights, spec, history), ``metrics.json``, ``predictions.parquet``
     and ``per_class_accuracy.png`` into ``out_dir``.
     """
-    out_dir, data = prepare(cfg, out_dir, needs=("train",), command="train",
-                            stages=("classifier",))
-    return baseline_stage(cfg, out_dir, data)
+    session = prepare(cfg, out_dir, needs=("train",), command="train", stages=(CLASSIFIER,))
+    run_stage(CLASSIFIER, session)
+    return run_stage(BASELINE_EVALUATION, session)
 
 
 @command("train-generator")
@@ -74,73 +77,57 @@ def train_generator(cfg: Config, out_dir: Path) -> Path:
         raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not trained by "
                           f"train-generator (it loads pretrained weights from "
                           f"generator.pretrained)")
-    out_dir, data = prepare(cfg, out_dir, needs=("train",), command="train-generator",
-                            stages=("generator",))
-    return generator_stage(cfg, out_dir, data)
+    session = prepare(cfg, out_dir, needs=("train",), command="train-generator",
+                      stages=(GENERATOR,))
+    return run_stage(GENERATOR, session)
 
 
 @command("synthesize")
 def synthesize(cfg: Config, out_dir: Path) -> Path:
-    """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic``.
+    """Sample the quota of feedback-guided synthetic images into ``out_dir/synthetic`` (in
+    rounds with ``rounds.count`` > 1), then the optional filter.
 
     The classifier and the generator it needs are checked (loading nothing) before Ray starts.
     """
     require_stage(Path(out_dir) / "classifier" / MODEL_FILE, "classifier", "ray-lt train")
     check_generator(cfg, Path(out_dir))
-    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",), command="synthesize",
-                            stages=("synthesis", "filter"), check=lambda data: plan(cfg, data))
-    return synthesis_stage(cfg, out_dir, data)
+    session = prepare(cfg, out_dir, needs=("synthesis",), command="synthesize",
+                      stages=(SYNTHESIS, FILTER), check=lambda data: plan(cfg, data))
+    for stage in (STATISTICS, SYNTHESIS, FILTER):
+        run_stage(stage, session)
+    return session.results["synthesis"]
 
 
 @command("grid")
 def grid(cfg: Config, out_dir: Path) -> Path | None:
-    """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
-    out_dir, data = prepare(cfg, out_dir, needs=("synthesis",), command="grid")
-    return grid_stage(cfg, out_dir, data)
+    """PNG grid of one class's samples: rows = criteria, columns = guidance scales (drawn
+    whatever ``report.grid`` says)."""
+    session = prepare(cfg, out_dir, needs=("synthesis",), command="grid")
+    return run_stage(GRID, session, enabled=cfg.generator.OUTPUTS == "images")
 
 
 @command("run")
 def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
-    """The whole pipeline into one run directory, each stage skipped when its output is
-    complete: baseline -> criterion statistics -> generator -> guided synthesis (+ filter)
-    -> classifier on real + synthetic -> evaluation -> sample grid -> report. Each stage's wall
-    time and the driver's peak memory go to ``stages.json`` and the report."""
+    """The whole pipeline into one run directory, every stage of
+    ``ray_lt.pipeline.RUN_STAGES`` in turn, each skipped when its output is complete:
+    baseline -> criterion statistics -> generator -> guided synthesis (rounds and fine-tunes)
+    -> filter -> classifier on real + synthetic -> evaluation -> sample grid -> quality ->
+    report. Each stage's wall time and the driver's peak memory go to ``stages.json`` and the
+    report; returns the final classifier's test metrics."""
     started = time.perf_counter()
     check_run_config(cfg)
     with StageMeter() as meter:
         # an empty quota is refused before any training
-        out_dir, data = prepare(cfg, out_dir, needs=("train", "synthesis"), command="run",
-                                stages=ALL_STAGES, check=lambda data: plan(cfg, data))
-    times = {"data": (meter.seconds, meter.peak_rss_mb)}
-    record_timing(out_dir, "data", *times["data"])
-    s = cfg.synthesis
-    steps = [
-        ("classifier", "baseline classifier", f"{cfg.model.name}, {cfg.train.epochs} epochs",
-         lambda: baseline_stage(cfg, out_dir, data)),
-        ("statistics", "criterion statistics", ", ".join(s.criteria),
-         lambda: criterion_support(cfg, out_dir, data)),
-        ("generator", "generator", cfg.generator.kind,
-         lambda: generator_stage(cfg, out_dir, data)),
-        ("synthesis", "synthesis", f"guidance {s.guidance_scale:g}, {s.num_actors} sampler "
-         f"actor(s)" + (f", {cfg.rounds.count} rounds" if cfg.rounds.count > 1 else ""),
-         lambda: synthesis_stage(cfg, out_dir, data)),
-        ("final", "final classifier", f"real + synthetic, init {cfg.final.init}",
-         lambda: final_stage(cfg, out_dir, data)),
-        ("evaluation", "evaluation", "", lambda: evaluate_stage(cfg, out_dir, data)),
-        ("grid", "sample grid", "", lambda: grid_stage(cfg, out_dir, data)
-         if cfg.report.grid else None),
-    ]
-    results = {}
-    for step, (key, name, note, call) in enumerate(steps, start=1):
-        banner(step, len(steps) + 1, name, note, since=started)
-        with StageMeter() as meter:
-            results[key] = call()
-        times[key] = (meter.seconds, meter.peak_rss_mb)
-        record_timing(out_dir, key, *times[key])
-    banner(len(steps) + 1, len(steps) + 1, "report", since=started)
-    path = write_report(cfg, out_dir, data, results["classifier"], results["evaluation"], times)
-    log.info(f"done in {time.perf_counter() - started:.0f} s; report: {path}")
-    return results["evaluation"]
+        session = prepare(cfg, out_dir, needs=("train", "synthesis"), command="run",
+                          stages=RUN_STAGES, check=lambda data: plan(cfg, data))
+    session.started = started
+    session.times["data"] = (meter.seconds, meter.peak_rss_mb)
+    record_timing(session.out_dir, "data", *session.times["data"])
+    shown = [stage for stage in RUN_STAGES if stage.enabled(cfg)]
+    for stage in RUN_STAGES:
+        step = (shown.index(stage) + 1, len(shown)) if stage in shown else None
+        run_stage(stage, session, step=step)
+    return session.results["evaluation"]
 
 
 @command("tune")

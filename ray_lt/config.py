@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -21,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from ray_lt.errors import ConfigError, read_utf8
+from ray_lt.errors import ConfigError, DataError, read_utf8
 
 DIGITS_PER_CLASS_MIN = 174  # the rarest digit in scikit-learn's bundled set has 174 images
 # The feedback criteria (ray_lt.generate.criteria.CRITERIA); the group ones need a data set
@@ -30,6 +31,42 @@ GROUP_CRITERION_NAMES = ("target_group", "group_entropy")
 CRITERION_NAMES = ("entropy", "loss", "hardness", "total_uncertainty",
                    *GROUP_CRITERION_NAMES)
 GROUPED_KINDS = ("digits_groups", "nico_pp")
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A Ray Data actor pool as a config section sets it: ``size`` actors (growing from
+    ``min_size`` when that is set, started with ``initial_size``), each with ``cpus`` and
+    ``gpus``, fed ``batch_size`` rows at a time. The evaluation, synthesis, writer and
+    statistics pools are all given as one."""
+
+    size: int
+    cpus: float
+    gpus: float
+    batch_size: int
+    min_size: int | None = None
+    initial_size: int | None = None
+
+    def demand(self) -> list[dict[str, float]]:
+        """One resource bundle per actor, as the autoscaler is asked for them."""
+        return [{"CPU": self.cpus, "GPU": self.gpus}] * self.size
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus > 0
+
+    def map_batches_args(self) -> dict[str, Any]:
+        """The keyword arguments of ``Dataset.map_batches`` that place this pool."""
+        import ray.data  # config stays importable where Ray is not installed
+
+        if self.min_size is None:
+            compute = ray.data.ActorPoolStrategy(size=self.size)
+        else:
+            compute = ray.data.ActorPoolStrategy(
+                min_size=self.min_size, max_size=self.size,
+                initial_size=self.initial_size or self.min_size)
+        return {"compute": compute, "batch_size": self.batch_size, "num_cpus": self.cpus,
+                "num_gpus": self.gpus}
 
 
 class Strict(BaseModel):
@@ -205,6 +242,11 @@ class EvaluateConfig(Strict):
     cpus_per_actor: float = Field(0.5, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
 
+    @property
+    def pool(self) -> Pool:
+        """The prediction pool (evaluation, statistics, filter, quality metrics)."""
+        return Pool(self.num_actors, self.cpus_per_actor, self.gpus_per_actor, self.batch_size)
+
     @model_validator(mode="after")
     def _ordered(self) -> EvaluateConfig:
         if self.few_threshold > self.many_threshold:
@@ -376,6 +418,24 @@ class SynthesisConfig(Strict):
     grid_class: int = Field(-1, ge=-1)
     grid_samples: int = Field(4, ge=1)
 
+    @property
+    def pool(self) -> Pool:
+        """The sampler actor pool: goes on with as many of ``num_actors`` as the cluster can
+        place, at least one; one shard per call (``batch_size`` is the sampler's batch)."""
+        return Pool(self.num_actors, self.cpus_per_actor, self.gpus_per_actor, 1, min_size=1,
+                    initial_size=self.num_actors)
+
+    @property
+    def reference_pool(self) -> Pool:
+        """The pool that embeds unCLIP's reference images once per run: the samplers' size
+        and resources, 64 images a batch."""
+        return Pool(self.num_actors, self.cpus_per_actor, self.gpus_per_actor, 64)
+
+    @property
+    def writer_pool(self) -> Pool:
+        """The CPU pool after the samplers that encodes and writes each shard's file."""
+        return Pool(self.writer_actors, self.writer_cpus, 0.0, 1, min_size=1)
+
     @model_validator(mode="after")
     def _criteria(self) -> SynthesisConfig:
         known = set(CRITERION_NAMES)
@@ -525,6 +585,11 @@ class Config(Strict):
     tune: TuneSection = Field(default_factory=TuneSection)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    def criteria_in_use(self) -> set[str]:
+        """Every criterion the config may score with: synthesis, the grid's rows, the search."""
+        return (set(self.synthesis.criteria) | set(self.synthesis.grid_criteria)
+                | set(self.tune.space.criteria or []))
+
     @model_validator(mode="before")
     @classmethod
     def _generator_kind(cls, raw: Any) -> Any:
@@ -585,6 +650,15 @@ class Config(Strict):
             raise ValueError("; ".join(problems) + f", but dataset.kind {self.dataset.kind!r} "
                              f"has no groups (those with groups: {', '.join(GROUPED_KINDS)})")
         return self
+
+
+def check_paths(cfg: Config) -> None:
+    """The data folder and classifier checkpoint the config names exist (before Ray starts)."""
+    root = getattr(cfg.dataset, "root", None)
+    if root is not None and not Path(root).is_dir():
+        raise DataError(f"dataset.root: data folder {root} does not exist")
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
+        raise ConfigError(f"model.checkpoint: file {cfg.model.checkpoint} does not exist")
 
 
 def final_train_config(cfg: Config) -> TrainConfig:

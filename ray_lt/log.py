@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 LOG_DIR = "logs"
 LOG_FILE = "ray-lt.log"
 _CONSOLE = "ray_lt.console"
+_FILE = "ray_lt.file:"
+log = logging.getLogger(__name__)
 _state = {"verbose": False}
 # Ray's driver-side loggers kept below WARNING on the console unless verbose.
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
@@ -42,12 +46,15 @@ def setup_console(verbose: bool = False) -> None:
 
 
 def log_to_file(run_dir: Path) -> Path:
-    """Also write ray_lt's and Ray's driver-side log lines, at every level, to
-    ``run_dir/logs/ray-lt.log`` (appended: a rerun continues the file)."""
-    path = Path(run_dir) / LOG_DIR / LOG_FILE
+    """Write ray_lt's and Ray's driver-side log lines, at every level, to
+    ``run_dir/logs/ray-lt.log`` (appended: a rerun continues the file). The file handlers of
+    any other run directory are closed first: a process's log lines go to one run at a
+    time (``close_log_files`` closes this one)."""
+    path = Path(run_dir).resolve() / LOG_DIR / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    name = f"ray_lt.file:{path}"
+    name = f"{_FILE}{path}"
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    close_log_files(keep=name)
     for logger_name in ("ray_lt", *RAY_LOGGERS[:1]):
         logger = logging.getLogger(logger_name)
         if any(h.get_name() == name for h in logger.handlers):
@@ -58,3 +65,26 @@ def log_to_file(run_dir: Path) -> Path:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return path
+
+
+def close_log_files(keep: str | None = None) -> None:
+    """Remove and close every run directory's file handler (but ``keep``'s)."""
+    for logger_name in ("ray_lt", *RAY_LOGGERS[:1]):
+        logger = logging.getLogger(logger_name)
+        for handler in list(logger.handlers):
+            name = handler.get_name() or ""
+            if name.startswith(_FILE) and name != keep:
+                logger.removeHandler(handler)
+                handler.close()
+
+
+def format_summary(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """``overall 0.912  few 0.874 ...``: the headline ``keys`` a metrics dict has."""
+    return "  ".join(f"{k} {metrics[k]:.3f}" for k in keys if metrics.get(k) is not None)
+
+
+def banner(step: int, total: int, name: str, note: str = "", since: float | None = None
+           ) -> None:
+    """``stage 3/9 generator: pixel [41 s]``: one line per stage on the console."""
+    elapsed = f" [{time.perf_counter() - since:.0f} s]" if since is not None else ""
+    log.info(f"stage {step}/{total} {name}{': ' + note if note else ''}{elapsed}")

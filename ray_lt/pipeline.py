@@ -1,32 +1,38 @@
-"""The pipeline's stages, each reading and writing one run directory: the classifier on the
-real data, the criterion statistics, the generator, guided synthesis (+ filter), the
-classifier on real + synthetic data, evaluation and the sample grid; and the session they
-share (Ray started once, the data loaded and checked once).
+"""The pipeline's stages, one registry (``STAGES``) of ``ray_lt.stages.Stage`` objects, each
+reading and writing one run directory: the baseline classifier and its evaluation, the
+criterion statistics, the generator, guided synthesis (in rounds, with the guide's fine-tunes
+between them), the filter, the classifier on real + synthetic data, its evaluation, the sample
+grid, the synthetic-data quality metrics and the report.
 
-A stage whose output is already complete in the run directory is not run again. The commands
-users run (``ray_lt.commands``) and the tuner's trials (``ray_lt.tune.search``) are made of
-these stages.
+``run_stage`` is the one place that skips a stage whose output is complete, refuses one whose
+recorded config changed, records it, times it and prints its banner. The commands users run
+(``ray_lt.commands``) and the tuner's trials (``ray_lt.tune.search``) pick their stages from
+the registry; ``prepare`` is what every command does before them (checks first, Ray started
+once, the data loaded and checked once).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
-from ray._private.utils import read_ray_address
 
-from ray_lt.cluster import Capacity, cluster_capacity
-from ray_lt.config import Config, RayConfig, final_train_config
+from ray_lt.cluster import (
+    check_cluster_resources,
+    cluster_capacity,
+    init_ray,
+    ray_session_logs,
+)
+from ray_lt.config import Config, check_paths, final_train_config
 from ray_lt.data import LongTailData, check_images, load_dataset
-from ray_lt.errors import ClusterError, ConfigError, DataError, require_stage
+from ray_lt.errors import ConfigError, require_stage
 from ray_lt.evaluate.classifier import METRICS_FILE, evaluate_classifier
 from ray_lt.evaluate.metrics import HEADLINE
 from ray_lt.generate.base import SPEC_FILE as GENERATOR_SPEC
@@ -55,14 +61,17 @@ from ray_lt.generate.synthetic import (
     load_synthetic,
     synthetic_count,
 )
-from ray_lt.log import log_to_file, verbose
+from ray_lt.log import banner, format_summary, log_to_file
+from ray_lt.report import QUALITY_FILE, REPORT_DIR, synthetic_quality, write_report
 from ray_lt.rundir import check_run_config_file, write_run_config
 from ray_lt.stages import (
-    STAGES_FILE,
+    Stage,
+    StageMeter,
     check_stage,
     check_stages,
     forget_stage,
     record_stage,
+    record_timing,
     stage_matches,
 )
 from ray_lt.train import fit_classifier
@@ -76,75 +85,66 @@ FINAL_DIR = "final"
 MATERIALIZE_BYTES = 1 << 30  # synthetic sets up to this size are decoded once, not per epoch
 
 
-def _reachable(address: str, timeout: float = 2.0) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
+@dataclass
+class Session:
+    """One command's work on one run directory: the config, the directory, the loaded data,
+    and the results and timings of the stages run so far (``callbacks`` go to the final
+    classifier's Ray Train run: the tuner passes Tune's report callback)."""
+
+    cfg: Config
+    out_dir: Path
+    data: LongTailData
+    started: float = field(default_factory=time.perf_counter)
+    results: dict[str, Any] = field(default_factory=dict)
+    times: dict[str, tuple[float, float]] = field(default_factory=dict)
+    callbacks: list[Any] | None = None
 
 
-def ray_address(configured: str | None) -> str | None:
-    """Where ``ray.init`` should connect: ``ray.address``, else RAY_ADDRESS (``ray job submit``
-    sets it), else the cluster last started on this machine if it is still alive, else
-    ``"local"`` (start Ray here).
-
-    Left to itself ``ray.init()`` also tries the last cluster started on this machine, and
-    when that cluster is gone it retries for minutes before failing.
-    """
-    if configured or os.environ.get("RAY_ADDRESS"):
-        return configured
-    last = read_ray_address()
-    return last if last and _reachable(last) else "local"
-
-
-def init_ray(cfg: RayConfig) -> None:
-    """Connect to the configured cluster, to RAY_ADDRESS (ray job submit), or start Ray here;
-    a cluster that cannot be reached or started is a ClusterError saying where and why.
-
-    Unless verbose (``--verbose``), the workers' output and Ray's INFO lines stay in Ray's
-    session logs and Ray Data shows no per-dataset progress bars (see ``ray_lt.log``).
-    """
-    loud = verbose()
-    if not ray.is_initialized():
-        address = ray_address(cfg.address)
-        if address not in (None, "local", "auto") and not address.startswith("ray://") \
-                and not _reachable(address, timeout=5.0):  # ray.init would retry for minutes
-            raise ClusterError(ray_start_failure(address, cfg.address, ConnectionError(
-                f"nothing answers at {address}")))
-        try:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=loud,
-                     logging_level=logging.INFO if loud else logging.WARNING,
-                     runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
-        except Exception as err:  # Ray raises ConnectionError, RuntimeError or plain Exception
-            ray.shutdown()  # stop what a half-started local cluster left running
-            raise ClusterError(ray_start_failure(address, cfg.address, err)) from err
-    ray.data.DataContext.get_current().enable_progress_bars = loud
+def run_stage(stage: Stage, session: Session, name: str | None = None,
+              step: tuple[int, int] | None = None, enabled: bool | None = None,
+              **kwargs: Any) -> Any:
+    """Run ``stage`` (recorded and timed as ``name``, default its own) in ``session``: refuse
+    it when its output exists and was made with another config, skip its work when its
+    output is complete, record its config keys and time it into ``stages.json``. ``step``
+    (i, n) prints the banner ``stage i/n``; ``enabled`` overrides ``stage.enabled``."""
+    cfg, out = session.cfg, session.out_dir
+    name = name or stage.name
+    if step is not None:
+        banner(*step, stage.title, stage.note(cfg), since=session.started)
+    with StageMeter() as meter:
+        if not (stage.enabled(cfg) if enabled is None else enabled):
+            if stage.disabled is not None:
+                stage.disabled(session)
+            result = None
+        else:
+            result = _run(stage, session, name, **kwargs)
+    session.results[name] = result
+    session.times[name] = (meter.seconds, meter.peak_rss_mb)
+    record_timing(out, name, *session.times[name])
+    return result
 
 
-def ray_start_failure(address: str | None, configured: str | None, err: Exception) -> str:
-    """What failed when ``ray.init`` raised ``err``, and what to try."""
-    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    if address == "local":
-        return (f"Ray could not start a local cluster on this machine: {reason}. On a busy "
-                f"machine Ray's processes can time out while starting: try again when it is "
-                f"less loaded, or start one with `ray start --head` and set ray.address")
-    where = (f"ray.address {configured!r}" if configured
-             else f"RAY_ADDRESS {os.environ.get('RAY_ADDRESS', address)!r}")
-    lowered = reason.lower()
-    if "token" in lowered or "auth" in lowered or "unauthenticated" in lowered:
-        hint = ("the cluster refused this machine's authentication token: use that cluster's "
-                "token (`ray get-auth-token` on its head node, then RAY_AUTH_TOKEN)")
+def _run(stage: Stage, session: Session, name: str, **kwargs: Any) -> Any:
+    cfg, out = session.cfg, session.out_dir
+    recorded = stage.keys is not None and stage.recorded(cfg)
+    output = stage.output(cfg, out) if stage.output is not None else None
+    if recorded and not stage.redo_on_change and output is not None and output.exists():
+        check_stage(cfg, out, stage, output, name)
+    complete = stage.complete is not None and stage.complete(session, **kwargs) and (
+        not stage.redo_on_change or stage_matches(cfg, out, stage, name))
+    if complete:
+        result = stage.load(session, **kwargs) if stage.load is not None else output
+        log.info(f"{stage.title} {stage.done}: {result}")
     else:
-        hint = ("check the address (`ray status` on the head node prints it) and that the "
-                "cluster is up and reachable from here")
-    return f"{where}: could not connect to the Ray cluster: {reason}; {hint}"
+        result = stage.run(session, **kwargs)
+    if recorded:
+        record_stage(cfg, out, stage, name)
+    return result
 
 
 def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = (), command: str = "run",
-            stages: tuple[str, ...] = (),
-            check: Callable[[LongTailData], None] | None = None) -> tuple[Path, LongTailData]:
+            stages: tuple[Stage, ...] = (),
+            check: Callable[[LongTailData], None] | None = None) -> Session:
     """Everything a command does before its stages, checks first: read and check the data's
     index files and what the config decides with them (``check_inputs``, then the caller's
     ``check``), that the recorded ``stages`` were made with this config; then start Ray,
@@ -157,8 +157,7 @@ def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = (), command: st
     check_inputs(cfg, data)
     if check is not None:
         check(data)
-    outputs = stage_outputs(cfg, out_dir)
-    check_stages(cfg, out_dir, {k: v for k, v in outputs.items() if k in stages})
+    check_stages(cfg, out_dir, list(stages))
     check_run_config_file(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_to_file(out_dir)
@@ -168,19 +167,13 @@ def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = (), command: st
     log.debug("full log: %s", log_file)
     check_images(cfg.dataset, data)
     write_run_config(cfg, out_dir, command)
-    return out_dir, data
-
-
-def criteria_in_use(cfg: Config) -> set[str]:
-    """Every criterion the config may score with: synthesis, the grid's rows, the search."""
-    return (set(cfg.synthesis.criteria) | set(cfg.synthesis.grid_criteria)
-            | set(cfg.tune.space.criteria or []))
+    return Session(cfg, out_dir, data)
 
 
 def check_inputs(cfg: Config, data: LongTailData) -> None:
     """What the config decides together with the data's index, refused before Ray starts
     (instead of in the stage that would meet it, after hours of training)."""
-    if "hardness" in criteria_in_use(cfg):
+    if "hardness" in cfg.criteria_in_use():
         dim = feature_dim(cfg.model.name, data.image_shape[2], cfg.model.width)
         try:
             check_covariance_size(data.num_classes, dim, cfg.synthesis.hardness_covariance)
@@ -194,132 +187,43 @@ def check_inputs(cfg: Config, data: LongTailData) -> None:
                           f"the rarest)")
 
 
-DATA_TASK_CPUS = 1.0  # what a Ray Data read or map task asks for unless told otherwise
+def check_run_config(cfg: Config) -> None:
+    """Settings ``run`` cannot honour and inputs that are not there (data folder, classifier
+    checkpoint, pretrained generator), refused before Ray starts or anything is written."""
+    check_paths(cfg)
+    kind = generator_kind(cfg)
+    kind.check_config(cfg)
+    if not cfg.generator.TRAINED:
+        kind.check(cfg, None)
 
 
-def check_cluster_resources(cfg: Config, capacity: Capacity | dict[str, float],
-                            needs: tuple[str, ...]) -> None:
-    """Refuse settings that the cluster (``ray_lt.cluster.cluster_capacity``: its nodes and
-    what its autoscaler may add; a plain dict of resources is a fixed cluster) can never
-    schedule, which would otherwise wait for them forever with every process idle.
+# -- what each stage does ---------------------------------------------------------------------
 
-    ``needs`` names what the command runs: ``train`` (Ray Train workers, which must leave
-    Ray Data a CPU for its read and map tasks), ``synthesis`` (the sampler actor pool, the grid
-    task) and ``tune`` (each trial's driver beside its Train workers); the evaluation actor
-    pool is always checked. A worker or actor must also fit on one node.
-    """
-    if not isinstance(capacity, Capacity):
-        capacity = Capacity(dict(capacity), dict(capacity))
-    resources = capacity.most
-    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
-    has = capacity.describe()
-    problems = []
-
-    def one_node(key: str, what: str, demand: dict[str, float]) -> None:
-        if capacity.nodes and not capacity.fits_one_node(demand):
-            shown = ", ".join(f"{v:g} {k}" for k, v in demand.items() if v > 0)
-            problems.append(f"{key}: {what} needs {shown} on one node, but no node "
-                            f"{'or node type ' if capacity.autoscaling else ''}of the cluster "
-                            f"has that much ({has}); lower {key}")
-
-    def pool(section: str, size: int, cpus_each: float, gpus_each: float) -> None:
-        if size * cpus_each > cpus:
-            problems.append(f"{section}.cpus_per_actor: {size} actor(s) x {cpus_each:g} CPU = "
-                            f"{size * cpus_each:g} CPUs, but {has}; lower {section}.num_actors "
-                            f"or {section}.cpus_per_actor")
-        if gpus_each > 0 and size * gpus_each > gpus:
-            problems.append(f"{section}.gpus_per_actor: {size} actor(s) x {gpus_each:g} GPU = "
-                            f"{size * gpus_each:g} GPUs, but {has}; lower {section}.num_actors "
-                            f"or set {section}.gpus_per_actor: 0")
-        one_node(f"{section}.cpus_per_actor", f"one {section} actor",
-                 {"CPU": cpus_each, "GPU": gpus_each})
-
-    sc = cfg.scaling
-    if "train" in needs:
-        if sc.use_gpu and sc.num_workers * sc.gpus_per_worker > gpus:
-            problems.append(f"scaling.use_gpu: true asks for {sc.num_workers} worker(s) x "
-                            f"{sc.gpus_per_worker:g} GPU (scaling.gpus_per_worker), but {has}; "
-                            f"set scaling.use_gpu: false or connect to a cluster with GPUs "
-                            f"(ray.address)")
-        trial = cfg.tune.trial_cpus if "tune" in needs else 0.0
-        held = sc.num_workers * sc.cpus_per_worker + trial
-        if held + DATA_TASK_CPUS > cpus:
-            beside = f" + tune.trial_cpus {trial:g}" if trial else ""
-            problems.append(f"scaling.cpus_per_worker: {sc.num_workers} worker(s) x "
-                            f"{sc.cpus_per_worker:g} CPU{beside} = {held:g} CPUs leave Ray Data "
-                            f"{max(cpus - held, 0):g} of the cluster's CPUs, and each of its "
-                            f"tasks needs {DATA_TASK_CPUS:g}: training would wait forever; "
-                            f"{has}; lower scaling.cpus_per_worker or scaling.num_workers")
-        one_node("scaling.cpus_per_worker", "one training worker",
-                 {"CPU": sc.cpus_per_worker,
-                  "GPU": sc.gpus_per_worker if sc.use_gpu else 0.0})
-    if "synthesis" in needs:
-        # The sampler pool goes on with as many actors as fit (ray_lt.generate.synthesize):
-        # one actor beside the writer must fit; fewer than asked is worth a warning.
-        s = cfg.synthesis
-        if s.cpus_per_actor + s.writer_cpus > cpus:
-            problems.append(f"synthesis.cpus_per_actor: one sampler actor ({s.cpus_per_actor:g} "
-                            f"CPU) beside the shard writer (synthesis.writer_cpus "
-                            f"{s.writer_cpus:g}) needs {s.cpus_per_actor + s.writer_cpus:g} "
-                            f"CPUs, but {has}; lower synthesis.cpus_per_actor")
-        if s.gpus_per_actor > gpus:
-            problems.append(f"synthesis.gpus_per_actor: one sampler actor needs "
-                            f"{s.gpus_per_actor:g} GPU, but {has}; set "
-                            f"synthesis.gpus_per_actor: 0 or connect to a cluster with GPUs")
-        one_node("synthesis.cpus_per_actor", "one sampler actor",
-                 {"CPU": s.cpus_per_actor, "GPU": s.gpus_per_actor})
-        fit = min(s.num_actors, int((cpus - s.writer_cpus) // s.cpus_per_actor),
-                  int(gpus // s.gpus_per_actor) if s.gpus_per_actor > 0 else s.num_actors)
-        if not problems and 0 < fit < s.num_actors:
-            log.warning(f"synthesis.num_actors: {s.num_actors} asked, {fit} fit beside the "
-                        f"writer ({has}); the sampler pool runs with {fit}")
-    e = cfg.evaluate
-    pool("evaluate", e.num_actors, e.cpus_per_actor, e.gpus_per_actor)
-    if problems:
-        raise ConfigError("the Ray cluster cannot run this config\n  " + "\n  ".join(problems))
+def _train_baseline(session: Session) -> Path:
+    s = session
+    return fit_classifier(s.data, s.cfg.model, s.cfg.train, s.cfg.scaling, s.cfg.seed,
+                          s.out_dir, "classifier", evaluate=s.cfg.evaluate)
 
 
-def ray_session_logs() -> str:
-    """Where this Ray session keeps its logs, on the head node."""
-    try:
-        from ray._private.worker import global_worker
-
-        return str(Path(global_worker.node.get_session_dir_path()) / "logs")
-    except AttributeError:  # connected through a client: the path is on the cluster
-        return "the head node's /tmp/ray/session_latest/logs"
+def _fresh(metrics_file: Path, model_file: Path) -> bool:
+    return metrics_file.is_file() and metrics_file.stat().st_mtime >= model_file.stat().st_mtime
 
 
-def format_summary(metrics: dict[str, Any]) -> str:
-    cells = [f"{k} {metrics[k]:.3f}" for k in HEADLINE if metrics.get(k) is not None]
-    return "  ".join(cells)
-
-
-def banner(step: int, total: int, name: str, note: str = "", since: float | None = None
-           ) -> None:
-    elapsed = f" [{time.perf_counter() - since:.0f} s]" if since is not None else ""
-    log.info(f"stage {step}/{total} {name}{': ' + note if note else ''}{elapsed}")
-
-
-# -- stages: each takes the loaded data, skips itself when its output is complete -------------
-
-def baseline_stage(cfg: Config, out_dir: Path, data: LongTailData) -> dict[str, Any]:
-    """The classifier on the real data (``classifier/``) and its test metrics."""
-    folder = out_dir / "classifier"
-    if (folder / MODEL_FILE).is_file():
-        check_stage(cfg, out_dir, "classifier", folder)
-        log.info(f"baseline classifier already trained: {folder}")
-    else:
-        fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out_dir, "classifier",
-                       many_threshold=cfg.evaluate.many_threshold,
-                       few_threshold=cfg.evaluate.few_threshold)
-    record_stage(cfg, out_dir, "classifier")
-    metrics_file = out_dir / METRICS_FILE
-    if metrics_file.is_file() and metrics_file.stat().st_mtime >= \
-            (folder / MODEL_FILE).stat().st_mtime:
+def _evaluate(session: Session, which: str = "baseline", split: str = "test"
+              ) -> dict[str, Any]:
+    """Test (or ``split``) metrics of the baseline (``metrics.json``) or the final classifier
+    (``final/metrics.json``, ``final/<split>/`` unless test), computed unless the file is newer
+    than the model."""
+    out = session.out_dir
+    folder = out / "classifier" if which == "baseline" else out / FINAL_DIR / "classifier"
+    where = folder.parent if split == "test" else folder.parent / split
+    metrics_file = where / METRICS_FILE
+    if _fresh(metrics_file, folder / MODEL_FILE):
         metrics = json.loads(metrics_file.read_text())
     else:
-        metrics = evaluate_classifier(folder, data, cfg.evaluate, out_dir)
-    log.info(f"baseline test: {format_summary(metrics)}  -> {metrics_file}")
+        metrics = evaluate_classifier(folder, session.data, session.cfg.evaluate, where,
+                                      split=split)
+    log.info(f"{which} {split}: {format_summary(metrics, HEADLINE)}  -> {metrics_file}")
     return metrics
 
 
@@ -335,23 +239,20 @@ def criterion_support(cfg: Config, out_dir: Path, data: LongTailData,
     return classifier_dir
 
 
-def generator_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
+def _statistics(session: Session) -> Path:
+    return criterion_support(session.cfg, session.out_dir, session.data)
+
+
+def _generator(session: Session) -> Path:
     """Train the generator into ``generator/`` (``pixel``: DiffuLT on Ray Train; ``feature``:
     LDMLR on the baseline's training features, a Ray task), or check a pretrained one's
     folder (``ray_lt.generate.kinds``)."""
-    g = cfg.generator
-    if not g.TRAINED:
-        check_generator(cfg, out_dir)
-        log.info(f"generator: pretrained {g.kind} from {g.pretrained}")
-        return Path(str(g.pretrained))
-    folder = out_dir / "generator"
-    if (folder / GENERATOR_SPEC).is_file():
-        check_stage(cfg, out_dir, "generator", folder)
-        record_stage(cfg, out_dir, "generator")
-        log.info(f"generator already trained: {folder}")
-        return folder
-    folder = generator_kind(cfg).train(cfg, out_dir, data)
-    record_stage(cfg, out_dir, "generator")
+    cfg = session.cfg
+    if not cfg.generator.TRAINED:
+        check_generator(cfg, session.out_dir)
+        log.info(f"generator: pretrained {cfg.generator.kind} from {cfg.generator.pretrained}")
+        return Path(str(cfg.generator.pretrained))
+    folder = generator_kind(cfg).train(cfg, session.out_dir, session.data)
     log.info(f"generator trained: {folder}")
     return folder
 
@@ -362,153 +263,127 @@ def _small(rows: int, data: LongTailData) -> bool:
     return rows * int(np.prod(data.image_shape)) <= MATERIALIZE_BYTES
 
 
-def fine_tune_guide(cfg: Config, out_dir: Path, data: LongTailData, index: int) -> Path:
+def _fine_tune(session: Session, index: int) -> Path:
     """After round ``index``: the guide of that round fine-tuned for ``rounds.epochs`` epochs
     on real + the synthetic rows of rounds 1..index (its own ``train`` loss, learning rate
-    ``rounds.lr`` or train.lr, no warm-up) into ``rounds/round<index>/classifier``, with its
-    criterion statistics and heads. Kept when already there; an interrupted fine-tune resumes
-    from its Ray Train checkpoint."""
-    folder = round_dir(out_dir, index)
-    classifier_dir = folder / "classifier"
-    if not (classifier_dir / MODEL_FILE).is_file():
-        model = cfg.model.model_copy(
-            update={"checkpoint": round_guide(out_dir, index) / MODEL_FILE})
-        r, settings = cfg.rounds, fine_tune_settings(cfg)
-        train_cfg = cfg.train.model_copy(update={"epochs": r.epochs, "lr": settings["rounds.lr"],
-                                                 "warmup_epochs": 0})
-        record_fine_tune(out_dir, index, settings)
-        shards = set(shards_up_to(out_dir, index))
-        synthetic = load_synthetic(out_dir, data.image_shape[2], filtered=False, shards=shards)
-        rows = sum(sh["n"] for sh in stored_plan(out_dir) if sh["shard_id"] in shards)
-        if _small(rows, data):
-            synthetic = synthetic.materialize()
-        log.info(f"round {index}/{r.count}: fine-tuning the guide for {r.epochs} epochs on "
-                 f"real + {rows} synthetic rows")
-        fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, folder, "classifier",
-                       synthetic=synthetic, many_threshold=cfg.evaluate.many_threshold,
-                       few_threshold=cfg.evaluate.few_threshold)
-    criterion_support(cfg, out_dir, data, classifier_dir)
-    return classifier_dir
+    ``rounds.lr`` or train.lr, no warm-up) into ``rounds/round<index>/classifier``. An
+    interrupted fine-tune resumes from its Ray Train checkpoint."""
+    cfg, out, data = session.cfg, session.out_dir, session.data
+    model = cfg.model.model_copy(update={"checkpoint": round_guide(out, index) / MODEL_FILE})
+    r, settings = cfg.rounds, fine_tune_settings(cfg)
+    train_cfg = cfg.train.model_copy(update={"epochs": r.epochs, "lr": settings["rounds.lr"],
+                                             "warmup_epochs": 0})
+    record_fine_tune(out, index, settings)
+    shards = set(shards_up_to(out, index))
+    synthetic = load_synthetic(out, data.image_shape[2], filtered=False, shards=shards)
+    rows = sum(sh["n"] for sh in stored_plan(out) if sh["shard_id"] in shards)
+    if _small(rows, data):
+        synthetic = synthetic.materialize()
+    log.info(f"round {index}/{r.count}: fine-tuning the guide for {r.epochs} epochs on "
+             f"real + {rows} synthetic rows")
+    return fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, round_dir(out, index),
+                          "classifier", evaluate=cfg.evaluate, synthetic=synthetic)
 
 
-def synthesis_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path:
-    """Feedback-guided samples to the quotas in ``synthetic/`` (finished shards are kept),
-    then the optional DiffuLT filter. With ``rounds.count`` > 1 the quota is drawn in rounds,
-    the guide fine-tuned between them (``fine_tune_guide``); a rerun resumes at the first
+def _fine_tuned(session: Session, index: int) -> bool:
+    return (round_dir(session.out_dir, index) / "classifier" / MODEL_FILE).is_file()
+
+
+def _synthesis(session: Session) -> Path:
+    """Feedback-guided samples to the quotas in ``synthetic/`` (finished shards are kept).
+    With ``rounds.count`` > 1 the quota is drawn in rounds, the guide fine-tuned between them
+    (the ``fine_tune`` stage, then its criterion statistics); a rerun resumes at the first
     unfinished round, and ``rounds/rounds.csv`` / ``rounds.png`` summarise the rounds."""
-    out = out_dir / SYNTHETIC_DIR
-    if out.exists() or (out_dir / ROUNDS_DIR).exists():
-        check_stage(cfg, out_dir, "synthesis", out)
+    cfg, out, data = session.cfg, session.out_dir, session.data
     count = cfg.rounds.count
     if count > 1:
-        check_fine_tunes(out_dir, count, fine_tune_settings(cfg))
-    criterion_support(cfg, out_dir, data)
+        check_fine_tunes(out, count, fine_tune_settings(cfg))
+    criterion_support(cfg, out, data)
     if count == 1:
-        counts = run_synthesis(cfg, data, out_dir)
+        counts = run_synthesis(cfg, data, out)
     else:
         for index in range(1, count + 1):
-            run_synthesis(cfg, data, out_dir, index, round_guide(out_dir, index))
+            run_synthesis(cfg, data, out, index, round_guide(out, index))
             if index < count:
-                fine_tune_guide(cfg, out_dir, data, index)
-        counts = check_counts(out, stored_plan(out_dir))
-        table = write_round_summary(out_dir, count)
+                guide = run_stage(FINE_TUNE, session, f"fine_tune.round{index}", index=index)
+                criterion_support(cfg, out, data, guide)
+        counts = check_counts(out / SYNTHETIC_DIR, stored_plan(out))
+        table = write_round_summary(out, count)
         log.info(f"rounds:\n{table.to_string(index=False)}\n-> "
-                 f"{out_dir / ROUNDS_DIR / 'rounds.csv'}")
-    record_stage(cfg, out_dir, "synthesis")
-    log.info(f"synthetic rows: {int(counts['written'].sum())} in {out}")
-    if cfg.synthesis.filter.enabled:
-        verdicts = out / FILTER_FILE
-        if verdicts.is_file() and (out_dir / STAGES_FILE).is_file():
-            check_stage(cfg, out_dir, "filter", verdicts)
-        report = filter_synthetic(out_dir, data, cfg)
-        record_stage(cfg, out_dir, "filter")
-        log.info(f"filter dropped {int(report['dropped'].sum())} of "
-                 f"{int(report['generated'].sum())} samples; per class:\n{report.to_string()}")
-    elif (out / FILTER_FILE).is_file():
-        (out / FILTER_FILE).unlink()  # filtering switched off: train on every sample
-        forget_stage(out_dir, "filter")
-    return out
+                 f"{out / ROUNDS_DIR / 'rounds.csv'}")
+    log.info(f"synthetic rows: {int(counts['written'].sum())} in {out / SYNTHETIC_DIR}")
+    return out / SYNTHETIC_DIR
 
 
-def final_stage(cfg: Config, out_dir: Path, data: LongTailData,
-                callbacks: list[Any] | None = None) -> Path:
+def _filter(session: Session) -> Path:
+    report = filter_synthetic(session.out_dir, session.data, session.cfg)
+    log.info(f"filter dropped {int(report['dropped'].sum())} of "
+             f"{int(report['generated'].sum())} samples; per class:\n{report.to_string()}")
+    return session.out_dir / SYNTHETIC_DIR / FILTER_FILE
+
+
+def _no_filter(session: Session) -> None:
+    verdicts = session.out_dir / SYNTHETIC_DIR / FILTER_FILE
+    if verdicts.is_file():
+        verdicts.unlink()  # filtering switched off: train on every sample
+        forget_stage(session.out_dir, FILTER)
+
+
+def _final(session: Session) -> Path:
     """The classifier trained on real + synthetic data into ``final/classifier``: from scratch
     or fine-tuned from the baseline (images), or its head fine-tuned on pseudo-features
     (``feature`` generator, LDMLR)."""
-    final_dir = out_dir / FINAL_DIR
+    cfg, out, data = session.cfg, session.out_dir, session.data
+    final_dir = out / FINAL_DIR
     folder = final_dir / "classifier"
-    if (folder / MODEL_FILE).is_file():
-        check_stage(cfg, out_dir, "final", final_dir)
-        log.info(f"final classifier already trained: {folder}")
-        return folder
     train_cfg = final_train_config(cfg)
-    baseline = out_dir / "classifier"
+    baseline = out / "classifier"
     if cfg.generator.OUTPUTS == "features":  # LDMLR: the baseline's head on pseudo-features
         real = load_training_features(baseline)
-        rows = load_synthetic(out_dir, data.image_shape[2]).select_columns(
+        rows = load_synthetic(out, data.image_shape[2]).select_columns(
             ["feature", "label"]).to_pandas()
         task = ray.remote(fit_head).options(num_cpus=cfg.scaling.cpus_per_worker)
-        folder = ray.get(task.remote(
+        return ray.get(task.remote(
             baseline, real,
             (np.stack(rows["feature"].to_numpy()).astype(np.float32),
              rows["label"].to_numpy()),
             data.class_counts.tolist(), train_cfg.model_dump(mode="json"), cfg.seed, folder))
-    else:
-        model = cfg.model
-        if cfg.final.init == "baseline":
-            model = model.model_copy(update={"checkpoint": baseline / MODEL_FILE})
-        synthetic = load_synthetic(out_dir, data.image_shape[2])
-        rows = synthetic_count(out_dir)
-        if rows == 0:
-            log.info("no synthetic rows (the quota is empty or all were filtered): "
-                     "the final classifier trains on the real data alone")
-            synthetic = None
-        elif _small(rows, data):
-            # Small enough to decode once into the object store instead of every epoch.
-            synthetic = synthetic.materialize()
-        folder = fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, final_dir,
-                                "classifier", synthetic=synthetic,
-                                many_threshold=cfg.evaluate.many_threshold,
-                                few_threshold=cfg.evaluate.few_threshold, callbacks=callbacks)
-    record_stage(cfg, out_dir, "final")
-    return folder
+    model = cfg.model
+    if cfg.final.init == "baseline":
+        model = model.model_copy(update={"checkpoint": baseline / MODEL_FILE})
+    synthetic = load_synthetic(out, data.image_shape[2])
+    rows = synthetic_count(out)
+    if rows == 0:
+        log.info("no synthetic rows (the quota is empty or all were filtered): "
+                 "the final classifier trains on the real data alone")
+        synthetic = None
+    elif _small(rows, data):
+        synthetic = synthetic.materialize()
+    return fit_classifier(data, model, train_cfg, cfg.scaling, cfg.seed, final_dir,
+                          "classifier", evaluate=cfg.evaluate, synthetic=synthetic,
+                          callbacks=session.callbacks)
 
 
-def evaluate_stage(cfg: Config, out_dir: Path, data: LongTailData, split: str = "test"
-                   ) -> dict[str, Any]:
-    """Metrics of the final classifier on ``split`` in ``final/`` (``final/<split>/`` unless
-    test)."""
-    final_dir = out_dir / FINAL_DIR
-    where = final_dir if split == "test" else final_dir / split
-    metrics_file = where / METRICS_FILE
-    model_file = final_dir / "classifier" / MODEL_FILE
-    if metrics_file.is_file() and metrics_file.stat().st_mtime >= model_file.stat().st_mtime:
-        metrics = json.loads(metrics_file.read_text())
-    else:
-        metrics = evaluate_classifier(final_dir / "classifier", data, cfg.evaluate, where,
-                                      split=split)
-    log.info(f"final {split}: {format_summary(metrics)}  -> {metrics_file}")
-    return metrics
+def grid_label(cfg: Config, data: LongTailData) -> int:
+    """The class the sample grid shows: ``synthesis.grid_class``, or the rarest (-1)."""
+    label = cfg.synthesis.grid_class
+    return label if label >= 0 else int(data.class_counts.argmin())
 
 
-def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
+def _grid_path(cfg: Config, out: Path, data: LongTailData) -> Path:
+    return out / f"grid_class{grid_label(cfg, data)}.png"
+
+
+def _grid(session: Session) -> Path:
     """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
     from ray_lt.generate.grid import render_grid, save_grid
 
-    if cfg.generator.OUTPUTS == "features":
-        log.info(f"no sample grid: the {cfg.generator.kind} generator makes no images")
-        return None
-    criterion_support(cfg, out_dir, data)
-    check_generator(cfg, out_dir)
+    cfg, out, data = session.cfg, session.out_dir, session.data
+    criterion_support(cfg, out, data)
+    check_generator(cfg, out)
     s = cfg.synthesis
-    label = s.grid_class if s.grid_class >= 0 else int(data.class_counts.argmin())
-    if label >= data.num_classes:
-        raise ConfigError(f"synthesis.grid_class: {label} is not a class of this data set")
-    path = out_dir / f"grid_class{label}.png"
-    if path.is_file() and stage_matches(cfg, out_dir, "grid"):
-        log.info(f"sample grid already drawn: {path}")
-        return path
-    prepare_inputs(cfg, data, out_dir)
+    label = grid_label(cfg, data)
+    prepare_inputs(cfg, data, out)
     group, title = -1, data.class_names[label]
     if data.num_groups:  # the class's rarest context (an empty group where there is one)
         contexts = len(data.context_names)
@@ -516,35 +391,130 @@ def grid_stage(cfg: Config, out_dir: Path, data: LongTailData) -> Path | None:
             data.group_counts[label * contexts:(label + 1) * contexts]))
         title += f" on {data.context_names[group % contexts]} " \
                  f"({int(data.group_counts[group])} training images)"
-    task = ray.remote(render_grid).options(num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor)
+    task = ray.remote(render_grid).options(num_cpus=s.pool.cpus, num_gpus=s.pool.gpus)
     info = generator_info(data.class_names, data.context_names, data.image_shape[0])
-    images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out_dir), info, label,
-                                 s.gpus_per_actor > 0, group))
-    save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales], path,
-              title=f"{title}: criterion x guidance scale")
-    record_stage(cfg, out_dir, "grid")
+    images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out), info, label,
+                                 s.pool.use_gpu, group))
+    path = save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales],
+                     _grid_path(cfg, out, data),
+                     title=f"{title}: criterion x guidance scale")
     log.info(f"sample grid: {path}")
     return path
 
 
-def stage_outputs(cfg: Config, out_dir: Path) -> dict[str, Path]:
-    """What each recorded stage leaves in ``out_dir``."""
-    outputs = {"classifier": out_dir / "classifier", "generator": out_dir / "generator",
-               "synthesis": out_dir / SYNTHETIC_DIR, "final": out_dir / FINAL_DIR}
-    if cfg.synthesis.filter.enabled:
-        outputs["filter"] = out_dir / SYNTHETIC_DIR / FILTER_FILE
-    return outputs
+def _no_grid(session: Session) -> None:
+    if not _images(session.cfg):
+        log.info(f"no sample grid: the {session.cfg.generator.kind} generator makes no images")
 
 
-def check_run_config(cfg: Config) -> None:
-    """Settings ``run`` cannot honour and inputs that are not there (data folder, classifier
-    checkpoint, pretrained generator), refused before Ray starts or anything is written."""
-    root = getattr(cfg.dataset, "root", None)
-    if root is not None and not Path(root).is_dir():
-        raise DataError(f"dataset.root: data folder {root} does not exist")
-    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_file():
-        raise ConfigError(f"model.checkpoint: file {cfg.model.checkpoint} does not exist")
-    kind = generator_kind(cfg)
-    kind.check_config(cfg)
-    if not cfg.generator.TRAINED:
-        kind.check(cfg, None)
+def _quality(session: Session) -> Path:
+    """FID, density and coverage of the synthetic rows per criterion (``report/quality.csv``,
+    kept while it is newer than every shard)."""
+    synthetic_quality(session.cfg, session.out_dir, session.data)
+    return session.out_dir / REPORT_DIR / QUALITY_FILE
+
+
+def _report(session: Session) -> Path:
+    r = session.results
+    path = write_report(session.cfg, session.out_dir, session.data, r["baseline_evaluation"],
+                        r["evaluation"], session.times)
+    log.info(f"done in {time.perf_counter() - session.started:.0f} s; report: {path}")
+    return path
+
+
+# -- the registry -------------------------------------------------------------------------------
+
+_DATA_EXCLUDED = ("dataset.verify_images", "generator.threads")
+_SAMPLER_RESOURCES = ("synthesis.num_actors", "synthesis.cpus_per_actor",
+                      "synthesis.gpus_per_actor", "synthesis.writer_cpus",
+                      "synthesis.writer_actors", "synthesis.batch_size",
+                      "synthesis.max_shard_size", "synthesis.guidance_micro_batch",
+                      "synthesis.decoder_checkpointing", "synthesis.compile",
+                      "synthesis.compile_mode")
+# Keys (included prefixes, excluded prefixes) that change what a stage writes: resources,
+# batch sizes of inference, reporting and anything read only at sampling time are left out.
+
+
+def _images(cfg: Config) -> bool:
+    return cfg.generator.OUTPUTS == "images"
+
+
+CLASSIFIER = Stage(
+    "classifier", "baseline classifier", _train_baseline,
+    keys=(("seed", "dataset.", "model.", "train."),
+          _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),
+    output=lambda cfg, out: out / "classifier",
+    complete=lambda s: (s.out_dir / "classifier" / MODEL_FILE).is_file(),
+    needs=("train",), note=lambda cfg: f"{cfg.model.name}, {cfg.train.epochs} epochs",
+    done="already trained")
+BASELINE_EVALUATION = Stage(
+    "baseline_evaluation", "baseline evaluation", _evaluate, after=("classifier",))
+STATISTICS = Stage(
+    "statistics", "criterion statistics", _statistics, after=("classifier",),
+    note=lambda cfg: ", ".join(cfg.synthesis.criteria))
+GENERATOR = Stage(
+    "generator", "generator", _generator,
+    keys=(("seed", "dataset.", "generator."),
+          # what a trained generator is made of: none of the sampling-time keys
+          _DATA_EXCLUDED + ("generator.embedding_dropout", "generator.noise_level",
+                            "generator.prompts", "generator.negative_prompt",
+                            "generator.references_per_group", "generator.height",
+                            "generator.width")),
+    output=lambda cfg, out: out / "generator",
+    complete=lambda s: s.cfg.generator.TRAINED and (
+        s.out_dir / "generator" / GENERATOR_SPEC).is_file(),
+    recorded=lambda cfg: cfg.generator.TRAINED, needs=("train",),
+    after=("statistics",), note=lambda cfg: cfg.generator.kind, done="already trained")
+SYNTHESIS = Stage(
+    "synthesis", "synthesis", _synthesis,
+    keys=(("seed", "dataset.", "generator.", "synthesis.", "rounds."),
+          _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.filter.", "synthesis.grid_")),
+    output=lambda cfg, out: out / SYNTHETIC_DIR if (out / SYNTHETIC_DIR).exists()
+    or not (out / ROUNDS_DIR).exists() else out / ROUNDS_DIR,
+    needs=("synthesis",), after=("statistics", "generator"),
+    note=lambda cfg: f"guidance {cfg.synthesis.guidance_scale:g}, {cfg.synthesis.num_actors} "
+                     f"sampler actor(s)"
+                     + (f", {cfg.rounds.count} rounds" if cfg.rounds.count > 1 else ""))
+FINE_TUNE = Stage(
+    "fine_tune", "guide fine-tune", _fine_tune, keys=(("rounds.epochs", "rounds.lr"), ()),
+    complete=_fine_tuned, load=lambda s, index: round_dir(s.out_dir, index) / "classifier",
+    needs=("train",), after=("synthesis",))
+FILTER = Stage(
+    "filter", "filter", _filter, keys=(("synthesis.filter.",), ()),
+    output=lambda cfg, out: out / SYNTHETIC_DIR / FILTER_FILE,
+    enabled=lambda cfg: cfg.synthesis.filter.enabled, disabled=_no_filter,
+    after=("synthesis",))
+FINAL = Stage(
+    "final", "final classifier", _final,
+    keys=(("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis.",
+           "rounds."), _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.grid_",)),
+    output=lambda cfg, out: out / FINAL_DIR,
+    complete=lambda s: (s.out_dir / FINAL_DIR / "classifier" / MODEL_FILE).is_file(),
+    load=lambda s: s.out_dir / FINAL_DIR / "classifier",
+    needs=("train",), after=("synthesis", "filter"),
+    note=lambda cfg: f"real + synthetic, init {cfg.final.init}", done="already trained")
+EVALUATION = Stage(
+    "evaluation", "evaluation", lambda s, split="test": _evaluate(s, "final", split),
+    after=("final",))
+GRID = Stage(
+    "grid", "sample grid", _grid,
+    keys=(("seed", "dataset.", "generator.", "synthesis."),
+          _DATA_EXCLUDED + _SAMPLER_RESOURCES + (
+              "synthesis.filter.", "synthesis.criteria.", "synthesis.balance",
+              "synthesis.target", "synthesis.quota_")),
+    complete=lambda s: _grid_path(s.cfg, s.out_dir, s.data).is_file(),
+    load=lambda s: _grid_path(s.cfg, s.out_dir, s.data),
+    redo_on_change=True, needs=("synthesis",), after=("statistics", "generator"),
+    enabled=lambda cfg: cfg.report.grid and _images(cfg), disabled=_no_grid,
+    done="already drawn")
+QUALITY = Stage(
+    "quality", "synthetic-data quality", _quality, after=("synthesis", "filter"),
+    enabled=lambda cfg: cfg.report.quality, note=lambda cfg: "FID, density, coverage")
+REPORT = Stage(
+    "report", "report", _report, after=("baseline_evaluation", "evaluation", "grid", "quality"))
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    CLASSIFIER, BASELINE_EVALUATION, STATISTICS, GENERATOR, SYNTHESIS, FINE_TUNE, FILTER,
+    FINAL, EVALUATION, GRID, QUALITY, REPORT)}
+"""Every stage, in the order ``ray-lt run`` runs them (``fine_tune`` inside ``synthesis``)."""
+RUN_STAGES = tuple(stage for stage in STAGES.values() if stage is not FINE_TUNE)

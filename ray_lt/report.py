@@ -196,27 +196,28 @@ def sample_mosaic(rows: pd.DataFrame, class_names: list[str], per_class: int, pa
                      title="synthetic samples used for training")
 
 
-def synthetic_quality(cfg: Config, run_dir: Path, data: LongTailData, rows: pd.DataFrame
-                      ) -> pd.DataFrame:
-    """FID, density and coverage of the synthetic rows against real test rows, on the baseline
-    classifier's features, per criterion (cached in ``report/quality.csv``)."""
+def synthetic_quality(cfg: Config, run_dir: Path, data: LongTailData) -> pd.DataFrame:
+    """FID, density and coverage of a seeded sample of ``QUALITY_SAMPLES`` synthetic rows
+    against real test rows, on the baseline classifier's features, per criterion (kept in
+    ``report/quality.csv`` while that is newer than every shard)."""
+    run_dir = Path(run_dir)
     cache = run_dir / REPORT_DIR / QUALITY_FILE
     if cache.is_file() and cache.stat().st_mtime >= max(
             Path(f).stat().st_mtime for f in synthetic_files(run_dir)):
         return pd.read_csv(cache)
     import ray
 
-    ev = cfg.evaluate
+    rows = synthetic_rows(run_dir, data.image_shape[2],
+                          sample_shards(planned_shards(run_dir), QUALITY_SAMPLES, cfg.seed))
+    pool = cfg.evaluate.pool
     classifier = run_dir / "classifier"
-    real = predict(data.test, classifier, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
-                   ev.gpus_per_actor, features=True)
+    real = predict(data.test, classifier, pool, features=True)
     if "feature" in rows:
         fake_features = np.stack(rows["feature"].to_numpy())
         fake_labels, criteria = rows["label"].to_numpy(), rows["criterion"].to_numpy()
     else:
         ds = ray.data.from_pandas(rows[["image", "label", "group", "criterion"]])
-        fake = predict(ds, classifier, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
-                       ev.gpus_per_actor, features=True, keep=("criterion",))
+        fake = predict(ds, classifier, pool, features=True, keep=("criterion",))
         fake_features = np.stack(fake["features"].to_numpy())
         fake_labels, criteria = fake["label"].to_numpy(), fake["criterion"].to_numpy()
     table = quality_table(np.stack(real["features"].to_numpy()), real["label"].to_numpy(),
@@ -303,16 +304,14 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
     for grid in sorted(run_dir.glob("grid_class*.png")):
         blocks.append(Block("image", grid.name, "one class: criteria (rows) x guidance scales "
                                                 "(columns), same seeds in every cell"))
-    if cfg.report.quality:
+    quality = folder / QUALITY_FILE
+    if cfg.report.quality and quality.is_file():
         blocks += [Block("h2", "Synthetic-data quality"),
                    Block("p", "On the baseline classifier's features, against real test "
                               "images drawn to the same class proportions. FID: lower is "
                               "closer; density ~1 and coverage near 1: samples lie where "
                               f"real data lies and cover it (k = {cfg.report.quality_k})."),
-                   Block("table", synthetic_quality(
-                       cfg, run_dir, data, synthetic_rows(
-                           run_dir, data.image_shape[2],
-                           sample_shards(shards, QUALITY_SAMPLES, cfg.seed))))]
+                   Block("table", pd.read_csv(quality))]
     report_csv = run_dir / SYNTHETIC_DIR / "filter_report.csv"
     if s.filter.enabled and report_csv.is_file():
         blocks += [Block("p", "Filter: samples dropped per class."),

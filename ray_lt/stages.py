@@ -1,7 +1,10 @@
-"""Which config keys made each stage's output in a run directory, so that a rerun can skip a
-finished stage and refuse one whose config changed (instead of quietly mixing two configs).
+"""What a stage is (``Stage``: the pipeline's registry, ``ray_lt.pipeline.STAGES``, is made of
+them) and what a run directory records of its stages: which config keys made each stage's
+output, so that a rerun can skip a finished stage and refuse one whose config changed (instead
+of quietly mixing two configs), and how long each took.
 
-``DIR/stages.json`` maps a stage name to the dotted config keys and values it was made with.
+``DIR/stages.json`` maps a stage name to the dotted config keys and values it was made with,
+and to its timings.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +23,48 @@ from ray_lt.errors import ConfigError, StageError
 
 STAGES_FILE = "stages.json"
 
-# (included prefixes, excluded prefixes): keys that change what a stage writes. Resources,
-# batch sizes of inference, reporting and anything read only at sampling time are left out.
-_DATA_EXCLUDED = ("dataset.verify_images", "generator.threads")
-_SAMPLER_RESOURCES = ("synthesis.num_actors", "synthesis.cpus_per_actor",
-                      "synthesis.gpus_per_actor", "synthesis.writer_cpus",
-                      "synthesis.writer_actors", "synthesis.batch_size",
-                      "synthesis.max_shard_size", "synthesis.guidance_micro_batch",
-                      "synthesis.decoder_checkpointing", "synthesis.compile",
-                      "synthesis.compile_mode")
-STAGE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "classifier": (("seed", "dataset.", "model.", "train."),
-                   _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),
-    "generator": (("seed", "dataset.", "generator."),
-                  # what a trained generator is made of: none of the sampling-time keys
-                  _DATA_EXCLUDED + ("generator.embedding_dropout", "generator.noise_level",
-                                    "generator.prompts", "generator.negative_prompt",
-                                    "generator.references_per_group", "generator.height",
-                                    "generator.width")),
-    "synthesis": (("seed", "dataset.", "generator.", "synthesis.", "rounds."),
-                  _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.filter.", "synthesis.grid_")),
-    "filter": (("synthesis.filter.",), ()),
-    "final": (("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis.",
-               "rounds."),
-              _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.grid_",)),
-    "grid": (("seed", "dataset.", "generator.", "synthesis."),
-             _DATA_EXCLUDED + _SAMPLER_RESOURCES + (
-                 "synthesis.filter.", "synthesis.criteria.", "synthesis.balance",
-                 "synthesis.target", "synthesis.quota_")),
-}
+Keys = tuple[tuple[str, ...], tuple[str, ...]]
+"""(included prefixes, excluded prefixes) of the dotted config keys that change what a stage
+writes."""
+
+
+def _always(_: Any) -> bool:
+    return True
+
+
+def _no_note(_: Any) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run, as ``ray_lt.pipeline.STAGES`` lists them: ``run(session, **kw)``
+    does the work into the session's run directory and returns the stage's result.
+
+    ``keys`` are the config keys recorded for it in ``stages.json`` (None: nothing recorded),
+    and a rerun with other values is refused while ``output(cfg, out_dir)`` exists (unless
+    ``redo_on_change``: the stage is then redone). ``complete(session)`` says that the output
+    is whole, so ``run`` is skipped and ``load(session)`` gives the result. ``needs`` names
+    what it runs on the cluster (``train``, ``synthesis``), ``after`` the stages whose outputs
+    it reads, ``enabled(cfg)`` whether the config asks for it, and ``disabled(session)`` tidies
+    up where it does not; ``note(cfg)`` goes into its banner and ``done`` into the line that
+    says its work was skipped."""
+
+    name: str
+    title: str
+    run: Callable[..., Any]
+    keys: Keys | None = None
+    output: Callable[[Any, Path], Path] | None = None
+    complete: Callable[[Any], bool] | None = None
+    load: Callable[[Any], Any] | None = None
+    needs: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    enabled: Callable[[Any], bool] = _always
+    disabled: Callable[[Any], None] | None = None
+    recorded: Callable[[Any], bool] = _always
+    redo_on_change: bool = False
+    note: Callable[[Any], str] = _no_note
+    done: str = "already done"
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -60,9 +78,9 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def stage_keys(cfg: Config, stage: str) -> dict[str, Any]:
+def stage_keys(cfg: Config, stage: Stage) -> dict[str, Any]:
     """The config keys and values that determine ``stage``'s output."""
-    included, excluded = STAGE_KEYS[stage]
+    included, excluded = stage.keys or ((), ())
     return {k: v for k, v in flatten(cfg.model_dump(mode="json")).items()
             if k.startswith(included) and not k.startswith(excluded)}
 
@@ -121,10 +139,13 @@ def _unchanged(recorded: dict[str, Any], now: dict[str, Any], key: str) -> bool:
     return key in now and default_value(key) == now[key]
 
 
-def check_stage(cfg: Config, out_dir: Path, stage: str, output: Path) -> None:
-    """Raise when ``stage`` was recorded in ``out_dir`` with other config values (a key added
-    to the config since, at its default value, is not a change)."""
-    recorded = _records(out_dir).get(stage)
+def check_stage(cfg: Config, out_dir: Path, stage: Stage, output: Path,
+                name: str | None = None) -> None:
+    """Raise when ``stage`` was recorded in ``out_dir`` (as ``name``, default its own) with
+    other config values (a key added to the config since, at its default value, is not a
+    change)."""
+    name = name or stage.name
+    recorded = _records(out_dir).get(name)
     if recorded is None:
         return
     now = stage_keys(cfg, stage)
@@ -133,40 +154,44 @@ def check_stage(cfg: Config, out_dir: Path, stage: str, output: Path) -> None:
     if changed:
         shown = "; ".join(f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
         more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
-        raise ConfigError(f"{out_dir}: its {stage} stage was made with another config: "
+        raise ConfigError(f"{out_dir}: its {name} stage was made with another config: "
                           f"{shown}{more}. Use a new --out, or delete {output} to redo that "
                           f"stage and the ones after it")
 
 
-def check_stages(cfg: Config, out_dir: Path, outputs: dict[str, Path]) -> None:
+def check_stages(cfg: Config, out_dir: Path, stages: list[Stage]) -> None:
     """``check_stage`` for every stage whose output exists: run before any work starts (a
     stages record that cannot be read is refused even where no output exists yet)."""
     _records(out_dir)
-    for stage, output in outputs.items():
+    for stage in stages:
+        if stage.keys is None or stage.output is None or stage.redo_on_change \
+                or not stage.enabled(cfg):
+            continue
+        output = stage.output(cfg, Path(out_dir))
         if output.exists():
             check_stage(cfg, out_dir, stage, output)
 
 
-def stage_matches(cfg: Config, out_dir: Path, stage: str) -> bool:
-    """Whether ``stage`` was recorded in ``out_dir`` with this config (``check_stage``'s
-    sense)."""
-    recorded = _records(out_dir).get(stage)
+def stage_matches(cfg: Config, out_dir: Path, stage: Stage, name: str | None = None) -> bool:
+    """Whether ``stage`` was recorded in ``out_dir`` (as ``name``) with this config
+    (``check_stage``'s sense)."""
+    recorded = _records(out_dir).get(name or stage.name)
     if recorded is None:
         return False
     now = stage_keys(cfg, stage)
     return all(_unchanged(recorded, now, k) for k in set(recorded) | set(now))
 
 
-def record_stage(cfg: Config, out_dir: Path, stage: str) -> None:
-    """Note that ``stage`` finished in ``out_dir`` with this config."""
+def record_stage(cfg: Config, out_dir: Path, stage: Stage, name: str | None = None) -> None:
+    """Note that ``stage`` finished in ``out_dir`` (as ``name``) with this config."""
     doc = _document(out_dir)
-    doc["config"][stage] = stage_keys(cfg, stage)
+    doc["config"][name or stage.name] = stage_keys(cfg, stage)
     _write(out_dir, doc)
 
 
-def forget_stage(out_dir: Path, stage: str) -> None:
+def forget_stage(out_dir: Path, stage: Stage) -> None:
     doc = _document(out_dir)
-    if doc["config"].pop(stage, None) is not None:
+    if doc["config"].pop(stage.name, None) is not None:
         _write(out_dir, doc)
 
 

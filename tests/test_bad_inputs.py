@@ -16,11 +16,11 @@ from conftest import ROOT, imagenet_lt_folder, nico_folder, run_cli, write_image
 from PIL import Image
 
 from ray_lt.cli import main
+from ray_lt.cluster import check_cluster_resources
 from ray_lt.config import load_config
 from ray_lt.data.files import read_nico_metadata, read_split_list
 from ray_lt.data.images import load_image
 from ray_lt.errors import ConfigError, DataError
-from ray_lt.pipeline import check_cluster_resources
 
 CONFIG = ROOT / "configs" / "digits_lt.yaml"
 
@@ -222,7 +222,8 @@ def test_generator_folder_of_another_kind_is_refused(tmp_path):
 
     from ray_lt.generate.factory import check_generator
     from ray_lt.generate.feature import train_feature_generator
-    from ray_lt.generate.unclip import save_components, tiny_unclip_components
+    from ray_lt.generate.unclip import save_components
+    from ray_lt.testing import tiny_unclip_components
 
     pixel = tmp_path / "pixel"
     pixel_parts()[0].save_pretrained(pixel)

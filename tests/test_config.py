@@ -76,7 +76,8 @@ def test_real_data_runs_fail_clearly_without_weights_or_data(name, tmp_path, cap
     from conftest import ROOT, run_cli
 
     from ray_lt.cli import main
-    from ray_lt.generate.unclip import save_components, tiny_unclip_components
+    from ray_lt.generate.unclip import save_components
+    from ray_lt.testing import tiny_unclip_components
 
     out = tmp_path / "run"
     data = tmp_path / "data"

@@ -168,7 +168,7 @@ def test_a_killed_classifier_worker_is_restarted_from_the_last_checkpoint(tmp_pa
     def fit():
         try:
             outcome["folder"] = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed,
-                                               tmp_path, "classifier")
+                                               tmp_path, "classifier", evaluate=cfg.evaluate)
         except Exception as err:  # surfaced by the assertion below
             outcome["error"] = err
 

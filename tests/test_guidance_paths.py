@@ -15,7 +15,7 @@ from ray_lt.generate.base import slice_condition
 from ray_lt.generate.criteria import CriterionScorer
 from ray_lt.generate.pretrained import load_tiny_decoder
 from ray_lt.generate.sampler import Guidance, guided_sample
-from ray_lt.generate.unclip import tiny_autoencoder, tiny_unclip_components
+from ray_lt.testing import tiny_autoencoder, tiny_unclip_components
 from ray_lt.train.models import build_model
 
 

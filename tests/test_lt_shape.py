@@ -9,7 +9,8 @@ from conftest import load_bench
 from PIL import Image
 
 from ray_lt.data.files import read_class_names, read_split_list
-from ray_lt.generate.unclip import load_components, tiny_unclip_components
+from ray_lt.generate.unclip import load_components
+from ray_lt.testing import tiny_unclip_components
 
 lt_shape = load_bench("lt_shape")
 

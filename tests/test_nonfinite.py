@@ -9,7 +9,7 @@ from ray_lt.config import SynthesisConfig
 from ray_lt.generate.actor import sample_finite
 from ray_lt.generate.criteria import CriterionScorer
 from ray_lt.generate.sampler import Guidance
-from ray_lt.generate.unclip import tiny_unclip_components
+from ray_lt.testing import tiny_unclip_components
 
 SEEDS = [3, 4, 5, 6]
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, autoscaling_cluster, run_cli, submit_and_wait, watch_cluster
 
 from ray_lt.config import load_config
+from ray_lt.pipeline import RUN_STAGES
 
 SMALL = ["train.epochs=2", "generator.train_steps=16", "generator.block_out_channels=[16, 32]",
          "generator.batch_size=16", "synthesis.num_steps=4", "synthesis.guidance_every=2",
@@ -65,14 +66,21 @@ def test_a_run_from_zero_worker_nodes_grows_the_cluster_and_fills_the_exact_quot
 
 def test_run_writes_every_stage_and_the_report(digits_run):
     out, done, _ = digits_run
-    for step in range(1, 9):
-        assert f"[ray-lt] stage {step}/8" in done.stdout
+    stages = [stage.name for stage in RUN_STAGES if stage.enabled(load_config(
+        ROOT / "configs" / "digits_lt.yaml", SMALL))]
+    assert len(stages) == 10 and stages[-1] == "report"
+    for step in range(1, 11):
+        assert f"[ray-lt] stage {step}/10" in done.stdout
+    # Every stage of the registry that ran is timed, and those that make outputs recorded.
+    record = json.loads((out / "stages.json").read_text())
+    assert set(record["timings"]) == {"data", *stages}
+    assert {"classifier", "generator", "synthesis", "final", "grid"} <= set(record["config"])
     # Quiet by default: banners, results, warnings; Ray's lines stay in the logs.
     printed = done.stdout + done.stderr
     assert printed.count("\n") <= 100, printed[-3000:]
     assert "Dataset " not in printed and "execution finished" not in printed
     log = (out / "logs" / "ray-lt.log").read_text()
-    assert "stage 8/8 report" in log and "Ray session logs" in log
+    assert "stage 10/10 report" in log and "Ray session logs" in log
     baseline = json.loads((out / "metrics.json").read_text())
     final = json.loads((out / "final" / "metrics.json").read_text())
     for key in ("overall", "many", "medium", "few", "worst_group", "per_class"):
@@ -124,7 +132,40 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(digits_run, ra
     assert changed.returncode == 2
     assert "its synthesis stage was made with another config: synthesis.guidance_scale: " \
            "0.03 -> 0.1" in changed.stderr
-    assert "[ray-lt] stage 1/8" not in changed.stdout  # refused before any stage ran
+    assert "[ray-lt] stage 1/10" not in changed.stdout  # refused before any stage ran
+
+
+def test_the_readme_driver_runs_on_a_finished_run(digits_run, ray_session, capsys):
+    """The README's Python example, executed with its config overrides and run directory
+    replaced by the finished run's: every stage is found complete, and the run handle reads
+    its metrics, draws guided samples in process and opens the synthetic set."""
+    out, _, _ = digits_run
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    replaced = {'ray_lt.load_config("configs/digits_lt.yaml")':
+                'ray_lt.load_config("configs/digits_lt.yaml", OVERRIDES)',
+                '"runs/digits_lt"': "RUN", "'runs/digits_lt'": "RUN"}
+    for old, new in replaced.items():
+        assert old in code or old.startswith("'"), old
+        code = code.replace(old, new)
+    namespace = {"OVERRIDES": [*SMALL, f"ray.address={ray_session['address']}"],
+                 "RUN": str(out)}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out
+    final = json.loads((out / "final" / "metrics.json").read_text())
+    assert namespace["metrics"] == final and f"final {final['few']:.3f}" in printed
+    assert "146 synthetic rows; (8, 16, 16, 1)" in printed, printed[-2000:]
+    assert "baseline classifier already trained" in printed
+    run, images = namespace["run"], namespace["images"]
+    assert images.dtype == np.uint8 and images.shape == (8, 16, 16, 1)
+    again = run.sample(label=9, n=8, scale=0.1)
+    assert np.array_equal(again, images)  # a sample is a function of its seed and settings
+    assert not np.array_equal(run.sample(label=9, n=8, scale=0.0), images)
+    with pytest.raises(ValueError, match="not a class of this run"):
+        run.sample(label=10)
+    import torch
+
+    assert run.classifier("baseline")(torch.zeros(1, 1, 16, 16)).shape == (1, 10)
 
 
 def test_tune_two_trials_and_run_the_best_config(digits_run, ray_session, tmp_path):

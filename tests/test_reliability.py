@@ -20,11 +20,12 @@ import ray
 from conftest import ROOT, imagenet_lt_folder, nico_folder, run_cli, wait_for
 
 from ray_lt.cli import main, user_error
+from ray_lt.cluster import ray_start_failure
 from ray_lt.config import load_config
 from ray_lt.data import LongTailData
 from ray_lt.data.files import read_nico_metadata, read_split_list
 from ray_lt.errors import ConfigError, DataError
-from ray_lt.pipeline import check_inputs, ray_start_failure
+from ray_lt.pipeline import STAGES, check_inputs
 from ray_lt.rundir import LOCK_FILE, acquire_lock, release_lock, write_run_config
 from ray_lt.stages import record_stage
 
@@ -62,7 +63,7 @@ def test_a_run_refused_by_a_finished_stage_keeps_that_runs_config(tmp_path, caps
     out = tmp_path / "run"
     finished = load_config(CUSTOM, [f"dataset.root={tmp_path}"])
     (out / "classifier").mkdir(parents=True)
-    record_stage(finished, out, "classifier")
+    record_stage(finished, out, STAGES["classifier"])
     path = write_run_config(finished, out, "run")
     before = path.read_bytes()
     code, err = _run(capsys, "run", str(DIGITS), "--out", str(out))

@@ -12,15 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import load_bench
 
 from ray_lt.errors import ConfigError
 from ray_lt.generate.sampler import Guidance, guided_sample
 from ray_lt.generate.sources import Sources
 from ray_lt.generate.stable_diffusion import StableDiffusionGenerator, StableDiffusionXLGenerator
-from ray_lt.generate.unclip import tiny_autoencoder
+from ray_lt.testing import save_tiny, tiny_autoencoder
 
-tiny_parts = load_bench("tiny_parts")
 CLASSES = ["cat", "dog"]
 CONTEXTS = ["snow", "grass"]
 GENERATORS = {"sd": StableDiffusionGenerator, "sdxl": StableDiffusionXLGenerator}
@@ -29,8 +27,8 @@ GENERATORS = {"sd": StableDiffusionGenerator, "sdxl": StableDiffusionXLGenerator
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     base = tmp_path_factory.mktemp("sd")
-    return {kind: tiny_parts.save_tiny(base / kind, kind) for kind in GENERATORS} | {
-        "sd_v": tiny_parts.save_tiny(base / "sd_v", "sd", prediction_type="v_prediction")}
+    return {kind: save_tiny(base / kind, kind) for kind in GENERATORS} | {
+        "sd_v": save_tiny(base / "sd_v", "sd", prediction_type="v_prediction")}
 
 
 def load(folders, kind, **kwargs):

@@ -11,6 +11,7 @@ from ray_lt.config import config_from_dict, load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError
 from ray_lt.generate.plan import plan
+from ray_lt.pipeline import STAGES
 from ray_lt.stages import (
     check_stage,
     check_stages,
@@ -35,64 +36,65 @@ CONFIG = ROOT / "configs" / "digits_lt.yaml"
 
 def test_stage_keys_leave_out_resources_and_sampling_time_settings():
     cfg = load_config(CONFIG)
-    keys = stage_keys(cfg, "synthesis")
+    keys = stage_keys(cfg, STAGES["synthesis"])
     assert keys["synthesis.guidance_scale"] == 0.03
     assert keys["synthesis.criteria.entropy"] == 1.0
     assert "synthesis.num_actors" not in keys and "synthesis.filter.enabled" not in keys
     assert "train.epochs" not in keys
-    generator = stage_keys(cfg, "generator")
+    generator = stage_keys(cfg, STAGES["generator"])
     assert "generator.train_steps" in generator
     assert "generator.embedding_dropout" not in generator
     # More sampler actors make the same samples: no conflict.
     more = load_config(CONFIG, ["synthesis.num_actors=4"])
-    assert stage_keys(more, "synthesis") == keys
+    assert stage_keys(more, STAGES["synthesis"]) == keys
 
 
 def test_a_changed_config_is_refused_naming_key_and_folder(tmp_path):
     cfg = load_config(CONFIG)
-    record_stage(cfg, tmp_path, "synthesis")
-    check_stage(cfg, tmp_path, "synthesis", tmp_path / "synthetic")  # same config: fine
+    record_stage(cfg, tmp_path, STAGES["synthesis"])
+    check_stage(cfg, tmp_path, STAGES["synthesis"], tmp_path / "synthetic")  # same config: fine
     changed = load_config(CONFIG, ["synthesis.guidance_scale=0.1"])
-    assert not stage_matches(changed, tmp_path, "synthesis")
+    assert not stage_matches(changed, tmp_path, STAGES["synthesis"])
     with pytest.raises(ConfigError) as err:
-        check_stage(changed, tmp_path, "synthesis", tmp_path / "synthetic")
+        check_stage(changed, tmp_path, STAGES["synthesis"], tmp_path / "synthetic")
     message = str(err.value)
     assert "synthesis.guidance_scale: 0.03 -> 0.1" in message
     assert str(tmp_path / "synthetic") in message
     # check_stages looks only at stages whose output exists.
-    check_stages(changed, tmp_path, {"synthesis": tmp_path / "synthetic"})
+    check_stages(changed, tmp_path, [STAGES["synthesis"]])
     (tmp_path / "synthetic").mkdir()
     with pytest.raises(ConfigError, match="its synthesis stage"):
-        check_stages(changed, tmp_path, {"synthesis": tmp_path / "synthetic"})
+        check_stages(changed, tmp_path, [STAGES["synthesis"]])
 
 
 def test_a_record_older_than_a_config_key_matches_at_its_default(tmp_path):
     """A run directory recorded before train.group_objective existed resumes; setting the
     new key to anything but its default is a change."""
     cfg = load_config(CONFIG)
-    record_stage(cfg, tmp_path, "classifier")
+    record_stage(cfg, tmp_path, STAGES["classifier"])
     doc = json.loads((tmp_path / "stages.json").read_text())
     for key in ("train.group_objective", "train.dro_step_size"):
         del doc["config"]["classifier"][key]
     (tmp_path / "stages.json").write_text(json.dumps(doc))
-    check_stage(cfg, tmp_path, "classifier", tmp_path / "classifier")
-    assert stage_matches(cfg, tmp_path, "classifier")
+    check_stage(cfg, tmp_path, STAGES["classifier"], tmp_path / "classifier")
+    assert stage_matches(cfg, tmp_path, STAGES["classifier"])
     # a key the record has but the config lost is a change, as is a new key off its default
     with pytest.raises(ConfigError, match="train.dro_step_size: None -> 0.5"):
-        check_stage(load_config(CONFIG, ["train.dro_step_size=0.5"]), tmp_path, "classifier",
+        check_stage(load_config(CONFIG, ["train.dro_step_size=0.5"]), tmp_path,
+                    STAGES["classifier"],
                     tmp_path / "classifier")
     doc["config"]["classifier"]["train.retired_key"] = 1
     (tmp_path / "stages.json").write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="train.retired_key: 1 -> None"):
-        check_stage(cfg, tmp_path, "classifier", tmp_path / "classifier")
+        check_stage(cfg, tmp_path, STAGES["classifier"], tmp_path / "classifier")
     assert default_value("train.group_objective") == "erm"
     assert default_value("synthesis.criteria") == {"entropy": 1.0}
     assert default_value("train.augment.resized_crop_scale") is None
 
 
 def test_the_final_stage_depends_on_the_synthetic_data():
-    a = stage_keys(load_config(CONFIG), "final")
-    b = stage_keys(load_config(CONFIG, ["synthesis.criteria={loss: 1.0}"]), "final")
+    a = stage_keys(load_config(CONFIG), STAGES["final"])
+    b = stage_keys(load_config(CONFIG, ["synthesis.criteria={loss: 1.0}"]), STAGES["final"])
     assert a != b
 
 

@@ -126,8 +126,8 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
                       [*BASE, "generator.kind=feature", "generator.train_steps=200",
                        "synthesis.quota_scale=0.05", "synthesis.criteria={loss: 1.0}",
                        "final.init=baseline", "final.epochs=3"])
-    data = load_dataset(cfg.dataset, cfg.seed)
-    folder = pipeline.final_stage(cfg, out, data)
+    session = pipeline.Session(cfg, out, load_dataset(cfg.dataset, cfg.seed))
+    folder = pipeline.run_stage(pipeline.FINAL, session)
     import torch
 
     before = torch.load(out / "classifier" / "model.pt", weights_only=True)
@@ -135,7 +135,7 @@ def test_feature_generator_stage_writes_pseudo_features(trained, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("head."))
     assert not torch.equal(before["head.weight"], after["head.weight"])
     assert len(pd.read_csv(folder / "history.csv")) == 3
-    metrics = pipeline.evaluate_stage(cfg, out, data)
+    metrics = pipeline.run_stage(pipeline.EVALUATION, session)
     assert metrics["num_rows"] == 500 and (out / "final" / "metrics.json").is_file()
 
 
@@ -199,10 +199,17 @@ def test_rounds_fine_tune_the_guide_between_shares_and_resume(trained, tmp_path,
     assert summary["guide"].tolist() == ["classifier", "rounds/round1/classifier"]
     assert (summary["sampler_seconds"] > 0).all() and "val_acc" in summary
     assert (out / "rounds" / "rounds.png").stat().st_size > 10_000
+    # The fine-tune is a stage of its own: recorded and timed inside the synthesis stage.
+    record = json.loads((out / "stages.json").read_text())
+    assert record["config"]["fine_tune.round1"] == {"rounds.epochs": 1, "rounds.lr": None}
+    assert {"statistics", "synthesis", "fine_tune.round1"} <= set(record["timings"])
+    fine_tune = record["timings"]["fine_tune.round1"][0]["seconds"]
+    assert 0 < fine_tune < record["timings"]["synthesis"][0]["seconds"]
     # A rerun trains and samples nothing; another round schedule is refused.
     written = (guide / "model.pt").stat().st_mtime_ns
     manifest = (out / "synthetic" / "manifest.jsonl").read_text()
     commands.synthesize(cfg, out)
+    assert "guide fine-tune already done" in caplog.text
     assert (guide / "model.pt").stat().st_mtime_ns == written
     assert (out / "synthetic" / "manifest.jsonl").read_text() == manifest
     with pytest.raises(ConfigError, match="rounds.count: 2 -> 3"):

@@ -23,6 +23,7 @@ from ray_lt.generate.plan import (
 from ray_lt.generate.quota import plan_shards
 from ray_lt.generate.references import References, choose_references
 from ray_lt.generate.writer import encode_images, write_shards
+from ray_lt.pipeline import STAGES
 from ray_lt.stages import STAGES_FILE, StageMeter, record_stage, record_timing, timings
 
 
@@ -54,7 +55,8 @@ def test_references_table_gives_pools_of_positions():
 
 
 def test_stored_references_condition_like_the_images_they_came_from():
-    from ray_lt.generate.unclip import UnCLIPGenerator, tiny_unclip_components
+    from ray_lt.generate.unclip import UnCLIPGenerator
+    from ray_lt.testing import tiny_unclip_components
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(3)]
@@ -146,9 +148,9 @@ def test_stage_records_keep_config_and_timings(tmp_path):
 
     cfg = load_config("configs/digits_lt.yaml")
     (tmp_path / STAGES_FILE).write_text(json.dumps({"classifier": {"seed": 0}}))
-    assert not stage_matches(cfg, tmp_path, "classifier")  # the first format still reads
-    record_stage(cfg, tmp_path, "classifier")
-    assert stage_matches(cfg, tmp_path, "classifier")
+    assert not stage_matches(cfg, tmp_path, STAGES["classifier"])  # the first format still reads
+    record_stage(cfg, tmp_path, STAGES["classifier"])
+    assert stage_matches(cfg, tmp_path, STAGES["classifier"])
     with StageMeter(every=0.01) as meter:
         block = np.ones(64 * 2**20 // 8)  # 64 MB
         block.sum()
@@ -158,7 +160,7 @@ def test_stage_records_keep_config_and_timings(tmp_path):
     history = timings(tmp_path)["classifier"]
     assert len(history) == 2 and history[1]["seconds"] == 1.0
     assert history[0]["driver_peak_rss_mb"] >= 64
-    assert stage_matches(cfg, tmp_path, "classifier")
+    assert stage_matches(cfg, tmp_path, STAGES["classifier"])
 
 
 def test_round_summary_counts_times_criteria_and_guides_per_round(tmp_path):

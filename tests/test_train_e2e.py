@@ -66,7 +66,7 @@ def test_same_seed_same_weights_and_a_rerun_resumes_from_its_checkpoint(tmp_path
     data = load_dataset(cfg.dataset, cfg.seed)
     # The same config and seed elsewhere: the same weights (ordered ingest, seeded shuffles).
     twin = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path / "twin",
-                          "classifier")
+                          "classifier", evaluate=cfg.evaluate)
     weights = [torch.load(f / "model.pt", weights_only=True) for f in (folder, twin)]
     assert weights[0].keys() == weights[1].keys()
     for key in weights[0]:
@@ -74,7 +74,7 @@ def test_same_seed_same_weights_and_a_rerun_resumes_from_its_checkpoint(tmp_path
     # A longer run in the same place continues where the first one stopped.
     cfg.train.epochs = 3
     folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out,
-                            "classifier")
+                            "classifier", evaluate=cfg.evaluate)
     second = pd.read_csv(folder / "history.csv")
     assert second["epoch"].tolist() == [0, 1, 2]
     assert np.allclose(second["train_loss"][:2], first["train_loss"])
@@ -82,11 +82,16 @@ def test_same_seed_same_weights_and_a_rerun_resumes_from_its_checkpoint(tmp_path
     assert model(torch.rand(2, 1, 16, 16)).shape == (2, 10)
 
 
-def test_mixed_batches_are_half_synthetic(ray_session):
-    real = ray.data.from_items([{"image": np.zeros((4, 4, 1), np.uint8), "label": 0}] * 40)
-    synthetic = ray.data.from_items(
-        [{"image": np.full((4, 4, 1), 255, np.uint8), "label": 1}] * 12)
-    batches = list(mixed_batches(real.iterator(), synthetic.iterator(), batch_size=8,
+def _shard(value: int | list[int], rows: int, size: int = 4) -> ResidentShard:
+    """A shard in memory of ``rows`` rows, images filled with ``value`` (one label each)."""
+    labels = torch.as_tensor(value if isinstance(value, list) else [value] * rows)
+    images = torch.stack([torch.full((size, size, 1), int(v == 1) * 255, dtype=torch.uint8)
+                          for v in labels.tolist()])
+    return ResidentShard.from_columns({"image": images, "label": labels})
+
+
+def test_mixed_batches_are_half_synthetic():
+    batches = list(mixed_batches(_shard(0, 40), _shard(1, 12), batch_size=8,
                                  synthetic_fraction=0.5, synthetic_weight=0.3,
                                  shuffle_buffer=0))
     assert len(batches) == 10  # one pass over the real rows; the synthetic rows cycle
@@ -96,16 +101,15 @@ def test_mixed_batches_are_half_synthetic(ray_session):
         assert torch.allclose(weight, torch.tensor([1.0] * 4 + [0.3] * 4))
 
 
-def test_a_synthetic_shard_smaller_than_its_share_of_a_batch_is_repeated(ray_session):
-    real = ray.data.from_items([{"image": np.zeros((2, 2, 1), np.uint8), "label": 0}] * 12)
-    synthetic = ray.data.from_items([{"image": np.zeros((2, 2, 1), np.uint8), "label": i}
-                                     for i in (1, 2, 3)])
-    batches = list(mixed_batches(real.iterator(), synthetic.iterator(), batch_size=8,
+def test_a_synthetic_shard_smaller_than_its_share_of_a_batch_is_repeated():
+    batches = list(mixed_batches(_shard(0, 12, 2), _shard([1, 2, 3], 3, 2), batch_size=8,
                                  synthetic_fraction=0.5, synthetic_weight=1.0,
                                  shuffle_buffer=0))
     assert len(batches) == 3
     labels = [b["label"][4:].tolist() for b, _ in batches]
     assert labels == [[1, 2, 3, 1], [2, 3, 1, 2], [3, 1, 2, 3]]
+    with pytest.raises(ValueError, match="unequal lengths"):
+        ResidentShard.from_columns({"image": torch.zeros(2, 1), "label": torch.zeros(3)})
 
 
 def test_a_small_shard_becomes_resident_and_is_reshuffled_per_pass(ray_session):
@@ -142,7 +146,7 @@ def test_training_with_a_synthetic_dataset(tmp_path, ray_session):
     data = load_dataset(cfg.dataset, cfg.seed)
     synthetic = data.test.select_columns(["image", "label"])
     folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path,
-                            "mixed", synthetic=synthetic)
+                            "mixed", evaluate=cfg.evaluate, synthetic=synthetic)
     history = pd.read_csv(folder / "history.csv")
     assert len(history) == 1 and np.isfinite(history["train_loss"][0])
 

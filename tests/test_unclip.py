@@ -11,12 +11,8 @@ import torch
 
 from ray_lt.errors import ConfigError
 from ray_lt.generate.base import sample_generators
-from ray_lt.generate.unclip import (
-    UnCLIPGenerator,
-    load_components,
-    save_components,
-    tiny_unclip_components,
-)
+from ray_lt.generate.unclip import UnCLIPGenerator, load_components, save_components
+from ray_lt.testing import tiny_unclip_components
 
 CLASSES = ["cat", "dog"]
 CONTEXTS = ["snow", "grass"]  # group = label * 2 + context
@@ -54,7 +50,7 @@ def test_from_pretrained_round_trip(tmp_path):
     loaded = UnCLIPGenerator.from_pretrained(
         tmp_path / "unclip", class_names=CLASSES, context_names=CONTEXTS,
         reference_images=reference_images(), prompts=direct.prompts.templates,
-        noise_level=100, image_size=24)
+        embedding_dropout=0.5, noise_level=100, image_size=24)
     assert loaded.scheduler.config.prediction_type == "epsilon"
     assert loaded.prediction_type == "v_prediction"
     z = torch.randn(4, *direct.latent_shape(), generator=torch.Generator().manual_seed(0))
@@ -87,7 +83,8 @@ def test_missing_folder_or_component_is_a_config_error(tmp_path):
     shutil.rmtree(tmp_path / "unclip" / "image_encoder")
     with pytest.raises(ConfigError, match="image_encoder"):
         UnCLIPGenerator.from_pretrained(tmp_path / "unclip", class_names=CLASSES,
-                                        reference_images=reference_images())
+                                        reference_images=reference_images(),
+                                        embedding_dropout=0.5, noise_level=0)
 
 
 def test_bad_settings_are_config_errors():

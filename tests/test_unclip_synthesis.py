@@ -18,9 +18,9 @@ from ray_lt.config import load_config
 from ray_lt.generate.quota import class_quotas
 from ray_lt.generate.references import META_FILE, REFERENCES_DIR, load_references
 from ray_lt.generate.synthesize import actor_payload_bytes, sampler_kwargs
+from ray_lt.testing import save_tiny
 
 lt_shape = load_bench("lt_shape")
-tiny_parts = load_bench("tiny_parts")
 CLASSES = 6
 
 
@@ -57,7 +57,7 @@ def test_unclip_synthesis_uses_stored_references(run, caplog):
     assert sorted(references.by_class) == list(range(CLASSES))
     assert all(1 <= len(pool) <= 3 for pool in references.by_class.values())
 
-    _, data = pipeline.prepare(cfg, out)
+    data = pipeline.prepare(cfg, out).data
     s = cfg.synthesis
     expected = class_quotas(data.class_counts, s.target, s.quota_scale, s.quota_minimum)
     assert expected.min() >= 1 and expected.sum() > 2 * CLASSES
@@ -80,7 +80,7 @@ def test_unclip_synthesis_uses_stored_references(run, caplog):
 @pytest.mark.parametrize("kind, init", [("sd", "noise"), ("sdxl", "real")])
 def test_sd_and_sdxl_fill_the_quota_with_prompts_and_sources(run, kind, init):
     base = run[1].parent
-    tiny_parts.save_tiny(base / kind, kind)
+    save_tiny(base / kind, kind)
     cfg = load_config(ROOT / "configs" / "imagenet_lt_sd.yaml", [
         f"dataset.root={base / 'data'}", f"dataset.num_classes={CLASSES}",
         "dataset.image_size=16", "model.name=small_cnn", "model.width=8", "rounds.count=1",
@@ -98,7 +98,7 @@ def test_sd_and_sdxl_fill_the_quota_with_prompts_and_sources(run, kind, init):
     out = base / f"run_{kind}"
     untrained_classifier(out, CLASSES, cfg, width=8)
     commands.synthesize(cfg, out)
-    _, data = pipeline.prepare(cfg, out)
+    data = pipeline.prepare(cfg, out).data
     s = cfg.synthesis
     expected = class_quotas(data.class_counts, s.target, s.quota_scale, s.quota_minimum)
     rows = pd.concat(pd.read_parquet(p) for p in sorted((out / "synthetic").glob("shard_*")))

@@ -25,8 +25,7 @@ def evaluate_classifier(classifier_dir: Path, data: LongTailData, cfg: EvaluateC
     into ``out_dir``; returns the metrics."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = predict(getattr(data, split), classifier_dir, cfg.batch_size, cfg.num_actors,
-                   cfg.cpus_per_actor, cfg.gpus_per_actor)
+    rows = predict(getattr(data, split), classifier_dir, cfg.pool)
     metrics = accuracy_report(rows["label"].to_numpy(), rows["pred"].to_numpy(),
                               rows["group"].to_numpy(), data.class_counts, data.num_groups,
                               cfg.many_threshold, cfg.few_threshold, data.group_counts)

@@ -9,6 +9,7 @@ import pandas as pd
 import ray
 import torch
 
+from ray_lt.config import Pool
 from ray_lt.train.trainer import load_classifier
 
 
@@ -39,26 +40,20 @@ class Predictor:
         return out
 
 
-def predict_dataset(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 256,
-                    num_actors: int = 1, cpus_per_actor: float = 0.5,
-                    gpus_per_actor: float = 0.0, features: bool = False,
-                    keep: tuple[str, ...] = ()) -> ray.data.Dataset:
-    """The lazy Dataset of ``Predictor`` rows: predicted class, confidence, entropy (and
-    features) of every row, with the ``keep`` columns passed through."""
+def predict_dataset(dataset: ray.data.Dataset, classifier_dir: Path, pool: Pool,
+                    features: bool = False, keep: tuple[str, ...] = ()) -> ray.data.Dataset:
+    """The lazy Dataset of ``Predictor`` rows on ``pool`` (``EvaluateConfig.pool``): predicted
+    class, confidence, entropy (and features) of every row, with the ``keep`` columns passed
+    through."""
     return dataset.select_columns(["image", "label", "group", *keep]).map_batches(
         Predictor,
         fn_constructor_kwargs={"classifier_dir": str(Path(classifier_dir).resolve()),
-                               "use_gpu": gpus_per_actor > 0, "features": features,
+                               "use_gpu": pool.use_gpu, "features": features,
                                "keep": tuple(keep)},
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        batch_size=batch_size, batch_format="numpy",
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-    )
+        batch_format="numpy", **pool.map_batches_args())
 
 
-def predict(dataset: ray.data.Dataset, classifier_dir: Path, batch_size: int = 256,
-            num_actors: int = 1, cpus_per_actor: float = 0.5, gpus_per_actor: float = 0.0,
+def predict(dataset: ray.data.Dataset, classifier_dir: Path, pool: Pool,
             features: bool = False, keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """``predict_dataset`` gathered on the driver, in row order."""
-    return predict_dataset(dataset, classifier_dir, batch_size, num_actors, cpus_per_actor,
-                           gpus_per_actor, features, keep).to_pandas()
+    return predict_dataset(dataset, classifier_dir, pool, features, keep).to_pandas()

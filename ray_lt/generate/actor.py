@@ -94,8 +94,7 @@ class GuidedSampler:
         s = self.cfg.synthesis
         self.names = list(s.criteria)
         self.probabilities = [s.criteria[n] for n in self.names]
-        self.guidance = Guidance(s.guidance_scale, s.guidance_every, s.guidance_mode,
-                                 s.reuse_gradient, s.through_unet, s.guidance_micro_batch)
+        self.guidance = Guidance.of(s)
 
     def sample_shard(self, shard: dict[str, Any]) -> pa.Table:
         """All rows of one shard, deterministic in its seed: ``pixels`` (raw uint8 bytes, the

@@ -155,8 +155,7 @@ def filter_synthetic(run_dir: Path, data: LongTailData, cfg: Config) -> pd.DataF
     ev = cfg.evaluate
     ds = load_synthetic(run_dir, data.image_shape[2], filtered=False)
     ids = ds.select_columns(["shard_id", "seed"]).to_pandas()
-    rows = predict(ds, classifier_dir, ev.batch_size, ev.num_actors, ev.cpus_per_actor,
-                   ev.gpus_per_actor, features=f.distance_quantile is not None)
+    rows = predict(ds, classifier_dir, ev.pool, features=f.distance_quantile is not None)
     features = means = radius = None
     if f.distance_quantile is not None:
         real_features, real_labels = load_training_features(classifier_dir)

@@ -4,6 +4,7 @@ Figure 3 layout)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -75,6 +76,38 @@ def tile(images: np.ndarray) -> np.ndarray:
     return canvas
 
 
+class Drawer:
+    """A run's generator and criterion scorer, built once on ``device``, drawing batches of
+    one class (group) with the product's own sampling path (``sample_finite``: a sample that
+    overflows in reduced precision is redrawn in float32). ``criteria`` are the names a
+    ``draw`` picks from; ``guide`` is the classifier folder that scores (default the
+    baseline's)."""
+
+    def __init__(self, cfg: Any, run_dir: Path, info: dict, criteria: list[str],
+                 device: Any, guide: Path | None = None):
+        from ray_lt.generate.factory import build_generator, build_scorer
+
+        self.cfg, self.criteria = cfg, list(criteria)
+        self.generator = build_generator(cfg, Path(run_dir), device, info)
+        self.scorer = build_scorer(cfg, Path(run_dir), device, self.criteria,
+                                   classifier_dir=guide)
+
+    def draw(self, label: int, group: int, criterion: str, scale: float, seeds: list[int]
+             ) -> np.ndarray:
+        """(len(seeds), H, W, C) uint8 samples of ``label`` (``group``, -1 for none) guided by
+        ``criterion`` at ``scale`` (0: unguided); sample i depends only on seeds[i]."""
+        import torch
+
+        from ray_lt.generate.actor import sample_finite
+        from ray_lt.generate.sampler import Guidance
+
+        s = self.cfg.synthesis
+        ids = torch.full((len(seeds),), self.criteria.index(criterion))
+        _, images, _ = sample_finite(self.generator, self.scorer, label, group, ids, seeds, s,
+                                     Guidance.of(s, scale), f"class {label}")
+        return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
 def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: bool,
                 group: int = -1) -> np.ndarray:
     """Samples of one class (of one class x context ``group`` on data sets with groups):
@@ -83,30 +116,11 @@ def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: boo
     import torch
 
     from ray_lt.config import Config
-    from ray_lt.generate.base import PRECISIONS
-    from ray_lt.generate.factory import build_generator, build_scorer
-    from ray_lt.generate.sampler import Guidance, guided_sample, sampling_strength
 
     cfg = Config.model_validate(config)
     s = cfg.synthesis
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    generator = build_generator(cfg, Path(run_dir), device, info)
-    scorer = build_scorer(cfg, Path(run_dir), device, list(s.grid_criteria))
+    drawer = Drawer(cfg, Path(run_dir), info, list(s.grid_criteria), device)
     seeds = [cfg.seed * 7919 + i for i in range(s.grid_samples)]
-    n = len(seeds)
-    rows = []
-    for row, _ in enumerate(s.grid_criteria):
-        cells = []
-        for scale in s.grid_scales:
-            out = guided_sample(
-                generator, scorer, torch.full((n,), label), torch.full((n,), group),
-                torch.full((n,), row), seeds, s.num_steps, s.cfg_scale,
-                Guidance(scale, s.guidance_every, s.guidance_mode, s.reuse_gradient,
-                         s.through_unet, s.guidance_micro_batch), s.eta, PRECISIONS[s.precision],
-                sampling_strength(s))
-            with torch.no_grad():
-                images = generator.decode_output(out.latents).permute(0, 2, 3, 1).cpu()
-            pixels = (images.float().numpy() * 255).round().astype(np.uint8)
-            cells.append(tile(pixels))
-        rows.append(np.stack(cells))
-    return np.stack(rows)
+    return np.stack([np.stack([tile(drawer.draw(label, group, name, scale, seeds))
+                               for scale in s.grid_scales]) for name in s.grid_criteria])

@@ -19,6 +19,7 @@ import pyarrow.dataset as pads
 import torch
 
 from ray_lt.atomic import staged_folder
+from ray_lt.config import Pool
 
 REFERENCES_DIR = "references"
 META_FILE = "references.json"
@@ -124,11 +125,11 @@ class ReferenceEmbedder:
 
 
 def embed_references(chosen: pd.DataFrame, folder: Path, settings: dict[str, Any],
-                     root: Path | None, channels: int, num_actors: int, cpus_per_actor: float,
-                     gpus_per_actor: float, precision: str, batch_size: int = 64) -> Path:
+                     root: Path | None, channels: int, pool: Pool, precision: str) -> Path:
     """Embed the ``chosen`` rows (with a ``path`` or an ``image`` column) on a Ray Data actor
-    pool and write them to ``folder`` as Parquet; skipped when ``folder`` already holds
-    references made with the same ``settings``. Written under a temporary name, then renamed."""
+    ``pool`` (``SynthesisConfig.reference_pool``) and write them to ``folder`` as Parquet;
+    skipped when ``folder`` already holds references made with the same ``settings``. Written
+    under a temporary name, then renamed."""
     import ray
 
     folder = Path(folder)
@@ -137,15 +138,14 @@ def embed_references(chosen: pd.DataFrame, folder: Path, settings: dict[str, Any
         return folder
     from ray_lt.data.images import row_blocks
 
-    size = max(batch_size, -(-len(chosen) // (4 * num_actors)))
+    size = max(pool.batch_size, -(-len(chosen) // (4 * pool.size)))
     ds = ray.data.from_pandas(row_blocks(chosen, size)).map_batches(
         ReferenceEmbedder,
         fn_constructor_kwargs={"pretrained": settings["pretrained"],
                                "root": str(root) if root else None,
                                "image_size": settings["image_size"], "channels": channels,
-                               "use_gpu": gpus_per_actor > 0, "precision": precision},
-        compute=ray.data.ActorPoolStrategy(size=num_actors), batch_size=batch_size,
-        batch_format="pandas", num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)
+                               "use_gpu": pool.use_gpu, "precision": precision},
+        batch_format="pandas", **pool.map_batches_args())
     with staged_folder(folder) as tmp:
         ds.write_parquet(str(tmp))
         (tmp / META_FILE).write_text(json.dumps({"settings": settings, "rows": len(chosen)}))

@@ -29,12 +29,19 @@ from ray_lt.generate.base import Conditioning, Generator, sample_generators, sli
 class Guidance:
     """Feedback-guidance settings; ``scale = 0`` samples without feedback."""
 
-    scale: float = 0.03
-    every: int = 5
+    scale: float
+    every: int = 1
     mode: Literal["normalized", "eps"] = "normalized"
     reuse: bool = False
     through_unet: bool = False
     micro_batch: int | None = None  # samples per criterion-gradient pass; None: whole batch
+
+    @classmethod
+    def of(cls, synthesis: Any, scale: float | None = None) -> Guidance:
+        """The guidance a ``synthesis`` config section sets (at ``scale`` when given)."""
+        s = synthesis
+        return cls(s.guidance_scale if scale is None else scale, s.guidance_every,
+                   s.guidance_mode, s.reuse_gradient, s.through_unet, s.guidance_micro_batch)
 
 
 @dataclass

@@ -53,8 +53,7 @@ def write_training_features(classifier_dir: Path, data: LongTailData,
     ``classifier_dir/train_features/``, renamed into place once complete."""
     out = Path(classifier_dir) / FEATURES_DIR
     with staged_folder(out, suffix=".partial") as partial:
-        predict_dataset(data.train, classifier_dir, evaluate.batch_size, evaluate.num_actors,
-                        evaluate.cpus_per_actor, evaluate.gpus_per_actor, features=True
+        predict_dataset(data.train, classifier_dir, evaluate.pool, features=True
                         ).map_batches(feature_table, batch_format="numpy").write_parquet(
                             str(partial.resolve()))
     return out

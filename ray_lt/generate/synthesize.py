@@ -69,7 +69,7 @@ def sampler_kwargs(cfg: Config, data: LongTailData, run_dir: Path, guide: Path |
     """The sampler actors' constructor arguments (kept small: see ``actor_payload_bytes``);
     ``guide`` is the classifier folder that guides (default ``run_dir/classifier``)."""
     return {"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
-            "use_gpu": cfg.synthesis.gpus_per_actor > 0,
+            "use_gpu": cfg.synthesis.pool.use_gpu,
             "info": generator_info(data.class_names, data.context_names, data.image_shape[0]),
             "guide": str(guide) if guide is not None else None}
 
@@ -107,8 +107,7 @@ def validation_errors(cfg: Config, data: LongTailData, run_dir: Path) -> np.ndar
     """The baseline classifier's error on the validation split per class (per group with
     ``synthesis.balance: group``); a unit without validation images gets the overall error."""
     e = cfg.evaluate
-    rows = predict(data.val, run_dir / "classifier", e.batch_size, e.num_actors,
-                   e.cpus_per_actor, e.gpus_per_actor)
+    rows = predict(data.val, run_dir / "classifier", e.pool)
     by_group = cfg.synthesis.balance == "group"
     units = len(data.group_counts) if by_group else data.num_classes
     wrong = (rows["pred"] != rows["label"]).to_numpy(dtype=np.float64)
@@ -168,8 +167,8 @@ def synthesize(cfg: Config, data: LongTailData, run_dir: Path, round_index: int 
     if pending:
         # On an autoscaling cluster: the nodes of the whole pool, asked for at once.
         capacity = cluster_capacity(cfg.ray.autoscaler_config)
-        request_pool([{"CPU": s.cpus_per_actor, "GPU": s.gpus_per_actor}] * s.num_actors
-                     + [{"CPU": s.writer_cpus}] * s.writer_actors, capacity)
+        writers = [{"CPU": b["CPU"]} for b in s.writer_pool.demand()]
+        request_pool(s.pool.demand() + writers, capacity)
         try:
             _sample(cfg, pending, kwargs, out, name, len(done))
         finally:
@@ -184,16 +183,12 @@ def _sample(cfg: Config, pending: list[dict[str, Any]], kwargs: dict[str, Any], 
     s = cfg.synthesis
     results = ray.data.from_items(
         pending, override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(
-        GuidedSampler, fn_constructor_kwargs=kwargs,
         # Asks for num_actors, goes on with as many as the cluster can place (at least
         # one): a pool that starts short, or loses a node, still finishes.
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.num_actors,
-                                           initial_size=s.num_actors),
-        batch_size=1, batch_format="pandas",
-        num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor).map_batches(
-        ShardWriter, fn_constructor_kwargs={"out": str(out)},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=s.writer_actors),
-        batch_size=1, batch_format="pandas", num_cpus=s.writer_cpus)
+        GuidedSampler, fn_constructor_kwargs=kwargs, batch_format="pandas",
+        **s.pool.map_batches_args()).map_batches(
+        ShardWriter, fn_constructor_kwargs={"out": str(out)}, batch_format="pandas",
+        **s.writer_pool.map_batches_args())
     nonfinite = redrawn = written = 0
     saturated = 0.0  # pixel values at 0 or 255, summed over the samples
     with (out / MANIFEST_FILE).open("a") as manifest, \

@@ -3,8 +3,8 @@ training image of the same class or group, with embedding dropout (docs/method.m
 
 Built from diffusers / transformers component objects, loaded offline from a local folder laid
 out like ``stabilityai/stable-diffusion-2-1-unclip`` or from the local Hugging Face cache
-(``ray_lt.generate.pretrained``); ``tiny_unclip_components`` builds tiny random ones for tests
-and benchmarks.
+(``ray_lt.generate.pretrained``); ``ray_lt.testing.tiny_unclip_components`` builds tiny random
+ones for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from diffusers import (
     AutoencoderKL,
-    AutoencoderTiny,
     DDIMScheduler,
     DDPMScheduler,
     StableUnCLIPImg2ImgPipeline,
@@ -25,13 +24,10 @@ from diffusers import (
 from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
     StableUnCLIPImageNormalizer,
 )
-from tokenizers import pre_tokenizers
 from transformers import (
     CLIPImageProcessor,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
 
@@ -68,8 +64,8 @@ class UnCLIPGenerator(LatentDiffusion):
                  image_normalizer: StableUnCLIPImageNormalizer,
                  image_noising_scheduler: DDPMScheduler, scheduler: DDIMScheduler, *,
                  reference_images: dict[str, dict[int, list[np.ndarray]]] | None = None,
-                 references: References | None = None, embedding_dropout: float = 0.5,
-                 noise_level: int = 0, **kwargs: Any):
+                 references: References | None = None, embedding_dropout: float,
+                 noise_level: int, **kwargs: Any):
         self.embedding_dropout = float(embedding_dropout)
         self.noise_level = int(noise_level)
         n_levels = image_noising_scheduler.config.num_train_timesteps
@@ -187,69 +183,7 @@ def load_components(path: str | Path, dtype: torch.dtype = torch.float32) -> dic
     return {name: parts[name] for name in COMPONENTS}
 
 
-def tiny_autoencoder(latent_channels: int = 4, seed: int = 0) -> AutoencoderTiny:
-    """A tiny random ``AutoencoderTiny`` matching ``tiny_unclip_components``' VAE (latent =
-    image / 2), for tests and benchmarks of the tiny guidance decoder."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoencoderTiny(encoder_block_out_channels=(16, 16),
-                               decoder_block_out_channels=(16, 16), num_encoder_blocks=(1, 1),
-                               num_decoder_blocks=(1, 1), latent_channels=latent_channels)
-
-
 def save_components(components: dict[str, Any], path: str | Path) -> None:
     """Write components in the Hugging Face layout (with ``model_index.json``), so that
     ``load_components(path)`` and diffusers' own pipeline load them offline."""
     StableUnCLIPImg2ImgPipeline(**components).save_pretrained(path)
-
-
-def tiny_unclip_components(seed: int = 0) -> dict[str, Any]:
-    """Tiny random unCLIP components for tests and benchmarks, no download: image embedding
-    and text width 32, a 2-block UNet and VAE (latent = image / 2), v-prediction as SD 2.1."""
-    embed_dim = 32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64),
-            attention_head_dim=(2, 4), cross_attention_dim=embed_dim, use_linear_projection=True,
-            upcast_attention=True, class_embed_type="projection",
-            projection_class_embeddings_input_dim=2 * embed_dim)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            layers_per_block=1, norm_num_groups=32, sample_size=32, scaling_factor=0.18215)
-        tokenizer = _byte_tokenizer()
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=embed_dim, intermediate_size=37,
-            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-            projection_dim=embed_dim, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=embed_dim, projection_dim=embed_dim, intermediate_size=37,
-            num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4))
-        image_normalizer = StableUnCLIPImageNormalizer(embedding_dim=embed_dim)
-        with torch.no_grad():
-            image_normalizer.mean.normal_(0, 0.1)
-            image_normalizer.std.uniform_(0.5, 1.5)
-    return {
-        "unet": unet, "vae": vae, "tokenizer": tokenizer, "text_encoder": text_encoder,
-        "image_encoder": image_encoder,
-        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32},
-                                                crop_size={"height": 32, "width": 32}),
-        "image_normalizer": image_normalizer,
-        "image_noising_scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                   beta_end=0.012, prediction_type="v_prediction",
-                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-    }
-
-
-def _byte_tokenizer() -> CLIPTokenizer:
-    """CLIP tokenizer over an in-memory byte-level vocabulary (every byte, alone and
-    word-final), so that no text maps to unknown."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=[],
-                         model_max_length=77)

@@ -34,6 +34,17 @@ class ResidentShard:
         self.columns: dict[str, torch.Tensor] | None = None
         self.streamed = self.budget_bytes <= 0
 
+    @classmethod
+    def from_columns(cls, columns: dict[str, torch.Tensor], seed: int = 0) -> ResidentShard:
+        """A shard already in memory: its rows are the columns' (equal lengths), served as a
+        resident shard's later passes are."""
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"columns of unequal lengths {sorted(lengths)}")
+        shard = cls(None, budget_bytes=0, seed=seed)
+        shard.columns = dict(columns)
+        return shard
+
     @property
     def resident(self) -> bool:
         return self.columns is not None

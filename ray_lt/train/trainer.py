@@ -15,7 +15,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ray_lt.atomic import staged_folder
-from ray_lt.config import ModelConfig, ScalingSection, TrainConfig
+from ray_lt.config import EvaluateConfig, ModelConfig, ScalingSection, TrainConfig
 from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError, StageError, TrainingError
 from ray_lt.train.loop import STATE_FILE, train_loop_per_worker
@@ -42,14 +42,14 @@ def _training_columns(ds: ray.data.Dataset, extra: tuple[str, ...] = ("weight",)
 
 
 def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
-                   scaling: ScalingSection, seed: int, out_dir: Path, name: str = "classifier",
-                   synthetic: ray.data.Dataset | None = None, many_threshold: int = 100,
-                   few_threshold: int = 20, callbacks: list[Any] | None = None) -> Path:
+                   scaling: ScalingSection, seed: int, out_dir: Path, name: str, *,
+                   evaluate: EvaluateConfig, synthetic: ray.data.Dataset | None = None,
+                   callbacks: list[Any] | None = None) -> Path:
     """Train on ``data.train`` (+ ``synthetic``) with DDP and export to ``out_dir/name``.
 
     Every epoch reports validation accuracy, Few accuracy and worst-group accuracy (Many/Few
-    by ``many_threshold`` / ``few_threshold``); ``callbacks`` go to Ray Train's ``RunConfig``
-    (``ray-lt tune`` passes Tune's report callback). Ray Train keeps its run under
+    by ``evaluate.many_threshold`` / ``few_threshold``); ``callbacks`` go to Ray Train's
+    ``RunConfig`` (``ray-lt tune`` passes Tune's report callback). Ray Train keeps its run under
     ``out_dir/ray_results/name``; running again after an interruption resumes from that run's
     latest checkpoint (Ray Train V2 restores a run found under the same name and storage path).
     Returns the exported folder,
@@ -61,8 +61,8 @@ def fit_classifier(data: LongTailData, model: ModelConfig, train: TrainConfig,
     loop_config = {
         "model": spec, "train": train.model_dump(mode="json"), "seed": seed,
         "class_counts": data.class_counts.tolist(), "has_synthetic": synthetic is not None,
-        "has_val": True, "num_groups": data.num_groups, "many_threshold": many_threshold,
-        "few_threshold": few_threshold,
+        "has_val": True, "num_groups": data.num_groups,
+        "many_threshold": evaluate.many_threshold, "few_threshold": evaluate.few_threshold,
         "group_counts": data.group_counts.tolist() if data.group_counts is not None else [],
     }
     if train.group_objective != "erm" and not data.num_groups:

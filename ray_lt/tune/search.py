@@ -35,7 +35,8 @@ BEST_CONFIG_FILE = "best_config.yaml"
 OBJECTIVES = {"few": ["val_few"], "worst_group": ["val_worst_group"],
               "both": ["val_few", "val_worst_group"],
               "unseen_groups": ["val_unseen_groups", "val_worst_group"]}
-SHARED_STAGES = ("classifier", "generator", "references", "sources")
+# The folders of the stages made once in the tune's run directory, linked into every trial's.
+SHARED_FOLDERS = ("classifier", "generator", "references", "sources")
 
 
 def objective_metrics(cfg: Config, has_groups: bool, has_few: bool,
@@ -162,16 +163,17 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], shared_dir: str) -> 
     shared = Path(shared_dir)
     trial_dir = shared / TRIALS_DIR / ray.tune.get_context().get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)
-    for stage in SHARED_STAGES:
-        link = trial_dir / stage
-        if (shared / stage).exists() and not link.exists():
-            link.symlink_to(shared / stage, target_is_directory=True)
+    for folder in SHARED_FOLDERS:
+        link = trial_dir / folder
+        if (shared / folder).exists() and not link.exists():
+            link.symlink_to(shared / folder, target_is_directory=True)
     write_run_config(cfg, trial_dir, "run")
-    data = load_dataset(cfg.dataset, cfg.seed)
-    pipeline.synthesis_stage(cfg, trial_dir, data)
-    pipeline.final_stage(cfg, trial_dir, data, callbacks=[TuneReportCallback()])
-    val = pipeline.evaluate_stage(cfg, trial_dir, data, split="val")
-    test = pipeline.evaluate_stage(cfg, trial_dir, data, split="test")
+    session = pipeline.Session(cfg, trial_dir, load_dataset(cfg.dataset, cfg.seed),
+                               callbacks=[TuneReportCallback()])
+    for stage in (pipeline.SYNTHESIS, pipeline.FILTER, pipeline.FINAL):
+        pipeline.run_stage(stage, session)
+    val = pipeline.run_stage(pipeline.EVALUATION, session, "evaluation.val", split="val")
+    test = pipeline.run_stage(pipeline.EVALUATION, session)
     result = {f"{split}_{k}": m[k] for split, m in (("val", val), ("test", test))
               for k in HEADLINE if m.get(k) is not None}
     result["val_acc"] = val["overall"]
@@ -198,15 +200,17 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
         check_trial_quota(cfg, data)
 
     found: list[str] = []
-    out_dir, data = pipeline.prepare(cfg, out_dir, needs=("train", "synthesis", "tune"),
-                                     command="tune", stages=("classifier", "generator"),
-                                     check=check)
+    shared = (pipeline.CLASSIFIER, pipeline.BASELINE_EVALUATION, pipeline.STATISTICS,
+              pipeline.GENERATOR)
+    session = pipeline.prepare(cfg, out_dir, needs=("train", "synthesis", "tune"),
+                               command="tune", stages=shared, check=check)
+    out_dir = session.out_dir
     metrics = found
     log.info("tune: shared stages (baseline classifier, statistics, generator)")
-    baseline = pipeline.baseline_stage(cfg, out_dir, data)
-    pipeline.criterion_support(cfg, out_dir, data)
-    pipeline.generator_stage(cfg, out_dir, data)
-    pipeline.prepare_inputs(cfg, data, out_dir)
+    for stage in shared:
+        pipeline.run_stage(stage, session)
+    baseline = session.results["baseline_evaluation"]
+    pipeline.prepare_inputs(cfg, session.data, out_dir)
     t = cfg.tune
     log.info(f"tune: {t.num_trials} trials, {t.max_concurrent_trials} at a time, "
              f"maximising {metrics} on the validation split; TensorBoard: "

@@ -34,8 +34,7 @@ class UnCLIPKind(PretrainedKind):
         column = "path" if data.root is not None else "image"
         chosen[column] = index[column].to_numpy()[chosen["row"].to_numpy()]
         embed_references(chosen, Path(run_dir) / REFERENCES_DIR, settings, data.root,
-                         data.image_shape[2], s.num_actors, s.cpus_per_actor, s.gpus_per_actor,
-                         s.precision)
+                         data.image_shape[2], s.reference_pool, s.precision)
 
     def load(self, cfg: Config, run_dir: Path, options: dict[str, Any]) -> Any:
         from ray_lt.generate.references import REFERENCES_DIR, load_references

@@ -18,10 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ray_lt.config import load_config
-from ray_lt.generate.factory import build_generator, build_scorer
-from ray_lt.generate.sampler import Guidance, guided_sample
-from ray_lt.train.trainer import load_classifier
+import ray_lt
 
 
 def main() -> None:
@@ -32,26 +29,18 @@ def main() -> None:
     parser.add_argument("--criterion", default="entropy")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    cfg = load_config(args.run / "config.yaml", [f"synthesis.num_steps={args.steps}"])
-    s = cfg.synthesis
-    device = torch.device("cpu")
-    info = {"class_names": [], "context_names": [], "image_size": 0}
-    generator = build_generator(cfg, args.run, device, info)
-    scorer = build_scorer(cfg, args.run, device, [args.criterion])
-    classifier = load_classifier(args.run / "classifier")
+    run = ray_lt.open_run(args.run, [f"synthesis.num_steps={args.steps}"])
+    s = run.config.synthesis
+    classifier = run.classifier("baseline")
     num_classes = classifier.head.out_features
     rows = []
     for scale in args.scales:
-        guidance = Guidance(scale, s.guidance_every, s.guidance_mode, s.reuse_gradient,
-                            s.through_unet)
         for label in range(num_classes):
-            n = args.per_class
-            seeds = [label * 100_000 + i for i in range(n)]
-            out = guided_sample(generator, scorer, torch.full((n,), label), torch.full((n,), -1),
-                                torch.zeros(n, dtype=torch.long), seeds, s.num_steps,
-                                s.cfg_scale, guidance)
+            images = run.sample(label, args.per_class, criterion=args.criterion, scale=scale,
+                                seed=label * 100_000, device="cpu")
             with torch.no_grad():
-                probs = classifier(generator.decode_output(out.latents)).softmax(1)
+                pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+                probs = classifier(pixels).softmax(1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
             rows.append({"scale": scale, "label": label,
                          "accuracy": float((probs.argmax(1) == label).float().mean()),

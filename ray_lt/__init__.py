@@ -6,8 +6,8 @@ train and tune the classifier on the mix, on Ray.
 first use, so that importing a part of the package (the sampler, on a machine without Ray)
 stays light.
 
-``ray_lt.train`` is the API's function; the subpackage of the same name (models, losses, the
-Ray Train loop) is imported by its full name: ``from ray_lt.train import fit_classifier``.
+``ray_lt.train`` and ``ray_lt.tune`` are the API's functions; the subpackages of the same
+names are imported by their full names (``from ray_lt.train import fit_classifier``).
 """
 
 import sys
@@ -27,19 +27,26 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'ray_lt' has no attribute {name!r}")
 
 
+def _api_function(name: str) -> property:
+    """The API's ``name`` as a package attribute that the subpackage of the same name, once
+    imported, does not replace (Python sets a subpackage as an attribute of its parent)."""
+
+    def get(module: types.ModuleType):
+        from ray_lt import api
+
+        return getattr(api, name)
+
+    def keep_subpackage(module: types.ModuleType, subpackage: types.ModuleType) -> None:
+        module.__dict__[f"_{name}_package"] = subpackage
+
+    return property(get, keep_subpackage)
+
+
 class _Package(types.ModuleType):
-    """The package module: its ``train`` attribute stays the API's function when the
-    ``ray_lt.train`` subpackage is imported (which would otherwise set the attribute)."""
+    """The package module: ``ray_lt.train`` and ``ray_lt.tune`` stay the API's functions."""
 
-    @property
-    def train(self):
-        from ray_lt.api import train
-
-        return train
-
-    @train.setter
-    def train(self, module: types.ModuleType) -> None:
-        self.__dict__["_train_package"] = module
+    train = _api_function("train")
+    tune = _api_function("tune")
 
 
 sys.modules[__name__].__class__ = _Package

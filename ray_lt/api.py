@@ -90,17 +90,20 @@ def tune(config: ConfigLike, out: str | Path, overrides: list[str] | None = None
     return _command(commands.tune, config, out, overrides)
 
 
-def open_run(path: str | Path) -> Run:
-    """A handle on the run directory ``path`` (made by any command)."""
-    return Run(path)
+def open_run(path: str | Path, overrides: list[str] | None = None) -> Run:
+    """A handle on the run directory ``path`` (made by any command); ``overrides`` (``--set``
+    strings) change its config for what the handle does, e.g. ``synthesis.num_steps=50`` for
+    ``sample``."""
+    return Run(path, overrides)
 
 
 class Run:
     """What a run directory holds: its config, metrics, stage timings, synthetic set and
     classifiers, and guided samples drawn in this process from its generator and guide."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, overrides: list[str] | None = None):
         self.path = Path(path).resolve()
+        self.overrides = list(overrides or [])
         if not (self.path / "config.yaml").is_file():
             raise ConfigError(f"{self.path}: not a ray-lt run directory (no config.yaml; "
                               f"`ray-lt run CONFIG --out {path}` makes one)")
@@ -111,8 +114,9 @@ class Run:
 
     @cached_property
     def config(self) -> Config:
-        """The config the run was made with (``DIR/config.yaml``)."""
-        return load_config(self.path / "config.yaml")
+        """The config the run was made with (``DIR/config.yaml``), with the handle's
+        overrides."""
+        return load_config(self.path / "config.yaml", self.overrides)
 
     def metrics(self, model: str = "final", split: str = "test") -> dict[str, Any]:
         """The ``baseline`` or ``final`` classifier's metrics on ``split`` (val is written

@@ -21,6 +21,7 @@ from ray_lt.log import close_log_files
 from ray_lt.pipeline import (
     BASELINE_EVALUATION,
     CLASSIFIER,
+    EVALUATION,
     FILTER,
     GENERATOR,
     GRID,
@@ -95,7 +96,7 @@ def synthesize(cfg: Config, out_dir: Path) -> Path:
                       stages=(SYNTHESIS, FILTER), check=lambda data: plan(cfg, data))
     for stage in (STATISTICS, SYNTHESIS, FILTER):
         run_stage(stage, session)
-    return session.results["synthesis"]
+    return session.results[SYNTHESIS.name]
 
 
 @command("grid")
@@ -127,7 +128,7 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
     for stage in RUN_STAGES:
         step = (shown.index(stage) + 1, len(shown)) if stage in shown else None
         run_stage(stage, session, step=step)
-    return session.results["evaluation"]
+    return session.results[EVALUATION.name]
 
 
 @command("tune")

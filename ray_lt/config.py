@@ -73,20 +73,33 @@ class Strict(BaseModel):
     """Base of every config section: unknown keys are errors, assignments are re-validated,
     and a float must be finite (inf and nan are refused, whatever its bounds)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class DigitsLTData(Strict):
     """scikit-learn's handwritten digits made long-tailed: n_c = max_per_class * IF^(-c/(C-1))."""
 
     kind: Literal["digits_lt"]
+    """Selects this data set: the long-tailed handwritten digits, built in memory."""
     num_classes: Literal[10] = 10
+    """The ten digits; fixed."""
     image_size: int = Field(16, ge=8, le=64)
+    """Side in pixels of the square images; the 8x8 digits are upsampled bilinearly."""
     channels: Literal[1, 3] = 1
+    """1 for grey images, 3 for RGB (white on black either way); the pretrained generators
+    need 3."""
     imbalance_factor: float = Field(50.0, ge=1.0)
+    """IF: the ratio of the largest class's training images to the smallest's (class 0 is
+    the head, class 9 the tail)."""
     max_per_class: int = Field(100, ge=1)
+    """Training images of the largest class (class 0); the others follow
+    ``max_per_class * IF^(-c/9)``, at least one each."""
     val_per_class: int = Field(20, ge=1)
+    """Validation images per class (the validation split is balanced).
+    ``max_per_class + val_per_class + test_per_class`` must not exceed 174."""
     test_per_class: int = Field(50, ge=1)
+    """Test images per class (the test split is balanced)."""
 
     @model_validator(mode="after")
     def _fits_in_digits(self) -> DigitsLTData:
@@ -104,15 +117,29 @@ class DigitsGroupsData(Strict):
     some class x context groups are empty in training, as in NICO++; val/test groups balanced."""
 
     kind: Literal["digits_groups"]
+    """Selects this data set: the digits on coloured backgrounds, built in memory."""
     num_classes: Literal[10] = 10
+    """The ten digits; fixed."""
     image_size: int = Field(16, ge=8, le=64)
+    """Side in pixels of the square images; the 8x8 digits are upsampled bilinearly."""
     channels: Literal[3] = 3
+    """Always 3: the backgrounds are coloured (RGB)."""
     context_names: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    """The contexts: background colours, any matplotlib colour name, at least two. Class c's
+    majority context is ``c % len(context_names)``; ``group = label * contexts + context``."""
     train_per_class: int = Field(100, ge=1)
+    """Training images per class (classes are balanced; the groups are not)."""
     majority_fraction: float = Field(0.85, gt=0.0, le=1.0)
+    """Share of a class's training images drawn in its majority context; the rest are shared
+    evenly by its other non-empty contexts."""
     empty_groups_per_class: int = Field(1, ge=0)
+    """Contexts per class (chosen by the seed among those other than its majority one) with no
+    training image: the unseen groups; at most the number of contexts minus one."""
     val_per_group: int = Field(5, ge=1)
+    """Validation images per class x context group (the validation split is balanced)."""
     test_per_group: int = Field(10, ge=1)
+    """Test images per class x context group. ``train_per_class + (val_per_group +
+    test_per_group) * contexts`` must not exceed 174."""
 
     @model_validator(mode="after")
     def _consistent(self) -> DigitsGroupsData:
@@ -137,15 +164,33 @@ class ListFileData(Strict):
     """ImageNet-LT / Places-LT: a root folder and split files of ``relative/path label`` lines."""
 
     kind: Literal["imagenet_lt", "places_lt"]
+    """Selects this layout; it also names the default split files (``ImageNet_LT_*.txt`` or
+    ``Places_LT_*.txt``)."""
     root: Path
+    """The data folder: the split files and the image paths they list are relative to it."""
     num_classes: int = Field(ge=2)
+    """Number of classes; every label must lie in ``[0, num_classes)`` (ImageNet-LT: 1000,
+    Places-LT: 365)."""
     train_list: str | None = None
+    """The training split file in ``root``; null: ``ImageNet_LT_train.txt`` or
+    ``Places_LT_train.txt``."""
     val_list: str | None = None
+    """The validation split file in ``root``; null: ``ImageNet_LT_val.txt`` or
+    ``Places_LT_val.txt``."""
     test_list: str | None = None
+    """The test split file in ``root``; null: ``ImageNet_LT_test.txt`` or
+    ``Places_LT_test.txt``."""
     class_names_file: Path | None = None
+    """A UTF-8 text file with one class name per line, in label order (a path of its own, not
+    inside ``root``); the prompts use the names. Null: ``class 0``, ``class 1``, ..."""
     image_size: int = Field(224, ge=8)
+    """Side in pixels that images are read at: shorter side resized to it, then centre-cropped
+    to a square."""
     channels: Literal[3] = 3
+    """Always 3: images are read as RGB, whatever their mode."""
     verify_images: bool = True
+    """Decode every listed image once on Ray before anything trains, naming each file that
+    fails with its list file and line."""
 
     def list_name(self, split: str) -> str:
         """The split file's name: the configured one, else the real data set's own name."""
@@ -158,16 +203,30 @@ class NicoData(Strict):
     """NICO++: a root folder plus ``metadata.csv`` with ``filename,split,y,a`` columns."""
 
     kind: Literal["nico_pp"]
+    """Selects this data set: NICO++ read from ``root``."""
     root: Path
+    """The data folder: the metadata file and the image paths it lists are relative to it."""
     metadata: str = "metadata.csv"
+    """The metadata CSV in ``root``: columns ``filename,split,y,a`` (split 0/1/2 = train, val,
+    test; ``y`` the class, ``a`` the context), found by name in its header."""
     num_classes: int = Field(60, ge=2)
+    """Number of classes; every ``y`` must lie in ``[0, num_classes)``."""
     context_names: list[str] = Field(
         default_factory=lambda: ["autumn", "dim", "grass", "outdoor", "rock", "water"]
     )
+    """Name of each context ``a``, in order: fills ``{context}`` in the prompts;
+    ``group = y * len(context_names) + a``."""
     class_names_file: Path | None = None
+    """A UTF-8 text file with one class name per line, in label order (a path of its own, not
+    inside ``root``); the prompts use the names. Null: ``class 0``, ``class 1``, ..."""
     image_size: int = Field(224, ge=8)
+    """Side in pixels that images are read at: shorter side resized to it, then centre-cropped
+    to a square."""
     channels: Literal[3] = 3
+    """Always 3: images are read as RGB, whatever their mode."""
     verify_images: bool = True
+    """Decode every listed image once on Ray before anything trains, naming each file that
+    fails with its metadata line."""
 
 
 DatasetConfig = Annotated[
@@ -179,68 +238,122 @@ class ModelConfig(Strict):
     """The classifier, built by name from ``ray_lt.train.models``."""
 
     name: str = "small_cnn"
+    """The architecture: ``small_cnn``, or one of torchvision's, which need 3 channels:
+    ``resnet50`` (NICO++), ``resnext50_32x4d`` (ImageNet-LT), ``resnet152`` (Places-LT),
+    ``vit_b_16``."""
     checkpoint: Path | None = None
+    """A local PyTorch state dict to start from: a ray_lt classifier of this data set, or a
+    torchvision backbone (its classification layer is dropped). Null: random weights."""
     width: int = Field(32, ge=4)
+    """Channels of ``small_cnn``'s first conv blocks (its features are twice this wide); the
+    torchvision models ignore it."""
     mean: list[float] | None = None
+    """Per-channel mean subtracted from the [0, 1] input, one value per channel. Null:
+    ImageNet's for the torchvision models, 0.5 for ``small_cnn``."""
     std: list[float] | None = None
+    """Per-channel standard deviation the input is divided by, one value per channel. Null:
+    ImageNet's for the torchvision models, 0.5 for ``small_cnn``."""
 
 
 class AugmentConfig(Strict):
     """Per-sample augmentations applied to training batches."""
 
     crop_padding: int = Field(0, ge=0)
+    """Random shifts: zero-pad each side by this many pixels and crop back to the image size at
+    a random offset; 0: off."""
     resized_crop_scale: tuple[float, float] | None = None
+    """Random-resized crop: ``[low, high]`` fraction of the image's area kept (aspect ratio
+    3/4 to 4/3), resized back to the image size; null: off."""
     flip: bool = False
+    """Flip each image horizontally with probability 0.5."""
 
 
 class TrainConfig(Strict):
     """Classifier optimisation and loss (docs/method.md §5)."""
 
     epochs: int = Field(30, ge=1)
+    """Training epochs; an epoch is one pass over the real training rows (the synthetic rows
+    are cycled as needed)."""
     batch_size: int = Field(64, ge=2)
+    """Rows per batch on each worker, real and synthetic together."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    """``sgd`` (Nesterov momentum when ``momentum`` > 0) or ``adamw``."""
     lr: float = Field(0.05, gt=0.0)
+    """Peak learning rate, reached after the warm-up and decayed to zero by a cosine schedule
+    over the epochs."""
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum, in [0, 1); ``adamw`` ignores it."""
     weight_decay: float = Field(5e-4, ge=0.0)
+    """Weight decay of the optimizer."""
     warmup_epochs: int = Field(0, ge=0)
+    """Epochs of linear learning-rate warm-up from zero to ``lr``."""
     balanced_softmax_weight: float = Field(0.0, ge=0.0, le=1.0)
+    """Mix of the loss, in [0, 1]: 0 is plain cross-entropy, 1 balanced softmax (logits plus
+    the log class prior, as in FG), values between mix the two (docs/method.md §5)."""
     synthetic_weight: float = Field(1.0, ge=0.0)
-    # Data sets with class x context groups: "reweight" weights each real row by N / (G n_g)
-    # (group-balanced in expectation), "dro" is online group DRO with step size
-    # dro_step_size (docs/method.md §5).
+    """Loss weight of each synthetic row (a real row weighs 1); below 1 down-weights synthetic
+    samples as DiffuLT does."""
     group_objective: Literal["erm", "reweight", "dro"] = "erm"
+    """For data sets with class x context groups: ``erm`` averages the loss, ``reweight``
+    weights each real row by N / (G n_g) (group-balanced in expectation), ``dro`` is online
+    group DRO with step size ``dro_step_size`` (docs/method.md §5)."""
     dro_step_size: float = Field(0.01, gt=0.0)
+    """Step size eta of group DRO's weights, ``q_g <- q_g exp(eta L_g)``; used with
+    ``group_objective: dro``."""
     synthetic_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """Share of each batch made of synthetic rows when there are any, in (0, 1); FG's half
+    real, half synthetic is 0.5."""
     shuffle_buffer: int = Field(2048, ge=0)
-    # Each shard (train, synthetic, val) whose first pass fits in this many MiB per worker is
-    # kept in the worker's memory and reshuffled per epoch there: no Ray Data job per epoch.
+    """Rows in each worker's local shuffle buffer when reading its shards; 0: rows are read in
+    order, unshuffled."""
     resident_mib: int = Field(512, ge=0)
-    # Same config and seed, same weights (on a GPU up to its nondeterministic kernels): Ray Data
-    # keeps block order, shuffles are seeded, torch uses deterministic algorithms.
+    """Each shard (train, synthetic, val) whose first pass fits in this many MiB per worker is
+    kept in the worker's memory and reshuffled per epoch there: no Ray Data job per epoch.
+    0: always streamed."""
     deterministic: bool = True
+    """Same config and seed, same weights (on a GPU up to its nondeterministic kernels): Ray
+    Data keeps block order, shuffles are seeded, torch uses deterministic algorithms."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    """Augmentations of the training batches."""
 
 
 class ScalingSection(Strict):
     """Ray Train workers and fault tolerance."""
 
     num_workers: int = Field(1, ge=1)
+    """Ray Train workers (DDP) that train the classifiers and the ``pixel`` generator."""
     use_gpu: bool = False
+    """Give each training worker ``gpus_per_worker`` GPUs; false: train on CPUs."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs reserved per training worker (also for the ``feature`` generator's training
+    task)."""
     gpus_per_worker: float = Field(1.0, ge=0.0)
+    """GPUs reserved per training worker when ``use_gpu`` is true; may be a fraction."""
     max_failures: int = Field(1, ge=0)
+    """How many times a failed training run is restarted from its last checkpoint before the
+    stage fails."""
     checkpoints_to_keep: int = Field(2, ge=1)
+    """Checkpoints Ray Train keeps per training run (the classifiers write one per epoch, the
+    ``pixel`` generator one every ``generator.checkpoint_every`` steps)."""
 
 
 class EvaluateConfig(Strict):
     """Metrics (docs/method.md §6) and the Ray Data prediction pool."""
 
     many_threshold: int = Field(100, ge=0)
+    """Classes with more training images than this are Many (100 in the papers)."""
     few_threshold: int = Field(20, ge=0)
+    """Classes with fewer training images than this are Few (20 in the papers); the rest are
+    Medium. Must not exceed ``many_threshold``."""
     batch_size: int = Field(256, ge=1)
+    """Images per batch of the prediction pool."""
     num_actors: int = Field(1, ge=1)
+    """Actors of the prediction pool (evaluation, criterion statistics, filter, quality
+    metrics)."""
     cpus_per_actor: float = Field(0.5, gt=0.0)
+    """CPUs reserved per prediction actor."""
     gpus_per_actor: float = Field(0.0, ge=0.0)
+    """GPUs reserved per prediction actor; may be a fraction, 0 predicts on CPUs."""
 
     @property
     def pool(self) -> Pool:
@@ -285,17 +398,34 @@ class PixelSection(GeneratorSection):
     """``pixel`` (DiffuLT): a class- or group-conditional UNet2DModel trained from scratch."""
 
     kind: Literal["pixel"] = "pixel"
+    """Selects this generator; a generator section that names no kind is ``pixel``."""
     condition_on: Literal["class", "group", "class+context"] = "class"
+    """What a sample is conditioned on: its class, its class x context group (one id per
+    group), or ``class+context``: summed class and context embeddings, so that a group with no
+    training image is composed of parts that had some. The last two need groups."""
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    """Channels of the UNet's resolution levels, one down and one up block each."""
     layers_per_block: int = Field(1, ge=1)
+    """ResNet layers in each UNet block."""
     attention: bool = True
+    """Self-attention in the UNet's second level (when it has at least two)."""
     train_steps: int = Field(1500, ge=1)
+    """Optimizer steps of the generator's training."""
     batch_size: int = Field(64, ge=1)
+    """Training images per step on each worker, drawn at random."""
     lr: float = Field(2e-4, gt=0.0)
+    """AdamW learning rate (constant, no weight decay)."""
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Probability that a training sample's condition is replaced by the null one, which
+    trains the unconditional branch of classifier-free guidance; with ``class+context`` the
+    context alone is dropped as often too."""
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    """Decay of the weights' exponential moving average; the exported generator uses the
+    averaged weights."""
     checkpoint_every: int = Field(250, ge=1)
-    threads: int | None = Field(None, ge=1)  # torch threads of the training worker
+    """Steps between checkpoints (where an interrupted training resumes) and loss reports."""
+    threads: int | None = Field(None, ge=1)
+    """Torch threads of the training worker; null: torch's default."""
 
 
 class FeatureSection(GeneratorSection):
@@ -303,10 +433,16 @@ class FeatureSection(GeneratorSection):
 
     OUTPUTS: ClassVar[Literal["images", "features"]] = "features"
     kind: Literal["feature"]
+    """Selects this generator: samples feature vectors, not images."""
     train_steps: int = Field(1500, ge=1)
+    """Optimizer steps of the denoiser's training."""
     batch_size: int = Field(64, ge=1)
+    """Feature vectors per step, drawn at random from the training set's."""
     lr: float = Field(2e-4, gt=0.0)
+    """AdamW learning rate."""
     label_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    """Probability that a training sample's class is replaced by the null class, which trains
+    the unconditional branch of classifier-free guidance."""
 
 
 class PretrainedSection(GeneratorSection):
@@ -316,35 +452,53 @@ class PretrainedSection(GeneratorSection):
     LATENT: ClassVar[bool] = True
     TRAINED: ClassVar[bool] = False
     pretrained: str | None = None
-    # One template drawn per sample by its seed; {class_name} and {context} are filled in.
+    """A local folder in the diffusers layout, or a model id already in the local Hugging Face
+    cache; required (nothing is downloaded)."""
     prompts: Templates = Field(default_factory=lambda: ["a photo of a {class_name}"])
-    # JSON lines {"class": name or index, "prompts": [template, ...]}: those classes use them.
+    """Prompt templates, one drawn per sample by its seed; ``{class_name}`` and ``{context}``
+    are filled in (``{context}`` needs a data set with contexts)."""
     prompts_file: Path | None = None
+    """JSON lines ``{"class": name or index, "prompts": [template, ...]}``: those classes use
+    these templates instead of ``prompts``; null: none."""
     negative_prompt: str = ""
-    # The image size sampled; None: the UNet's own (sample_size x the VAE's factor).
+    """The prompt of classifier-free guidance's unconditional branch (``synthesis.cfg_scale``);
+    empty by default."""
     height: int | None = Field(None, ge=8)
+    """Height in pixels of the images sampled, a multiple of the VAE's factor; null: the
+    UNet's own (sample_size x the VAE's factor)."""
     width: int | None = Field(None, ge=8)
+    """Width in pixels of the images sampled, a multiple of the VAE's factor; null: the UNet's
+    own (sample_size x the VAE's factor)."""
 
 
 class UnCLIPSection(PretrainedSection):
     """``unclip``: Stable Diffusion 2.1 unCLIP, text + a real image's CLIP embedding (FG)."""
 
     kind: Literal["unclip"]
+    """Selects this generator: Stable Diffusion 2.1 unCLIP."""
     embedding_dropout: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability that a sample's CLIP image embedding is dropped (set to zero), for
+    diversity; FG uses 0.5."""
     noise_level: int = Field(0, ge=0)
+    """Noise that unCLIP adds to the image embedding, a step of its image-noising schedule
+    (below its number of timesteps); 0: none, as in FG."""
     references_per_group: int = Field(8, ge=1)
+    """Real training images per class and per group, chosen by the seed, whose embeddings
+    condition the samples; they are embedded once per run."""
 
 
 class SDSection(PretrainedSection):
     """``sd``: Stable Diffusion 1.x / 2.x text-to-image (LTG's SD 1.4)."""
 
     kind: Literal["sd"]
+    """Selects this generator: Stable Diffusion 1.x / 2.x text-to-image."""
 
 
 class SDXLSection(PretrainedSection):
     """``sdxl``: Stable Diffusion XL text-to-image (two text encoders, pooled embeddings)."""
 
     kind: Literal["sdxl"]
+    """Selects this generator: Stable Diffusion XL text-to-image."""
 
 
 GENERATOR_SECTIONS: dict[str, type[GeneratorSection]] = {
@@ -359,64 +513,125 @@ class FilterConfig(Strict):
     """DiffuLT filtering of generated samples with the real-data classifier."""
 
     enabled: bool = False
+    """Run the filter after synthesis: the samples it marks are left out of training and
+    counted per class in ``synthetic/filter_report.csv``."""
     confidence_threshold: float = Field(0.9, gt=0.0, le=1.0)
+    """Drop a sample that the baseline classifier puts in another class with at least this
+    confidence, in (0, 1]."""
     distance_quantile: float | None = Field(None, gt=0.0, lt=1.0)
+    """Also drop a sample whose features lie farther from its class's mean real feature than
+    this quantile of the real images' distances, in (0, 1); null: no distance test."""
 
 
 class SynthesisConfig(Strict):
     """Feedback-guided sampling to the quotas (docs/method.md §1-4)."""
 
     num_steps: int = Field(30, ge=1)
+    """DDIM steps per sample (30 in FG, 50 in LTG)."""
     cfg_scale: float = Field(3.0, ge=0.0)
+    """Classifier-free guidance scale s, ``eps_uncond + s * (eps_cond - eps_uncond)``; 3 in
+    FG, 1 uses the conditional prediction alone."""
     eta: float = Field(0.0, ge=0.0, le=1.0)
-    # "real": img2img (DA-Fusion's real guidance): a real training image of the sample's class
-    # (group), chosen by its seed, noised to the step ``strength`` names and denoised from
-    # there; strength 1 is the text-to-image sample of the same seed.
+    """DDIM's eta, in [0, 1]: 0 is deterministic DDIM, above 0 adds fresh noise at each step
+    (drawn from the sample's own seed)."""
     init: Literal["noise", "real"] = "noise"
+    """``noise``: text-to-image. ``real``: img2img (DA-Fusion's real guidance): a real training
+    image of the sample's class (group), chosen by its seed, noised to the step ``strength``
+    names and denoised from there. Not for the ``feature`` generator."""
     strength: float = Field(1.0, gt=0.0, le=1.0)
+    """With ``init: real``, the share of the ``num_steps`` DDIM steps that are run, in
+    (0, 1]; below 1 needs ``init: real``, and 1 is the text-to-image sample of the same
+    seed."""
     guidance_scale: float = Field(0.03, ge=0.0)
-    # Per-class (per-group with balance: group) strength: "count" scales class c's guidance by
-    # (n_c + 1)^-scale_slope, "val_error" by (e_c + 0.01)^scale_slope with e_c the baseline's
-    # validation error on c, normalised so that the mean scale over the samples drawn stays
-    # guidance_scale (docs/method.md §2). "none": one scale for all.
+    """Feedback-guidance scale w, the mean over the samples when ``scale_by`` is set; FG uses
+    0.03 in the normalised form, 0 samples without guidance."""
     scale_by: Literal["none", "count", "val_error"] = "none"
+    """Per-class (per-group with balance: group) strength: ``count`` scales class c's guidance
+    by (n_c + 1)^-scale_slope, ``val_error`` by (e_c + 0.01)^scale_slope with e_c the
+    baseline's validation error on c, normalised so that the mean scale over the samples drawn
+    stays guidance_scale (docs/method.md §2). ``none``: one scale for all."""
     scale_slope: float = Field(0.5, ge=0.0)
+    """The slope s of ``scale_by``; 0 gives every class the same scale."""
     guidance_every: int = Field(5, ge=1)
+    """Apply the criterion gradient every this many DDIM steps (k; every 5 of 30 in FG)."""
     guidance_mode: Literal["normalized", "eps"] = "normalized"
+    """``normalized``: add ``w * g * ||z_t|| / ||g||`` to z_t, as the FG authors' release does
+    (what its scale 0.03 is meant for); ``eps``: shift the noise prediction by
+    ``w * sqrt(1 - abar_t) * g``."""
     reuse_gradient: bool = False
+    """Also apply the last criterion gradient on the steps between guided steps."""
     through_unet: bool = False
+    """Back-propagate the criterion through the UNet too, as the FG release does (dearer);
+    false: through the predicted x0's dependence on z_t only."""
     criteria: dict[str, float] = Field(default_factory=lambda: {"entropy": 1.0})
+    """Criterion name -> probability that a sample is guided by it; the probabilities are
+    >= 0 and sum to 1. Names: entropy, loss, hardness, total_uncertainty, and on data sets
+    with groups target_group, group_entropy."""
     balance: Literal["class", "group"] = "class"
+    """Fill each class to ``target``, or each class x context group (data sets with
+    groups)."""
     target: int | None = Field(None, ge=1)
+    """Real + synthetic images per class (per group); null: the largest class's (group's)
+    count. FG: 1,300 on ImageNet-LT, 4,980 on Places-LT, 811 per group on NICO++."""
     quota_scale: float = Field(1.0, gt=0.0, le=1.0)
+    """Factor in (0, 1] applied to every quota, for smaller budgets."""
     quota_minimum: int = Field(0, ge=0)
+    """At least this many synthetic images per class (group), even where real images already
+    reach ``target``; 1 is the FG release's ``max(1300 - n_c, 1)``."""
     max_shard_size: int = Field(64, ge=1)
+    """Most samples in one shard: one seed, one Parquet file, the unit redrawn after a
+    failure."""
     batch_size: int = Field(32, ge=1)
+    """Samples a sampler actor denoises together; a sample depends on its seed only, not on
+    its batch."""
     num_actors: int = Field(1, ge=1)
+    """Sampler actors; the pool goes on with as many as the cluster can place, at least one."""
     cpus_per_actor: float = Field(1.0, gt=0.0)
+    """CPUs reserved per sampler actor."""
     gpus_per_actor: float = Field(0.0, ge=0.0)
-    writer_cpus: float = Field(0.25, gt=0.0)  # per actor of the PNG / Parquet writer pool
-    writer_actors: int = Field(1, ge=1)  # the writer pool grows from 1 up to this many actors
+    """GPUs reserved per sampler actor; may be a fraction, 0 samples on CPUs."""
+    writer_cpus: float = Field(0.25, gt=0.0)
+    """CPUs per actor of the PNG / Parquet writer pool."""
+    writer_actors: int = Field(1, ge=1)
+    """The writer pool grows from 1 up to this many actors."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    # The criterion gradient of a guided step, taken in micro-batches of this many samples
-    # (None: the whole batch at once); exact, it bounds memory (docs/performance.md).
+    """Autocast precision of the UNet, the decode and the classifier on a GPU; on a CPU
+    everything runs in float32."""
     guidance_micro_batch: int | None = Field(None, ge=1)
-    # What decodes the predicted x0 for the criterion (unclip): the full VAE, a tiny
-    # AutoencoderTiny from ``tiny_decoder``, or the full VAE on the latent resized so that it
-    # decodes straight to the classifier's input size. Final images always use the full VAE.
+    """The criterion gradient of a guided step, taken in micro-batches of this many samples
+    (null: the whole batch at once); exact, it bounds memory (docs/performance.md)."""
     guidance_decoder: Literal["vae", "tiny", "latent_resize"] = "vae"
+    """What decodes the predicted x0 for the criterion (the pretrained kinds: unclip, sd,
+    sdxl): the full VAE, a tiny AutoencoderTiny from ``tiny_decoder``, or the full VAE on the
+    latent resized so that it decodes straight to the classifier's input size. Final images
+    always use the full VAE."""
     tiny_decoder: str | None = None
-    decoder_checkpointing: bool = False  # gradient checkpointing in the guidance decoder
-    compile: bool = False  # torch.compile the UNet and the guidance decode
-    compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune-no-cudagraphs"
+    """Local folder of an AutoencoderTiny (TAESD-style weights, fetched beforehand); needed by
+    ``guidance_decoder: tiny``."""
+    decoder_checkpointing: bool = False
+    """Gradient checkpointing in the guidance decoder: less memory, recomputed activations."""
+    compile: bool = False
+    """torch.compile the UNet and the guidance decode (the pretrained kinds); each actor's
+    first batch compiles."""
+    compile_mode: str | None = None
+    """torch.compile's mode, e.g. ``"max-autotune-no-cudagraphs"``; null: its default."""
     epistemic_heads: int = Field(5, ge=2)
+    """K, the linear heads of the epistemic head behind ``total_uncertainty`` (LTG), each
+    fitted on a bootstrap resample."""
     hardness_covariance: Literal["full", "tied"] = "full"
+    """Covariance of the ``hardness`` criterion: ``full``, one per class (C x d x d floats,
+    refused above 2 GiB), or ``tied``, one shared by the classes."""
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    """Filtering of the generated samples (DiffuLT)."""
     grid_scales: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1])
+    """Guidance scales of the sample grid's columns."""
     grid_criteria: list[str] = Field(
         default_factory=lambda: ["entropy", "loss", "hardness", "total_uncertainty"])
+    """Criteria of the sample grid's rows."""
     grid_class: int = Field(-1, ge=-1)
+    """The class the sample grid shows; -1: the one with the fewest training images."""
     grid_samples: int = Field(4, ge=1)
+    """Samples per grid cell, with the same seeds in every cell."""
 
     @property
     def pool(self) -> Pool:
@@ -462,10 +677,18 @@ class FinalConfig(Strict):
     baseline (LTG); unset values fall back to the ``train`` section."""
 
     init: Literal["scratch", "baseline"] = "scratch"
+    """``scratch``: new weights (FG); ``baseline``: fine-tune the baseline classifier (LTG,
+    and required by the ``feature`` generator, LDMLR)."""
     epochs: int | None = Field(None, ge=1)
+    """Epochs of the final training; null: ``train.epochs``."""
     lr: float | None = Field(None, gt=0.0)
+    """Peak learning rate of the final training; null: ``train.lr``."""
     balanced_softmax_weight: float | None = Field(None, ge=0.0, le=1.0)
+    """Balanced-softmax mix of the final training, in [0, 1]; null:
+    ``train.balanced_softmax_weight``."""
     group_objective: Literal["erm", "reweight", "dro"] | None = None
+    """Group objective of the final training (data sets with groups); null:
+    ``train.group_objective``."""
 
 
 class RoundsConfig(Strict):
@@ -476,17 +699,28 @@ class RoundsConfig(Strict):
     it. ``count: 1`` is one-shot synthesis guided by the baseline."""
 
     count: int = Field(1, ge=1)
+    """Rounds R: the quota is drawn in R equal shares; 1 is one-shot synthesis (LTG's setting,
+    ``configs/imagenet_lt_sd.yaml``, uses 3)."""
     epochs: int = Field(5, ge=1)
+    """Epochs of each fine-tune of the guide between rounds."""
     lr: float | None = Field(None, gt=0.0)
+    """Learning rate of those fine-tunes (no warm-up); null: ``train.lr``."""
 
 
 class ReportConfig(Strict):
     """What ``ray-lt run`` puts in ``report.md`` / ``report.html`` besides the metrics."""
 
     grid: bool = True
+    """Draw the sample grid of ``synthesis.grid_class`` (criteria x guidance scales) and show
+    it; image generators only."""
     quality: bool = True
+    """Measure the synthetic data's quality (FID, density and coverage on the baseline's
+    features, against real test images) and show it."""
     quality_k: int = Field(5, ge=1)
+    """k of the k-nearest-neighbour balls of density and coverage."""
     samples_per_class: int = Field(8, ge=1)
+    """Synthetic images shown per class in the report's sample mosaic (of the rarest
+    classes)."""
 
 
 def _ordered(bounds: tuple[float, float]) -> tuple[float, float]:
@@ -535,28 +769,46 @@ class SearchSpace(Strict):
     names the criteria whose mixture weights are searched."""
 
     guidance_scale: LogRange | None = (0.003, 0.3)
+    """``[low, high]`` of ``synthesis.guidance_scale``, searched on a log scale (low > 0)."""
     embedding_dropout: UnitRange | None = None
+    """``[low, high]`` within [0, 1] of ``generator.embedding_dropout`` (``unclip`` only)."""
     criteria: Annotated[list[str], AfterValidator(_criteria_names)] | None = None
+    """At least two criteria whose mixture weights are searched (each in [0, 1], normalised
+    into ``synthesis.criteria``); null: keep ``synthesis.criteria``."""
     synthetic_weight: WeightRange | None = (0.2, 1.0)
+    """``[low, high]`` of ``train.synthetic_weight`` (low >= 0)."""
     balanced_softmax_weight: UnitRange | None = None
-    scale_slope: WeightRange | None = None  # needs synthesis.scale_by: count
-    rounds: list[Annotated[int, Field(ge=1)]] | None = None  # rounds.count, chosen among these
-    # The final model's group objective, chosen among these (data sets with groups).
+    """``[low, high]`` within [0, 1] of ``final.balanced_softmax_weight``."""
+    scale_slope: WeightRange | None = None
+    """``[low, high]`` of ``synthesis.scale_slope`` (low >= 0); needs synthesis.scale_by:
+    count (or val_error)."""
+    rounds: list[Annotated[int, Field(ge=1)]] | None = None
+    """Values of rounds.count, chosen among these; not with the ``feature`` generator."""
     final_group_objective: list[Literal["erm", "reweight", "dro"]] | None = None
+    """The final model's group objective, chosen among these (data sets with groups)."""
 
 
 class TuneSection(Strict):
     """Ray Tune + Optuna around synthesis and final training (``ray-lt tune``)."""
 
     num_trials: int = Field(8, ge=1)
+    """Trials Optuna runs."""
     max_concurrent_trials: int = Field(1, ge=1)
-    # "unseen_groups": accuracy on the class x context groups with no training image, and
-    # worst-group accuracy beside it (two objectives, a Pareto front).
+    """Trials run at the same time."""
     objective: Literal["few", "worst_group", "both", "unseen_groups"] = "few"
+    """Validation accuracy maximised: ``few``, ``worst_group``, ``both`` (Few and worst-group,
+    a Pareto front), or ``unseen_groups``: accuracy on the class x context groups with no
+    training image, and worst-group accuracy beside it (two objectives, a Pareto front)."""
     quota_scale: float = Field(1.0, gt=0.0, le=1.0)
+    """Factor in (0, 1] on each trial's quota (on top of ``synthesis.quota_scale``);
+    ``best_config.yaml`` keeps the full quota."""
     trial_cpus: float = Field(0.0, ge=0.0)
+    """CPUs reserved by each trial's driver; 0 reserves memory alone, leaving the CPUs to the
+    Ray Data tasks and Train workers it starts."""
     trial_memory_mb: int = Field(512, ge=1)
+    """Memory in MiB reserved by each trial's driver."""
     space: SearchSpace = Field(default_factory=SearchSpace)
+    """The ranges searched."""
 
 
 class RayConfig(Strict):
@@ -565,25 +817,43 @@ class RayConfig(Strict):
     node types it may add when they cannot be found otherwise (``ray_lt.cluster``)."""
 
     address: str | None = None
+    """Address of the Ray cluster to connect to; null: RAY_ADDRESS when set, else a cluster
+    started on this machine that is still running, else Ray is started here."""
     autoscaler_config: str | None = None
+    """Path of the cluster's autoscaler config (``cluster.yaml``), read for the node types it
+    may add; null: found from the cluster where it can be."""
 
 
 class Config(Strict):
     """A complete ray_lt run."""
 
     seed: int = 0
+    """The run's seed: the digits' splits, training, every shard's samples and the search
+    derive from it."""
     dataset: DatasetConfig
+    """The long-tailed data set, picked by ``dataset.kind``."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The classifier's architecture and starting weights."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    """How the classifiers are trained."""
     scaling: ScalingSection = Field(default_factory=ScalingSection)
+    """Ray Train workers and their resources."""
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    """Metrics and the prediction pool."""
     generator: GeneratorConfig = Field(default_factory=PixelSection)
+    """The diffusion model that synthesis guides, picked by ``generator.kind``."""
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    """Feedback-guided sampling to the quotas."""
     final: FinalConfig = Field(default_factory=FinalConfig)
+    """The classifier trained on real + synthetic data."""
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
+    """Closed-loop synthesis rounds."""
     report: ReportConfig = Field(default_factory=ReportConfig)
+    """What the report shows."""
     tune: TuneSection = Field(default_factory=TuneSection)
+    """The search of ``ray-lt tune``."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """Which Ray cluster to use."""
 
     def criteria_in_use(self) -> set[str]:
         """Every criterion the config may score with: synthesis, the grid's rows, the search."""

@@ -111,13 +111,12 @@ def run_stage(stage: Stage, session: Session, name: str | None = None,
     name = name or stage.name
     if step is not None:
         banner(*step, stage.title, stage.note(cfg), since=session.started)
+    if not (stage.enabled(cfg) if enabled is None else enabled):
+        if stage.disabled is not None:
+            stage.disabled(session)
+        return None
     with StageMeter() as meter:
-        if not (stage.enabled(cfg) if enabled is None else enabled):
-            if stage.disabled is not None:
-                stage.disabled(session)
-            result = None
-        else:
-            result = _run(stage, session, name, **kwargs)
+        result = _run(stage, session, name, **kwargs)
     session.results[name] = result
     session.times[name] = (meter.seconds, meter.peak_rss_mb)
     record_timing(out, name, *session.times[name])
@@ -416,8 +415,8 @@ def _quality(session: Session) -> Path:
 
 def _report(session: Session) -> Path:
     r = session.results
-    path = write_report(session.cfg, session.out_dir, session.data, r["baseline_evaluation"],
-                        r["evaluation"], session.times)
+    path = write_report(session.cfg, session.out_dir, session.data,
+                        r[BASELINE_EVALUATION.name], r[EVALUATION.name], session.times)
     log.info(f"done in {time.perf_counter() - session.started:.0f} s; report: {path}")
     return path
 

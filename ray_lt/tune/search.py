@@ -209,7 +209,7 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
     log.info("tune: shared stages (baseline classifier, statistics, generator)")
     for stage in shared:
         pipeline.run_stage(stage, session)
-    baseline = session.results["baseline_evaluation"]
+    baseline = session.results[pipeline.BASELINE_EVALUATION.name]
     pipeline.prepare_inputs(cfg, session.data, out_dir)
     t = cfg.tune
     log.info(f"tune: {t.num_trials} trials, {t.max_concurrent_trials} at a time, "

@@ -1,4 +1,5 @@
-"""The package's layers: no module imports from a layer above its own (README "Layout")."""
+"""The package's layers: no module imports from a layer above its own (docs/architecture.md,
+"Layout")."""
 
 from __future__ import annotations
 

@@ -52,7 +52,15 @@ from ray_lt.generate.rounds import (
     stored_plan,
     write_round_summary,
 )
-from ray_lt.generate.statistics import fit_criterion_support, load_training_features
+from ray_lt.generate.statistics import (
+    SupportShape,
+    fit_criterion_support,
+    fit_missing_support,
+    load_training_features,
+    missing_support,
+    report_support,
+    support_pieces,
+)
 from ray_lt.generate.synthesize import prepare_inputs
 from ray_lt.generate.synthesize import synthesize as run_synthesis
 from ray_lt.generate.synthetic import (
@@ -226,15 +234,35 @@ def _evaluate(session: Session, which: str = "baseline", split: str = "test"
     return metrics
 
 
+def scoring_criteria(cfg: Config) -> set[str]:
+    """The criteria the run scores with: synthesis, the search's mixture and, with
+    ``report.grid``, the grid's rows."""
+    s = cfg.synthesis
+    return (set(s.criteria) | set(cfg.tune.space.criteria or [])
+            | (set(s.grid_criteria) if cfg.report.grid else set()))
+
+
 def criterion_support(cfg: Config, out_dir: Path, data: LongTailData,
-                      classifier_dir: Path | None = None) -> Path:
+                      classifier_dir: Path | None = None,
+                      criteria: set[str] | None = None) -> Path:
     """The baseline classifier's folder (or ``classifier_dir``, a guide fine-tuned in rounds),
-    with the class statistics and heads that the criteria need (computed on first use); fails
-    naming the stage when there is none."""
+    with what ``criteria`` (default ``scoring_criteria``) need beside it: the training set's
+    embeddings (a Ray Data job), then the missing class statistics and heads, fitted in a Ray
+    task on the cluster rather than in this process. A piece no criterion needs is not fitted;
+    a rerun that needs it fits it then. Fails naming the stage when there is no classifier."""
     classifier_dir = require_stage(Path(classifier_dir or out_dir / "classifier") / MODEL_FILE,
                                    "classifier", "ray-lt train").parent
-    fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
-                          cfg.seed, cfg.synthesis.hardness_covariance)
+    s = cfg.synthesis
+    needs = support_pieces(scoring_criteria(cfg) if criteria is None else criteria)
+    fit_criterion_support(classifier_dir, data, s.epistemic_heads, cfg.evaluate, cfg.seed,
+                          s.hardness_covariance, needs=())  # the embeddings only
+    missing = missing_support(classifier_dir, data, needs, s.hardness_covariance)
+    if missing:
+        # Placed like one prediction actor, which the capacity check has found room for.
+        task = ray.remote(fit_missing_support).options(num_cpus=cfg.evaluate.pool.cpus)
+        report_support(classifier_dir, ray.get(task.remote(
+            classifier_dir, SupportShape.of(data), s.epistemic_heads, cfg.seed,
+            s.hardness_covariance, missing)))
     return classifier_dir
 
 
@@ -378,7 +406,7 @@ def _grid(session: Session) -> Path:
     from ray_lt.generate.grid import render_grid, save_grid
 
     cfg, out, data = session.cfg, session.out_dir, session.data
-    criterion_support(cfg, out, data)
+    criterion_support(cfg, out, data, criteria=set(cfg.synthesis.grid_criteria))
     check_generator(cfg, out)
     s = cfg.synthesis
     label = grid_label(cfg, data)
@@ -450,7 +478,7 @@ BASELINE_EVALUATION = Stage(
     "baseline_evaluation", "baseline evaluation", _evaluate, after=("classifier",))
 STATISTICS = Stage(
     "statistics", "criterion statistics", _statistics, after=("classifier",),
-    note=lambda cfg: ", ".join(cfg.synthesis.criteria))
+    note=lambda cfg: ", ".join(sorted(scoring_criteria(cfg))))
 GENERATOR = Stage(
     "generator", "generator", _generator,
     keys=(("seed", "dataset.", "generator."),

@@ -271,3 +271,37 @@ def test_a_data_set_with_groups_gets_a_context_head_that_reads_the_context(tmp_p
     fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied")
     assert (tmp_path / CONTEXT_HEAD_FILE).stat().st_mtime_ns == written
     assert load_context_head(tmp_path / "elsewhere") is None
+
+
+def test_only_the_support_a_criterion_needs_is_fitted_and_a_later_need_fits_it(tmp_path):
+    """At ImageNet-LT's shape the epistemic head (K heads of d x C) is the costly piece: a run
+    whose criteria do not use it never fits it; a rerun that adds total_uncertainty does."""
+    from ray_lt.config import load_config
+    from ray_lt.generate.statistics import missing_support, support_pieces
+    from ray_lt.pipeline import scoring_criteria
+
+    features, labels = _data(n=200)
+    _write_features(tmp_path, features, labels)
+    data = SimpleNamespace(num_classes=4, num_groups=0, context_names=[])
+    assert support_pieces(["entropy", "loss"]) == set()
+    assert support_pieces(["hardness", "total_uncertainty", "target_group"]) == {
+        "statistics", "epistemic_head", "context_head"}
+    fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied",
+                          needs=support_pieces(["entropy", "hardness"]))
+    assert (tmp_path / STATISTICS_FILE).is_file() and not (tmp_path / HEAD_FILE).exists()
+    assert missing_support(tmp_path, data, {"statistics", "epistemic_head"}, "tied") == {
+        "epistemic_head"}
+    stats_time = (tmp_path / STATISTICS_FILE).stat().st_mtime_ns
+    fit_criterion_support(tmp_path, data, 2, None, seed=0, covariance="tied",
+                          needs=support_pieces(["total_uncertainty", "hardness"]))
+    assert (tmp_path / HEAD_FILE).is_file()
+    assert (tmp_path / STATISTICS_FILE).stat().st_mtime_ns == stats_time
+    assert missing_support(tmp_path, data, {"context_head"}, "tied") == set()  # no groups
+    with pytest.raises(ValueError, match="unknown criterion support 'heads'"):
+        missing_support(tmp_path, data, {"heads"}, "tied")
+    # What a config scores with: synthesis, the search's mixture, the grid's rows when drawn.
+    cfg = load_config("configs/digits_lt.yaml", ["synthesis.criteria={entropy: 1.0}",
+                                                 "report.grid=false"])
+    assert scoring_criteria(cfg) == {"entropy"}
+    grid = load_config("configs/digits_lt.yaml", ["synthesis.criteria={entropy: 1.0}"])
+    assert scoring_criteria(grid) == {"entropy", "loss", "hardness", "total_uncertainty"}

@@ -7,7 +7,10 @@ fitted by streaming over those files."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +22,7 @@ from ray_lt.config import EvaluateConfig
 from ray_lt.data import LongTailData
 from ray_lt.evaluate.predict import predict_dataset
 from ray_lt.generate.criteria import (
+    CRITERIA,
     Batches,
     ClassStatistics,
     Covariance,
@@ -109,25 +113,96 @@ def load_training_features(classifier_dir: Path) -> tuple[np.ndarray, np.ndarray
     return (features if features is not None else np.zeros((0, 0), np.float32)), labels
 
 
-def fit_criterion_support(classifier_dir: Path, data: LongTailData, heads: int,
-                          evaluate: EvaluateConfig, seed: int, covariance: Covariance = "full"
-                          ) -> None:
-    """Embed the training set on Ray Data into ``train_features/`` and fit, by streaming over
-    those files, the class statistics in the ``covariance`` form, the epistemic head and (data
-    with groups) the context head. Each piece on disk is kept (the statistics only when stored
-    in the same form)."""
+SUPPORT_PIECES = ("statistics", "epistemic_head", "context_head")
+"""What the criteria may need beside the classifier (``Criterion.needs``)."""
+
+
+def support_pieces(criteria: Iterable[str]) -> set[str]:
+    """The pieces that scoring ``criteria`` needs: the class statistics for ``hardness``, the
+    epistemic head for ``total_uncertainty``, the context head for the group criteria."""
+    return {CRITERIA[name].needs for name in criteria} - {None}
+
+
+def missing_support(classifier_dir: Path, data: Any, needs: Iterable[str],
+                    covariance: Covariance) -> set[str]:
+    """The pieces of ``needs`` not yet beside the classifier (the statistics also when stored
+    in another form; the context head only for data with groups)."""
+    classifier_dir = Path(classifier_dir)
+    missing = set()
+    for piece in set(needs):
+        if piece == "statistics":
+            if ClassStatistics.stored_covariance(classifier_dir / STATISTICS_FILE) != covariance:
+                missing.add(piece)
+        elif piece == "epistemic_head":
+            if not (classifier_dir / HEAD_FILE).is_file():
+                missing.add(piece)
+        elif piece == "context_head":
+            if data.num_groups and not (classifier_dir / CONTEXT_HEAD_FILE).is_file():
+                missing.add(piece)
+        else:
+            raise ValueError(f"unknown criterion support {piece!r}; one of {SUPPORT_PIECES}")
+    return missing
+
+
+@dataclass(frozen=True)
+class SupportShape:
+    """What fitting the criterion support needs of the data set: a few numbers and names,
+    small enough to ship to a Ray task."""
+
+    num_classes: int
+    num_groups: int
+    context_names: list[str]
+
+    @classmethod
+    def of(cls, data: Any) -> SupportShape:
+        return cls(int(data.num_classes), int(data.num_groups), list(data.context_names))
+
+
+def fit_criterion_support(classifier_dir: Path, data: Any, heads: int,
+                          evaluate: EvaluateConfig | None, seed: int,
+                          covariance: Covariance = "full",
+                          needs: Iterable[str] = SUPPORT_PIECES) -> None:
+    """Embed the training set on Ray Data into ``train_features/`` (unless there) and fit, by
+    streaming over those files, the pieces of ``needs`` that are missing: the class statistics
+    in the ``covariance`` form, the epistemic head of ``heads`` heads and (data with groups)
+    the context head. Each piece on disk is kept, and a piece no criterion needs is not fitted:
+    a later call that needs it fits it then."""
     classifier_dir = Path(classifier_dir)
     if not (classifier_dir / FEATURES_DIR).is_dir():
         write_training_features(classifier_dir, data, evaluate)
+    report_support(classifier_dir, fit_missing_support(
+        classifier_dir, SupportShape.of(data), heads, seed, covariance,
+        missing_support(classifier_dir, data, needs, covariance)))
+
+
+def report_support(classifier_dir: Path, fitted: dict[str, float | None]) -> None:
+    """Log what ``fit_missing_support`` fitted."""
+    if fitted:
+        log.info(f"criterion support of {classifier_dir}: fitted {', '.join(sorted(fitted))}")
+    if fitted.get("context_head") is not None:
+        # How much of the context the guide's embedding keeps: what the group criteria see.
+        log.info(f"context head of {classifier_dir}: {fitted['context_head']:.3f} of the "
+                 f"training images' contexts read from the embedding")
+
+
+def fit_missing_support(classifier_dir: Path, shape: SupportShape, heads: int, seed: int,
+                        covariance: Covariance, missing: set[str]) -> dict[str, float | None]:
+    """Fit the ``missing`` pieces from the feature files beside the classifier (no Ray: the
+    pipeline runs this as a Ray task on the cluster); returns what it fitted (for the context
+    head, the share of training contexts it reads from the embedding)."""
+    classifier_dir = Path(classifier_dir)
     batches = feature_batches(classifier_dir)
-    if ClassStatistics.stored_covariance(classifier_dir / STATISTICS_FILE) != covariance:
-        fit_class_statistics_streamed(batches, data.num_classes, covariance).save(
+    fitted: dict[str, float | None] = {}
+    if "statistics" in missing:
+        fit_class_statistics_streamed(batches, shape.num_classes, covariance).save(
             classifier_dir / STATISTICS_FILE)
-    if not (classifier_dir / HEAD_FILE).is_file():
-        fit_epistemic_head_streamed(batches, data.num_classes, k=heads, seed=seed).save(
+        fitted["statistics"] = None
+    if "epistemic_head" in missing:
+        fit_epistemic_head_streamed(batches, shape.num_classes, k=heads, seed=seed).save(
             classifier_dir / HEAD_FILE)
-    contexts = len(data.context_names) if data.num_groups else 0
-    if contexts and not (classifier_dir / CONTEXT_HEAD_FILE).is_file():
+        fitted["epistemic_head"] = None
+    contexts = len(shape.context_names) if shape.num_groups else 0
+    if contexts and "context_head" in missing:
         by_context = feature_batches(classifier_dir, contexts=contexts)
         head = fit_epistemic_head_streamed(by_context, contexts, k=1, seed=seed,
                                            bootstrap=False)
@@ -137,9 +212,8 @@ def fit_criterion_support(classifier_dir: Path, data: LongTailData, heads: int,
             for x, a in by_context():
                 right += int((head(torch.from_numpy(x))[0].argmax(-1).numpy() == a).sum())
                 seen += len(a)
-        # How much of the context the guide's embedding keeps: what the group criteria see.
-        log.info(f"context head of {classifier_dir}: {right / max(seen, 1):.3f} of the "
-                 f"training images' contexts read from the embedding")
+        fitted["context_head"] = right / max(seen, 1)
+    return fitted
 
 
 def load_criterion_support(classifier_dir: Path) -> tuple[ClassStatistics | None,

@@ -39,7 +39,8 @@ class FeatureKind(TrainedKind):
         classifier_dir = require_stage(Path(out_dir) / "classifier" / MODEL_FILE, "classifier",
                                        "ray-lt train").parent
         fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
-                              cfg.seed, cfg.synthesis.hardness_covariance)
+                              cfg.seed, cfg.synthesis.hardness_covariance,
+                              needs=())  # the training embeddings alone
         features, labels = load_training_features(classifier_dir)
         task = ray.remote(train_feature_generator).options(num_cpus=cfg.scaling.cpus_per_worker)
         return ray.get(task.remote(features, labels, data.num_classes, g.train_steps,

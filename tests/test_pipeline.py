@@ -4,6 +4,7 @@ refusing a changed config, a 2-trial Optuna search whose best config ``ray-lt ru
 and ``jobs/balance.py`` through ``ray job submit``."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -135,7 +136,7 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(digits_run, ra
     assert "[ray-lt] stage 1/10" not in changed.stdout  # refused before any stage ran
 
 
-def test_the_readme_driver_runs_on_a_finished_run(digits_run, ray_session, capsys):
+def test_the_readme_driver_runs_on_a_finished_run(digits_run, ray_session, capsys, caplog):
     """The README's Python example, executed with its config overrides and run directory
     replaced by the finished run's: every stage is found complete, and the run handle reads
     its metrics, draws guided samples in process and opens the synthetic set."""
@@ -150,12 +151,13 @@ def test_the_readme_driver_runs_on_a_finished_run(digits_run, ray_session, capsy
         code = code.replace(old, new)
     namespace = {"OVERRIDES": [*SMALL, f"ray.address={ray_session['address']}"],
                  "RUN": str(out)}
+    caplog.set_level(logging.INFO, logger="ray_lt")
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
     printed = capsys.readouterr().out
     final = json.loads((out / "final" / "metrics.json").read_text())
     assert namespace["metrics"] == final and f"final {final['few']:.3f}" in printed
     assert "146 synthetic rows; (8, 16, 16, 1)" in printed, printed[-2000:]
-    assert "baseline classifier already trained" in printed
+    assert "baseline classifier already trained" in caplog.text
     run, images = namespace["run"], namespace["images"]
     assert images.dtype == np.uint8 and images.shape == (8, 16, 16, 1)
     again = run.sample(label=9, n=8, scale=0.1)

@@ -54,7 +54,7 @@ from ray_lt.generate.rounds import (
 )
 from ray_lt.generate.statistics import (
     SupportShape,
-    fit_criterion_support,
+    ensure_training_features,
     fit_missing_support,
     load_training_features,
     missing_support,
@@ -254,8 +254,7 @@ def criterion_support(cfg: Config, out_dir: Path, data: LongTailData,
                                    "classifier", "ray-lt train").parent
     s = cfg.synthesis
     needs = support_pieces(scoring_criteria(cfg) if criteria is None else criteria)
-    fit_criterion_support(classifier_dir, data, s.epistemic_heads, cfg.evaluate, cfg.seed,
-                          s.hardness_covariance, needs=())  # the embeddings only
+    ensure_training_features(classifier_dir, data, cfg.evaluate)
     missing = missing_support(classifier_dir, data, needs, s.hardness_covariance)
     if missing:
         # Placed like one prediction actor, which the capacity check has found room for.

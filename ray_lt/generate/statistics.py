@@ -63,6 +63,15 @@ def write_training_features(classifier_dir: Path, data: LongTailData,
     return out
 
 
+def ensure_training_features(classifier_dir: Path, data: LongTailData,
+                             evaluate: EvaluateConfig | None) -> Path:
+    """``classifier_dir/train_features/``, written (``write_training_features``) unless there."""
+    folder = Path(classifier_dir) / FEATURES_DIR
+    if not folder.is_dir():
+        write_training_features(classifier_dir, data, evaluate)
+    return folder
+
+
 def _feature_files(classifier_dir: Path) -> list[Path]:
     folder = Path(classifier_dir) / FEATURES_DIR
     files = sorted(folder.glob("*.parquet"))
@@ -168,8 +177,7 @@ def fit_criterion_support(classifier_dir: Path, data: Any, heads: int,
     the context head. Each piece on disk is kept, and a piece no criterion needs is not fitted:
     a later call that needs it fits it then."""
     classifier_dir = Path(classifier_dir)
-    if not (classifier_dir / FEATURES_DIR).is_dir():
-        write_training_features(classifier_dir, data, evaluate)
+    ensure_training_features(classifier_dir, data, evaluate)
     report_support(classifier_dir, fit_missing_support(
         classifier_dir, SupportShape.of(data), heads, seed, covariance,
         missing_support(classifier_dir, data, needs, covariance)))

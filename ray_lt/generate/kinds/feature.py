@@ -33,14 +33,12 @@ class FeatureKind(TrainedKind):
         import ray
 
         from ray_lt.generate.feature import train_feature_generator
-        from ray_lt.generate.statistics import fit_criterion_support, load_training_features
+        from ray_lt.generate.statistics import ensure_training_features, load_training_features
 
         g = cfg.generator
         classifier_dir = require_stage(Path(out_dir) / "classifier" / MODEL_FILE, "classifier",
                                        "ray-lt train").parent
-        fit_criterion_support(classifier_dir, data, cfg.synthesis.epistemic_heads, cfg.evaluate,
-                              cfg.seed, cfg.synthesis.hardness_covariance,
-                              needs=())  # the training embeddings alone
+        ensure_training_features(classifier_dir, data, cfg.evaluate)
         features, labels = load_training_features(classifier_dir)
         task = ray.remote(train_feature_generator).options(num_cpus=cfg.scaling.cpus_per_worker)
         return ray.get(task.remote(features, labels, data.num_classes, g.train_steps,

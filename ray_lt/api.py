@@ -49,16 +49,17 @@ def _apply(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return apply_overrides(json.loads(json.dumps(raw)), overrides)
 
 
-def _command(body: Any, config: ConfigLike, out: str | Path, overrides: list[str] | None
-             ) -> Any:
+def _command(body: Any, config: ConfigLike, out: str | Path, overrides: list[str] | None,
+             **options: Any) -> Any:
     setup_console()  # ray_lt's lines on stdout, Ray's own at WARNING, as ray-lt prints them
-    return body(_config(config, overrides), Path(out))
+    return body(_config(config, overrides), Path(out), **options)
 
 
-def run(config: ConfigLike, out: str | Path, overrides: list[str] | None = None
-        ) -> dict[str, Any]:
-    """``ray-lt run``: every stage into ``out``; the final classifier's test metrics."""
-    return _command(commands.run, config, out, overrides)
+def run(config: ConfigLike, out: str | Path, overrides: list[str] | None = None,
+        sequential: bool = False) -> dict[str, Any]:
+    """``ray-lt run``: every stage into ``out`` (side by side where they can be; one at a
+    time with ``sequential``); the final classifier's test metrics."""
+    return _command(commands.run, config, out, overrides, sequential=sequential)
 
 
 def train(config: ConfigLike, out: str | Path, overrides: list[str] | None = None

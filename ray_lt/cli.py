@@ -12,12 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ray_lt import commands
-from ray_lt.config import Config, load_config
+from ray_lt.config import load_config
 from ray_lt.errors import RayLTError
 from ray_lt.log import setup_console
 from ray_lt.rundir import check_out_dir
 
-COMMANDS: dict[str, tuple[Callable[[Config, Path], object], str]] = {
+COMMANDS: dict[str, tuple[Callable[..., object], str]] = {
     "run": (commands.run, "the whole pipeline: baseline, generator, guided synthesis, "
                           "classifier on real + synthetic, evaluation, report"),
     "tune": (commands.tune, "Ray Tune + Optuna over guidance scale, dropout, criterion "
@@ -40,8 +40,10 @@ def out_dir(text: str) -> Path:
     return Path(text)
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False) -> None:
-    """CONFIG, --out and --set, shared by the console script and the job entry points."""
+def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False,
+                      run: bool = False) -> None:
+    """CONFIG, --out and --set, shared by the console script and the job entry points
+    (``run``: also --sequential)."""
     if config_flag:
         parser.add_argument("--config", required=True, help="YAML config file")
     else:
@@ -49,6 +51,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False
     parser.add_argument("--out", required=True, type=out_dir, help="run directory")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="KEY.PATH=VALUE", help="override any config key")
+    if run:
+        parser.add_argument("--sequential", action="store_true",
+                            help="run the stages one at a time in their listed order, none "
+                                 "side by side (for debugging)")
     parser.add_argument("--verbose", action="store_true",
                         help="also show Ray's INFO lines, the workers' output, Ray Data's "
                              "progress bars and the traceback of an error (always in "
@@ -117,7 +123,8 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         check_out_dir(args.out)
-        COMMANDS[name][0](cfg, args.out)
+        options = {"sequential": True} if getattr(args, "sequential", False) else {}
+        COMMANDS[name][0](cfg, args.out, **options)
     except KeyboardInterrupt:
         _stop_local_ray()
         if args.verbose:
@@ -140,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ray-lt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        add_run_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        add_run_arguments(sub.add_parser(name, help=help_text, description=help_text),
+                          run=name == "run")
     args = parser.parse_args(argv)
     return run_command(args.command, args)
 
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 def job_main(name: str, argv: list[str] | None = None) -> int:
     """Entry point of ``jobs/<name>.py``: the same command with ``--config CONFIG``."""
     parser = argparse.ArgumentParser(prog=f"jobs/{name}.py", description=COMMANDS[name][1])
-    add_run_arguments(parser, config_flag=True)
+    add_run_arguments(parser, config_flag=True, run=name == "run")
     return run_command(name, parser.parse_args(argv))
 
 

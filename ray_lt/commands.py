@@ -33,25 +33,24 @@ from ray_lt.pipeline import (
     run_stage,
 )
 from ray_lt.rundir import run_lock
-from ray_lt.stages import StageMeter, record_timing
+from ray_lt.stages import Stage, StageMeter, record_timing, run_graph
 from ray_lt.train.trainer import MODEL_FILE
 
 log = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 
-def command(name: str) -> Callable[[Callable[[Config, Path], Result]],
-                                   Callable[[Config, Path], Result]]:
+def command(name: str) -> Callable[[Callable[..., Result]], Callable[..., Result]]:
     """Run the decorated command holding ``out_dir``'s lock: a second command into the same
     directory is refused at once, naming the process that holds it. Its log file
     (``DIR/logs/ray-lt.log``) is closed when it ends, so that a Python driver's next command
     logs into its own run directory only."""
-    def wrap(body: Callable[[Config, Path], Result]) -> Callable[[Config, Path], Result]:
+    def wrap(body: Callable[..., Result]) -> Callable[..., Result]:
         @functools.wraps(body)
-        def locked(cfg: Config, out_dir: Path) -> Result:
+        def locked(cfg: Config, out_dir: Path, **options: Any) -> Result:
             try:
                 with run_lock(Path(out_dir), name):
-                    return body(cfg, Path(out_dir))
+                    return body(cfg, Path(out_dir), **options)
             finally:
                 close_log_files()
         return locked
@@ -108,13 +107,18 @@ def grid(cfg: Config, out_dir: Path) -> Path | None:
 
 
 @command("run")
-def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
+def run(cfg: Config, out_dir: Path, sequential: bool = False) -> dict[str, Any]:
     """The whole pipeline into one run directory, every stage of
-    ``ray_lt.pipeline.RUN_STAGES`` in turn, each skipped when its output is complete:
-    baseline -> criterion statistics -> generator -> guided synthesis (rounds and fine-tunes)
-    -> filter -> classifier on real + synthetic -> evaluation -> sample grid -> quality ->
-    report. Each stage's wall time and the driver's peak memory go to ``stages.json`` and the
-    report; returns the final classifier's test metrics."""
+    ``ray_lt.pipeline.RUN_STAGES``, each skipped when its output is complete: baseline ->
+    criterion statistics -> generator -> guided synthesis (rounds and fine-tunes) -> filter
+    -> classifier on real + synthetic -> evaluation -> sample grid -> quality -> report.
+
+    A stage starts as soon as the stages it reads are done and what it holds fits on the
+    cluster beside the stages running (``ray_lt.stages.run_graph``): the ``pixel`` generator
+    trains beside the baseline classifier, the quality metrics run beside the final
+    classifier. ``sequential`` runs them one at a time in the order above. Each stage's wall
+    time, start and the driver's peak memory go to ``stages.json`` and the report; returns the
+    final classifier's test metrics."""
     started = time.perf_counter()
     check_run_config(cfg)
     with StageMeter() as meter:
@@ -122,12 +126,15 @@ def run(cfg: Config, out_dir: Path) -> dict[str, Any]:
         session = prepare(cfg, out_dir, needs=("train", "synthesis"), command="run",
                           stages=RUN_STAGES, check=lambda data: plan(cfg, data))
     session.started = started
-    session.times["data"] = (meter.seconds, meter.peak_rss_mb)
+    session.times["data"] = (meter.seconds, meter.peak_rss_mb, meter.started - started)
     record_timing(session.out_dir, "data", *session.times["data"])
     shown = [stage for stage in RUN_STAGES if stage.enabled(cfg)]
-    for stage in RUN_STAGES:
+
+    def start(stage: Stage, beside: list[Stage]) -> None:
         step = (shown.index(stage) + 1, len(shown)) if stage in shown else None
-        run_stage(stage, session, step=step)
+        run_stage(stage, session, step=step, beside=[b for b in beside if b in shown])
+
+    run_graph(RUN_STAGES, start, cfg, None if sequential else session.budget())
     return session.results[EVALUATION.name]
 
 

@@ -335,6 +335,10 @@ class ScalingSection(Strict):
     checkpoints_to_keep: int = Field(2, ge=1)
     """Checkpoints Ray Train keeps per training run (the classifiers write one per epoch, the
     ``pixel`` generator one every ``generator.checkpoint_every`` steps)."""
+    poll_seconds: float = Field(0.1, gt=0.0, le=60.0)
+    """How often Ray Train's controller polls its workers (Ray's
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default). Every ``ray.train.report`` waits
+    for the next poll, so at Ray's default each epoch of a small run waits up to 2 s."""
 
 
 class EvaluateConfig(Strict):

@@ -25,12 +25,14 @@ import numpy as np
 import ray
 
 from ray_lt.cluster import (
+    DATA_TASK_CPUS,
+    Capacity,
     check_cluster_resources,
     cluster_capacity,
     init_ray,
     ray_session_logs,
 )
-from ray_lt.config import Config, check_paths, final_train_config
+from ray_lt.config import Config, Pool, check_paths, final_train_config
 from ray_lt.data import LongTailData, check_images, load_dataset
 from ray_lt.errors import ConfigError, require_stage
 from ray_lt.evaluate.classifier import METRICS_FILE, evaluate_classifier
@@ -104,29 +106,44 @@ class Session:
     data: LongTailData
     started: float = field(default_factory=time.perf_counter)
     results: dict[str, Any] = field(default_factory=dict)
-    times: dict[str, tuple[float, float]] = field(default_factory=dict)
+    times: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    """Stage -> (seconds, the driver's peak RSS in MB, seconds after the start it began)."""
     callbacks: list[Any] | None = None
+    capacity: Capacity | None = None
+
+    def budget(self) -> dict[str, float]:
+        """What stages running side by side may hold together: the cluster's CPUs (all its
+        nodes can grow to) less one Ray Data task's, and its GPUs."""
+        most = self.capacity.most if self.capacity is not None else {}
+        return {"CPU": max(most.get("CPU", 0.0) - DATA_TASK_CPUS, 0.0),
+                "GPU": most.get("GPU", 0.0)}
 
 
 def run_stage(stage: Stage, session: Session, name: str | None = None,
               step: tuple[int, int] | None = None, enabled: bool | None = None,
-              **kwargs: Any) -> Any:
+              beside: list[Stage] | None = None, **kwargs: Any) -> Any:
     """Run ``stage`` (recorded and timed as ``name``, default its own) in ``session``: refuse
     it when its output exists and was made with another config, skip its work when its
     output is complete, record its config keys and time it into ``stages.json``. ``step``
-    (i, n) prints the banner ``stage i/n``; ``enabled`` overrides ``stage.enabled``."""
+    (i, n) prints the banner ``stage i/n`` (naming the stages running ``beside`` it);
+    ``enabled`` overrides ``stage.enabled``."""
     cfg, out = session.cfg, session.out_dir
     name = name or stage.name
-    if step is not None:
-        banner(*step, stage.title, stage.note(cfg), since=session.started)
     if not (stage.enabled(cfg) if enabled is None else enabled):
+        if step is not None:
+            banner(*step, stage.title, stage.note(cfg), since=session.started)
         if stage.disabled is not None:
             stage.disabled(session)
         return None
+    if step is not None:
+        note = stage.note(cfg)
+        if beside:
+            note += f"{'; ' if note else ''}beside {', '.join(b.title for b in beside)}"
+        banner(*step, stage.title, note, since=session.started)
     with StageMeter() as meter:
         result = _run(stage, session, name, **kwargs)
     session.results[name] = result
-    session.times[name] = (meter.seconds, meter.peak_rss_mb)
+    session.times[name] = (meter.seconds, meter.peak_rss_mb, meter.started - session.started)
     record_timing(out, name, *session.times[name])
     return result
 
@@ -169,12 +186,13 @@ def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = (), command: st
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = log_to_file(out_dir)
     init_ray(cfg.ray)
-    check_cluster_resources(cfg, cluster_capacity(cfg.ray.autoscaler_config), needs)
+    capacity = cluster_capacity(cfg.ray.autoscaler_config)
+    check_cluster_resources(cfg, capacity, needs)
     log.debug("Ray session logs (every worker's output): %s", ray_session_logs())
     log.debug("full log: %s", log_file)
     check_images(cfg.dataset, data)
     write_run_config(cfg, out_dir, command)
-    return Session(cfg, out_dir, data)
+    return Session(cfg, out_dir, data, capacity=capacity)
 
 
 def check_inputs(cfg: Config, data: LongTailData) -> None:
@@ -465,18 +483,50 @@ def _images(cfg: Config) -> bool:
     return cfg.generator.OUTPUTS == "images"
 
 
+def _total(*pools: Pool) -> dict[str, float]:
+    return {"CPU": sum(p.size * p.cpus for p in pools),
+            "GPU": sum(p.size * p.gpus for p in pools)}
+
+
+def _training(cfg: Config) -> dict[str, float]:
+    """The Ray Train workers of a classifier (or of the ``pixel`` generator)."""
+    sc = cfg.scaling
+    return {"CPU": sc.num_workers * sc.cpus_per_worker,
+            "GPU": sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0}
+
+
+def _predicting(cfg: Config) -> dict[str, float]:
+    return _total(cfg.evaluate.pool)
+
+
+def _generator_holds(cfg: Config) -> dict[str, float]:
+    if not cfg.generator.TRAINED:
+        return {}
+    if cfg.generator.OUTPUTS == "features":  # one task on the baseline's features
+        return {"CPU": cfg.scaling.cpus_per_worker}
+    return _training(cfg)
+
+
+def _generator_reads(cfg: Config) -> tuple[str, ...]:
+    """LDMLR's generator learns the baseline classifier's features; the others read nothing of
+    the run, so they train beside the baseline."""
+    return ("statistics",) if cfg.generator.OUTPUTS == "features" else ()
+
+
 CLASSIFIER = Stage(
     "classifier", "baseline classifier", _train_baseline,
     keys=(("seed", "dataset.", "model.", "train."),
           _DATA_EXCLUDED + ("train.synthetic_weight", "train.synthetic_fraction")),
     output=lambda cfg, out: out / "classifier",
     complete=lambda s: (s.out_dir / "classifier" / MODEL_FILE).is_file(),
-    needs=("train",), note=lambda cfg: f"{cfg.model.name}, {cfg.train.epochs} epochs",
-    done="already trained")
+    needs=("train",), holds=_training,
+    note=lambda cfg: f"{cfg.model.name}, {cfg.train.epochs} epochs", done="already trained")
 BASELINE_EVALUATION = Stage(
-    "baseline_evaluation", "baseline evaluation", _evaluate, after=("classifier",))
+    "baseline_evaluation", "baseline evaluation", _evaluate, holds=_predicting,
+    after=("classifier",))
 STATISTICS = Stage(
-    "statistics", "criterion statistics", _statistics, after=("classifier",),
+    "statistics", "criterion statistics", _statistics, holds=_predicting,
+    after=("classifier",),
     note=lambda cfg: ", ".join(sorted(scoring_criteria(cfg))))
 GENERATOR = Stage(
     "generator", "generator", _generator,
@@ -489,8 +539,8 @@ GENERATOR = Stage(
     output=lambda cfg, out: out / "generator",
     complete=lambda s: s.cfg.generator.TRAINED and (
         s.out_dir / "generator" / GENERATOR_SPEC).is_file(),
-    recorded=lambda cfg: cfg.generator.TRAINED, needs=("train",),
-    after=("statistics",), note=lambda cfg: cfg.generator.kind, done="already trained")
+    recorded=lambda cfg: cfg.generator.TRAINED, needs=("train",), holds=_generator_holds,
+    after=_generator_reads, note=lambda cfg: cfg.generator.kind, done="already trained")
 SYNTHESIS = Stage(
     "synthesis", "synthesis", _synthesis,
     keys=(("seed", "dataset.", "generator.", "synthesis.", "rounds."),
@@ -498,18 +548,19 @@ SYNTHESIS = Stage(
     output=lambda cfg, out: out / SYNTHETIC_DIR if (out / SYNTHETIC_DIR).exists()
     or not (out / ROUNDS_DIR).exists() else out / ROUNDS_DIR,
     needs=("synthesis",), after=("statistics", "generator"),
+    holds=lambda cfg: _total(cfg.synthesis.pool, cfg.synthesis.writer_pool),
     note=lambda cfg: f"guidance {cfg.synthesis.guidance_scale:g}, {cfg.synthesis.num_actors} "
                      f"sampler actor(s)"
                      + (f", {cfg.rounds.count} rounds" if cfg.rounds.count > 1 else ""))
 FINE_TUNE = Stage(
     "fine_tune", "guide fine-tune", _fine_tune, keys=(("rounds.epochs", "rounds.lr"), ()),
     complete=_fine_tuned, load=lambda s, index: round_dir(s.out_dir, index) / "classifier",
-    needs=("train",), after=("synthesis",))
+    needs=("train",), holds=_training, after=("synthesis",))
 FILTER = Stage(
     "filter", "filter", _filter, keys=(("synthesis.filter.",), ()),
     output=lambda cfg, out: out / SYNTHETIC_DIR / FILTER_FILE,
     enabled=lambda cfg: cfg.synthesis.filter.enabled, disabled=_no_filter,
-    after=("synthesis",))
+    holds=_predicting, after=("synthesis",))
 FINAL = Stage(
     "final", "final classifier", _final,
     keys=(("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis.",
@@ -517,11 +568,11 @@ FINAL = Stage(
     output=lambda cfg, out: out / FINAL_DIR,
     complete=lambda s: (s.out_dir / FINAL_DIR / "classifier" / MODEL_FILE).is_file(),
     load=lambda s: s.out_dir / FINAL_DIR / "classifier",
-    needs=("train",), after=("synthesis", "filter"),
+    needs=("train",), holds=_training, after=("synthesis", "filter"),
     note=lambda cfg: f"real + synthetic, init {cfg.final.init}", done="already trained")
 EVALUATION = Stage(
     "evaluation", "evaluation", lambda s, split="test": _evaluate(s, "final", split),
-    after=("final",))
+    holds=_predicting, after=("final",))
 GRID = Stage(
     "grid", "sample grid", _grid,
     keys=(("seed", "dataset.", "generator.", "synthesis."),
@@ -531,10 +582,12 @@ GRID = Stage(
     complete=lambda s: _grid_path(s.cfg, s.out_dir, s.data).is_file(),
     load=lambda s: _grid_path(s.cfg, s.out_dir, s.data),
     redo_on_change=True, needs=("synthesis",), after=("statistics", "generator"),
+    holds=lambda cfg: {"CPU": cfg.synthesis.pool.cpus, "GPU": cfg.synthesis.pool.gpus},
     enabled=lambda cfg: cfg.report.grid and _images(cfg), disabled=_no_grid,
     done="already drawn")
 QUALITY = Stage(
-    "quality", "synthetic-data quality", _quality, after=("synthesis", "filter"),
+    "quality", "synthetic-data quality", _quality, holds=_predicting,
+    after=("synthesis", "filter"),
     enabled=lambda cfg: cfg.report.quality, note=lambda cfg: "FID, density, coverage")
 REPORT = Stage(
     "report", "report", _report, after=("baseline_evaluation", "evaluation", "grid", "quality"))

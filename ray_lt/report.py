@@ -247,10 +247,12 @@ def rounds_blocks(cfg: Config, run_dir: Path) -> list[Block]:
 
 
 def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[str, Any],
-                 final: dict[str, Any], times: dict[str, tuple[float, float]] | None = None
+                 final: dict[str, Any],
+                 times: dict[str, tuple[float, float, float]] | None = None
                  ) -> Path:
     """Write ``report.md`` and ``report.html`` into ``run_dir``; returns the Markdown path.
-    ``times`` maps a stage to its (seconds, driver peak RSS in MB) in this run."""
+    ``times`` maps a stage to its (seconds, driver peak RSS in MB, start after the run began)
+    in this run."""
     run_dir = Path(run_dir)
     folder = run_dir / REPORT_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -318,12 +320,14 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
                    Block("table", pd.read_csv(report_csv))]
     if times:
         blocks += [Block("h2", "Stages"),
-                   Block("p", "Wall time of each stage in this run and the peak resident "
-                              "memory of the driver process during it (history in "
-                              "stages.json)."),
+                   Block("p", "When each stage started (seconds after the run began), its "
+                              "wall time, and the peak resident memory of the driver process "
+                              "during it (history in stages.json). Stages whose spans overlap "
+                              "ran side by side."),
                    Block("table", pd.DataFrame(
-                       [{"stage": k, "seconds": round(v[0], 1), "driver peak RSS (MB)":
-                         round(v[1])} for k, v in times.items()]))]
+                       [{"stage": k, "started (s)": round(v[2], 1), "seconds": round(v[0], 1),
+                         "driver peak RSS (MB)": round(v[1])}
+                        for k, v in sorted(times.items(), key=lambda kv: kv[1][2])]))]
     blocks += [Block("h2", "Config"),
                Block("code", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))]
     write_text_atomic(run_dir / "report.html", to_html(blocks, f"ray_lt report: {name}"))

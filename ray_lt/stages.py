@@ -10,9 +10,10 @@ and to its timings.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ def _no_note(_: Any) -> str:
     return ""
 
 
+def _holds_nothing(_: Any) -> dict[str, float]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of a run, as ``ray_lt.pipeline.STAGES`` lists them: ``run(session, **kw)``
@@ -45,10 +50,11 @@ class Stage:
     and a rerun with other values is refused while ``output(cfg, out_dir)`` exists (unless
     ``redo_on_change``: the stage is then redone). ``complete(session)`` says that the output
     is whole, so ``run`` is skipped and ``load(session)`` gives the result. ``needs`` names
-    what it runs on the cluster (``train``, ``synthesis``), ``after`` the stages whose outputs
-    it reads, ``enabled(cfg)`` whether the config asks for it, and ``disabled(session)`` tidies
-    up where it does not; ``note(cfg)`` goes into its banner and ``done`` into the line that
-    says its work was skipped."""
+    what it runs on the cluster (``train``, ``synthesis``) and ``holds(cfg)`` the resources
+    (``{"CPU": .., "GPU": ..}``) it keeps while it runs; ``after`` names the stages whose
+    outputs it reads (or gives them per config), ``enabled(cfg)`` whether the config asks for
+    it, and ``disabled(session)`` tidies up where it does not; ``note(cfg)`` goes into its
+    banner and ``done`` into the line that says its work was skipped."""
 
     name: str
     title: str
@@ -58,13 +64,75 @@ class Stage:
     complete: Callable[[Any], bool] | None = None
     load: Callable[[Any], Any] | None = None
     needs: tuple[str, ...] = ()
-    after: tuple[str, ...] = ()
+    holds: Callable[[Any], dict[str, float]] = _holds_nothing
+    after: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     enabled: Callable[[Any], bool] = _always
     disabled: Callable[[Any], None] | None = None
     recorded: Callable[[Any], bool] = _always
     redo_on_change: bool = False
     note: Callable[[Any], str] = _no_note
     done: str = "already done"
+
+    def reads(self, cfg: Any) -> tuple[str, ...]:
+        """The stages whose outputs it reads with this config."""
+        return self.after(cfg) if callable(self.after) else self.after
+
+
+def run_graph(stages: Sequence[Stage], start: Callable[[Stage, list[Stage]], Any], cfg: Any,
+              budget: dict[str, float] | None) -> None:
+    """Run each of ``stages`` (``start(stage, beside)``, ``beside`` the stages running then)
+    as soon as the stages it reads are done and what it holds fits, beside what runs already,
+    within ``budget`` (resources, e.g. the cluster's CPUs less what Ray Data's tasks need); a
+    stage starts whenever nothing else runs. Stages that are ready together start in the order
+    given. ``budget`` None runs them one at a time in that order. After a failure no stage
+    starts; the running ones end, then the first error is raised."""
+    names = {stage.name for stage in stages}
+    pending, running, done = list(stages), {}, set()
+    finished: queue.Queue[tuple[Stage, BaseException | None]] = queue.Queue()
+    failure: BaseException | None = None
+
+    def work(stage: Stage, beside: list[Stage]) -> None:
+        try:
+            start(stage, beside)
+            finished.put((stage, None))
+        except BaseException as err:  # handed to the scheduling thread, which raises it
+            finished.put((stage, err))
+
+    def fits(stage: Stage) -> bool:
+        if not running:
+            return True
+        if budget is None:
+            return False
+        held: dict[str, float] = {}
+        for other in [*running.values(), stage]:
+            for key, value in other.holds(cfg).items():
+                held[key] = held.get(key, 0.0) + value
+        return all(held.get(key, 0.0) <= limit + 1e-9 for key, limit in budget.items())
+
+    while pending or running:
+        for stage in list(pending) if failure is None else []:
+            ready = set(stage.reads(cfg)) & names <= done
+            if ready and fits(stage):
+                pending.remove(stage)
+                beside = list(running.values())
+                running[stage.name] = stage
+                threading.Thread(target=work, args=(stage, beside), daemon=True,
+                                 name=f"stage-{stage.name}").start()
+            elif budget is None:
+                break  # one at a time, in order
+        if not running:
+            if failure is None and pending:
+                raise RuntimeError(f"stages {[s.name for s in pending]} read stages that never "
+                                   f"run before them")
+            break
+        stage, err = finished.get()
+        del running[stage.name]
+        if err is None:
+            done.add(stage.name)
+        elif failure is None:
+            failure = err
+    if failure is not None:
+        raise failure
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -182,27 +250,37 @@ def stage_matches(cfg: Config, out_dir: Path, stage: Stage, name: str | None = N
     return all(_unchanged(recorded, now, k) for k in set(recorded) | set(now))
 
 
+_WRITING = threading.Lock()  # stages running side by side record into one stages.json
+
+
 def record_stage(cfg: Config, out_dir: Path, stage: Stage, name: str | None = None) -> None:
     """Note that ``stage`` finished in ``out_dir`` (as ``name``) with this config."""
-    doc = _document(out_dir)
-    doc["config"][name or stage.name] = stage_keys(cfg, stage)
-    _write(out_dir, doc)
-
-
-def forget_stage(out_dir: Path, stage: Stage) -> None:
-    doc = _document(out_dir)
-    if doc["config"].pop(stage.name, None) is not None:
+    with _WRITING:
+        doc = _document(out_dir)
+        doc["config"][name or stage.name] = stage_keys(cfg, stage)
         _write(out_dir, doc)
 
 
-def record_timing(out_dir: Path, stage: str, seconds: float, driver_peak_rss_mb: float) -> None:
-    """Append one measurement of ``stage`` (wall time, the driver's peak resident memory) to
-    its history in ``stages.json``: a rerun that skips finished work adds a short entry."""
-    doc = _document(out_dir)
-    doc["timings"].setdefault(stage, []).append({
-        "seconds": round(seconds, 3), "driver_peak_rss_mb": round(driver_peak_rss_mb, 1),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    _write(out_dir, doc)
+def forget_stage(out_dir: Path, stage: Stage) -> None:
+    with _WRITING:
+        doc = _document(out_dir)
+        if doc["config"].pop(stage.name, None) is not None:
+            _write(out_dir, doc)
+
+
+def record_timing(out_dir: Path, stage: str, seconds: float, driver_peak_rss_mb: float,
+                  started: float | None = None) -> None:
+    """Append one measurement of ``stage`` (wall time, the driver's peak resident memory and,
+    in a run, when it started: seconds after the run began) to its history in
+    ``stages.json``: a rerun that skips finished work adds a short entry."""
+    entry = {"seconds": round(seconds, 3), "driver_peak_rss_mb": round(driver_peak_rss_mb, 1),
+             "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if started is not None:
+        entry["started_after"] = round(started, 3)
+    with _WRITING:
+        doc = _document(out_dir)
+        doc["timings"].setdefault(stage, []).append(entry)
+        _write(out_dir, doc)
 
 
 def timings(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -218,6 +296,7 @@ class StageMeter:
         self.every = every
         self.seconds = 0.0
         self.peak_rss_mb = 0.0
+        self.started = 0.0
 
     def __enter__(self) -> StageMeter:
         import psutil
@@ -226,7 +305,7 @@ class StageMeter:
         self._peak = self._process.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._started = time.perf_counter()
+        self.started = time.perf_counter()
         self._thread.start()
         return self
 
@@ -237,5 +316,5 @@ class StageMeter:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.seconds = time.perf_counter() - self._started
+        self.seconds = time.perf_counter() - self.started
         self.peak_rss_mb = max(self._peak, self._process.memory_info().rss) / 2**20

@@ -122,13 +122,14 @@ def test_the_report_renders_from_a_stored_run_without_ray(tmp_path):
     baseline = {"overall": 0.8, "many": 0.9, "few": 0.4, "per_class": per_class, "num_rows": 500}
     final = {**baseline, "overall": 0.85, "few": 0.6}
     path = write_report(cfg, tmp_path, data, baseline, final,
-                        {"classifier": (12.0, 300.0), "synthesis": (30.0, 400.0)})
+                        {"synthesis": (30.0, 400.0, 20.5), "classifier": (12.0, 300.0, 1.0)})
     text = path.read_text()
     assert "| baseline (real) | 0.800 | 0.900 |" in text
     assert "| final (real + synthetic) - baseline (real) | 0.050 |" in text
     assert "| nine | 2 | 3 | 5 |" in text  # real, synthetic, total of the rarest class
     assert "| all | 3 | 12.500 | 0.900 | 0.750 |" in text  # the quality stage's table
-    assert "| synthesis | 30.000 | 400 |" in text
+    # stage, started, seconds, driver peak RSS, in the order they started
+    assert "| classifier | 1.000 | 12.000 | 300 |\n| synthesis | 20.500 | 30.000 | 400 |" in text
     assert (tmp_path / "report" / "synthetic_samples.png").stat().st_size > 1000
     assert "<table>" in (tmp_path / "report.html").read_text()
     (tmp_path / "report" / "quality.csv").unlink()  # no quality stage: no section

@@ -34,8 +34,19 @@ def _run(generator, scorer, labels, groups, seeds, **guidance):
                          guidance=Guidance(scale=0.2, every=2, **guidance))
 
 
+@pytest.fixture
+def one_thread():
+    """Kernels split over threads round differently per batch size on some processors (AMD
+    EPYC, 2 threads: 0.05 apart after six guided steps through the UNet); one thread keeps
+    the comparison to the arithmetic of the micro-batches."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("through_unet", [False, True])
-def test_micro_batches_give_the_whole_batch_gradient(through_unet):
+def test_micro_batches_give_the_whole_batch_gradient(through_unet, one_thread):
     generator, scorer = pixel_parts()
     labels, groups, seeds = torch.arange(8) % 10, torch.full((8,), -1), list(range(8))
     whole = _run(generator, scorer, labels, groups, seeds, through_unet=through_unet)

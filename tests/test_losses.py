@@ -88,3 +88,25 @@ def test_group_dro_updates_q_and_weights_the_group_means():
         dro.loss(torch.ones(2), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="2 groups saved"):
         GroupDRO(4, 0.5).load_state_dict(GroupDRO(2, 0.5).state_dict())
+
+
+def test_the_learning_rate_schedule_is_diffusers_cosine_with_warm_up():
+    """The loop's own schedule (no diffusers import in the training workers) gives the same
+    rates as ``diffusers.optimization.get_cosine_schedule_with_warmup``."""
+    import torch
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    from ray_lt.train.loop import cosine_with_warmup
+
+    rates = []
+    for build in (cosine_with_warmup, get_cosine_schedule_with_warmup):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+        schedule = build(optimizer, 5, 40)
+        seen = []
+        for _ in range(45):
+            seen.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        rates.append(seen)
+    assert rates[0] == rates[1]
+    assert rates[0][0] == 0.0 and rates[0][5] == 0.05 and rates[0][40] == 0.0

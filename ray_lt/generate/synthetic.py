@@ -48,7 +48,8 @@ def _decode_images(batch: pd.DataFrame, channels: int) -> pd.DataFrame:
 
 def load_synthetic(run_dir: Path, channels: int, filtered: bool = True,
                    shards: Collection[int] | None = None) -> ray.data.Dataset:
-    """The synthetic rows as a Ray Dataset with decoded ``image`` arrays (training format),
+    """The synthetic rows as a Ray Dataset with decoded ``image`` arrays (training format; or
+    the pseudo-features of the ``feature`` generator), in the order of the shard files,
     without the rows the filter dropped when it ran (``filtered``); only the shards with ids
     in ``shards`` when given (the rounds so far of closed-loop synthesis)."""
     files = synthetic_files(run_dir)
@@ -65,7 +66,10 @@ def load_synthetic(run_dir: Path, channels: int, filtered: bool = True,
         drop = set(zip(dropped["shard_id"].tolist(), dropped["seed"].tolist(), strict=True))
         if drop:
             ds = ds.filter(lambda row: (row["shard_id"], row["seed"]) not in drop)
-    if "image" not in ds.columns():
-        return ds  # pseudo-features (feature generator)
-    return ds.map_batches(_decode_images, fn_kwargs={"channels": channels},
-                          batch_format="pandas")
+    if "image" in ds.columns():
+        ds = ds.map_batches(_decode_images, fn_kwargs={"channels": channels},
+                            batch_format="pandas")
+    # Rows in file order however the tasks finish (materialized or not), so that training on
+    # them repeats batch for batch, whatever else runs on the cluster meanwhile.
+    ds.context.execution_options.preserve_order = True
+    return ds

@@ -18,7 +18,6 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch import nn
 
 from ray_lt.evaluate.metrics import HEADLINE, accuracy_report
@@ -42,6 +41,19 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float,
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
                                weight_decay=weight_decay, nesterov=momentum > 0)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+                       ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then a half cosine down to 0 at
+    ``total_steps``, stepped per optimizer step."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def steps_per_epoch(config: dict[str, Any], world_size: int) -> int:
@@ -142,10 +154,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(build_model(**config["model"]))
     optimizer = make_optimizer(model, hp["optimizer"], hp["lr"], hp["momentum"],
                                hp["weight_decay"])
-    # Linear warm-up, then cosine decay to zero, stepped per optimizer step.
     per_epoch = steps_per_epoch(config, context.get_world_size())
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, hp["warmup_epochs"] * per_epoch, hp["epochs"] * per_epoch)
+    scheduler = cosine_with_warmup(optimizer, hp["warmup_epochs"] * per_epoch,
+                                   hp["epochs"] * per_epoch)
     # Data sets with groups may train for the worst group (docs/method.md §5).
     objective = hp["group_objective"]
     dro = (GroupDRO(config["num_groups"], hp["dro_step_size"], device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -23,6 +24,8 @@ from ray_lt.train.models import Classifier, build_model
 from ray_lt.train.progress import divergence, train_progress
 
 MODEL_FILE = "model.pt"
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train passes it on to its controller
+_POLL_SET_BY_USER = POLL_ENV in os.environ
 SPEC_FILE = "classifier.json"
 HISTORY_FILE = "history.csv"
 TRAINING_COLUMNS = ["image", "label"]
@@ -117,6 +120,10 @@ def run_trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.
 def _trainer(loop: Any, loop_config: dict[str, Any], datasets: dict[str, ray.data.Dataset],
              scaling: ScalingSection, resources: dict[str, float], out_dir: Path, name: str,
              split: list[str], callbacks: list[Any] | None, ordered: bool) -> TorchTrainer:
+    # The controller takes each ray.train.report at its next poll of the workers; a variable
+    # that the user set before ray_lt was imported wins.
+    if not _POLL_SET_BY_USER:
+        os.environ[POLL_ENV] = f"{scaling.poll_seconds:g}"
     with warnings.catch_warnings():  # Ray's own defaults set a field it now deprecates
         warnings.simplefilter("ignore", DeprecationWarning)
         ingest = DataConfig.default_ingest_options()

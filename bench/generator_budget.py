@@ -49,11 +49,11 @@ def one_run(out: Path, setting: list[str], seed: int) -> dict:
         cfg = load_config(ROOT / "configs" / "digits_lt.yaml", [*setting, *FIXED, f"seed={seed}"])
         commands.run(cfg, folder)
     final = json.loads(metrics_file.read_text())
-    times = {stage: entries[-1]["seconds"] for stage, entries in timings(folder).items()}
-    first = {stage: entries[0]["seconds"] for stage, entries in timings(folder).items()}
+    first = {stage: entries[0] for stage, entries in timings(folder).items()}
     stats = sample_stats(folder, *fit_judge(folder))
-    return {"seed": seed, "generator_seconds": first["generator"],
-            "synthesis_seconds": first["synthesis"], "run_seconds": sum(times.values()),
+    wall = max(e.get("started_after", 0.0) + e["seconds"] for e in first.values())
+    return {"seed": seed, "generator_seconds": first["generator"]["seconds"],
+            "synthesis_seconds": first["synthesis"]["seconds"], "run_seconds": wall,
             "few": final["few"], "overall": final["overall"],
             "judge_accuracy": stats["judge_accuracy"]}
 

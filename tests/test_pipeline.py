@@ -112,6 +112,43 @@ def test_run_writes_every_stage_and_the_report(digits_run):
     assert 0.0 <= quality["coverage"].iloc[0] <= 1.0
 
 
+def test_stages_ran_side_by_side_and_a_sequential_run_makes_the_same_bits(digits_run,
+                                                                          ray_session, tmp_path):
+    """The graph trained the generator beside the baseline classifier; the same config run
+    with --sequential (on another cluster, one stage at a time) writes the same models,
+    samples and metrics, bit for bit."""
+    out, done, _ = digits_run
+    timings = json.loads((out / "stages.json").read_text())["timings"]
+    span = {k: (v[-1]["started_after"], v[-1]["started_after"] + v[-1]["seconds"])
+            for k, v in timings.items()}
+    assert span["generator"][0] < span["classifier"][1]  # overlapped
+    assert "generator: pixel; beside baseline classifier" in done.stdout
+    for stage, reads in (("statistics", "classifier"), ("synthesis", "generator"),
+                         ("final", "synthesis"), ("report", "evaluation")):
+        assert span[stage][0] >= span[reads][1], (stage, reads)
+
+    again = tmp_path / "sequential"
+    sequential = run_cli("run", "configs/digits_lt.yaml", "--out", str(again), "--sequential",
+                         "--set", *SMALL, "synthesis.num_actors=2",
+                         "synthesis.cpus_per_actor=1.5", "report.grid=false",
+                         "report.quality=false", f"ray.address={ray_session['address']}")
+    assert sequential.returncode == 0, sequential.stderr[-3000:]
+    assert "beside" not in sequential.stdout
+    order = json.loads((again / "stages.json").read_text())["timings"]
+    starts = sorted(order, key=lambda k: order[k][-1]["started_after"])
+    assert starts[:4] == ["data", "classifier", "baseline_evaluation", "statistics"]
+    for name in ("classifier/model.pt", "generator/unet/diffusion_pytorch_model.safetensors",
+                 "final/classifier/model.pt", "metrics.json", "final/metrics.json"):
+        assert (out / name).read_bytes() == (again / name).read_bytes(), name
+
+    def samples(run):
+        frame = pd.concat(pd.read_parquet(p, columns=["shard_id", "seed", "image"])
+                          for p in (run / "synthetic").glob("shard_*"))
+        return frame.sort_values(["shard_id", "seed"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(samples(out), samples(again))
+
+
 def test_rerun_skips_finished_stages_and_refuses_a_changed_config(digits_run, ray_session):
     out, _, _ = digits_run
     model = out / "final" / "classifier" / "model.pt"

@@ -24,6 +24,7 @@ from ray_lt.data import LongTailData
 from ray_lt.errors import ConfigError
 from ray_lt.evaluate.metrics import HEADLINE
 from ray_lt.log import verbose
+from ray_lt.stages import run_graph
 from ray_lt.tune.plots import plot_search
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,8 @@ def tune(cfg: Config, out_dir: Path) -> pd.DataFrame:
     out_dir = session.out_dir
     metrics = found
     log.info("tune: shared stages (baseline classifier, statistics, generator)")
-    for stage in shared:
-        pipeline.run_stage(stage, session)
+    run_graph(shared, lambda stage, beside: pipeline.run_stage(stage, session), cfg,
+              session.budget())  # the generator trains beside the baseline, as in a run
     baseline = session.results[pipeline.BASELINE_EVALUATION.name]
     pipeline.prepare_inputs(cfg, session.data, out_dir)
     t = cfg.tune

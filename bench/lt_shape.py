@@ -1,13 +1,15 @@
 """Synthetic data sets with the real shape of ImageNet-LT and Places-LT, written to disk.
 
     python bench/lt_shape.py imagenet_lt --out DIR [--image-size 16] [--val-per-class 2]
-        [--test-per-class 4] [--classes N] [--unclip DIR]
+        [--test-per-class 4] [--classes N] [--unclip DIR] [--folders]
 
 The files follow the layout that ``dataset.kind: imagenet_lt | places_lt`` reads (split lists of
-``relative/path label`` lines next to real JPEG files), with the per-class training counts of
-the real sets, so that indexing, loading and quota planning can be measured at full scale
-without the real images. Every class is a smooth random colour pattern, so that a small CNN can
-learn the images even at 16x16.
+``relative/path label`` lines next to real JPEG files), or with ``--folders`` the one that
+``dataset.kind: folder`` reads (``train/<class>/``, ``val/<class>/``, ``test/<class>/``); either
+way ``manifest.csv`` (path, label, split) lists them for ``dataset.kind: manifest``. The
+per-class training counts are those of the real sets, so that indexing, loading and quota
+planning can be measured at full scale without the real images. Every class is a smooth random
+colour pattern, so that a small CNN can learn the images even at 16x16.
 """
 
 from __future__ import annotations
@@ -208,8 +210,10 @@ def _write_chunk(job: tuple[str, int, int, list[tuple[str, int, int, int]]]) -> 
 
 
 def _plan(layout: Layout, classes: np.ndarray, counts: np.ndarray, val_per_class: int,
-          test_per_class: int) -> dict[str, list[tuple[str, int, int, int]]]:
-    """Every file of every split as (relative path, class id, split number, index)."""
+          test_per_class: int, folders: bool = False
+          ) -> dict[str, list[tuple[str, int, int, int]]]:
+    """Every file of every split as (relative path, class id, split number, index); with
+    ``folders`` each split in its own class folders."""
     plan: dict[str, list[tuple[str, int, int, int]]] = {split: [] for split in SPLITS}
     test_index = 0
     for class_id, count in zip(classes.tolist(), counts.tolist(), strict=True):
@@ -217,10 +221,14 @@ def _plan(layout: Layout, classes: np.ndarray, counts: np.ndarray, val_per_class
         for i in range(count):
             plan["train"].append((layout.train_name(cid, i), class_id, 0, i))
         for i in range(count, count + val_per_class):
-            plan["val"].append((layout.train_name(cid, i), class_id, 1, i))
+            name = layout.train_name(cid, i)
+            plan["val"].append((name.replace("train/", "val/", 1) if folders else name,
+                                class_id, 1, i))
         for _ in range(test_per_class):
             test_index += 1
-            plan["test"].append((layout.test_name(cid, test_index), class_id, 2, test_index))
+            name = layout.test_name(cid, test_index)
+            plan["test"].append((name.replace("val/", "test/", 1) if folders else name,
+                                 class_id, 2, test_index))
     return plan
 
 
@@ -234,12 +242,13 @@ def disk_usage(path: Path) -> int:
 
 def write_lt_shape(out: Path, kind: Kind, image_size: int = 16, val_per_class: int = 2,
                    test_per_class: int = 4, seed: int = 0, num_classes: int | None = None,
-                   workers: int = 2) -> dict[str, Any]:
+                   workers: int = 2, folders: bool = False) -> dict[str, Any]:
     """Write a data set of ``kind``'s shape to ``out``: split lists, JPEG files, class names.
 
     ``num_classes`` keeps that many classes spread evenly over the profile (labels 0..n-1 in
     profile order). As in the real sets, validation images sit in the ``train/`` folders and
-    test images in ``val/``. Existing files of the same names are overwritten. Images are
+    test images in ``val/`` (with ``folders``: in ``val/`` and ``test/``). Existing files of
+    the same names are overwritten. Images are
     written by ``workers`` processes in chunks. Returns the summary: classes, files per split,
     Many/Medium/Few, seconds, bytes written and on disk.
     """
@@ -248,13 +257,16 @@ def write_lt_shape(out: Path, kind: Kind, image_size: int = 16, val_per_class: i
     profile = layout.counts()
     classes = class_subset(profile, num_classes)
     counts = profile[classes]
-    plan = _plan(layout, classes, counts, val_per_class, test_per_class)
+    plan = _plan(layout, classes, counts, val_per_class, test_per_class, folders)
     label_of = {class_id: label for label, class_id in enumerate(classes.tolist())}
 
     out.mkdir(parents=True, exist_ok=True)
+    manifest = ["path,label,split\n"]
     for split, items in plan.items():
         lines = [f"{rel} {label_of[class_id]}\n" for rel, class_id, _, _ in items]
         (out / f"{layout.prefix}_{split}.txt").write_text("".join(lines))
+        manifest += [f"{rel},{label_of[class_id]},{split}\n" for rel, class_id, _, _ in items]
+    (out / "manifest.csv").write_text("".join(manifest))
     (out / "class_names.txt").write_text(
         "".join(f"{layout.class_id(c)}\n" for c in classes.tolist()))
     for folder in sorted({str(Path(rel).parent) for items in plan.values()
@@ -310,11 +322,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--classes", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--folders", action="store_true",
+                        help="each split in its own class folders (dataset.kind: folder)")
     parser.add_argument("--unclip", type=Path, default=None,
                         help="also save the tiny random unCLIP stand-in to this folder")
     args = parser.parse_args(argv)
     summary = write_lt_shape(args.out, args.kind, args.image_size, args.val_per_class,
-                             args.test_per_class, args.seed, args.classes, args.workers)
+                             args.test_per_class, args.seed, args.classes, args.workers,
+                             args.folders)
     files = summary["files"]
     print(f"{args.kind}: {summary['classes']} classes, counts {summary['max']}..{summary['min']}; "
           f"train {files['train']}, val {files['val']}, test {files['test']} images "

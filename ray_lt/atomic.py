@@ -30,6 +30,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
 @contextmanager
 def staged_folder(folder: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yields an empty staging path beside ``folder`` (a stale one is cleared; the caller or

@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[Callable[..., object], str]] = {
     "synthesize": (commands.synthesize,
                    "sample feedback-guided synthetic images to the quotas (Ray Data actors)"),
     "grid": (commands.grid, "PNG grid of one class's samples: criteria x guidance scales"),
+    "plan": (commands.plan_run, "read and check the data, then print the class-count profile, "
+                                "the synthetic quota, its disk size and an estimate of the "
+                                "sampler's GPU time; trains and samples nothing (--out: where "
+                                "the histogram goes, default plan/<config name>)"),
 }
 
 
@@ -41,14 +45,14 @@ def out_dir(text: str) -> Path:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, config_flag: bool = False,
-                      run: bool = False) -> None:
+                      run: bool = False, out_required: bool = True) -> None:
     """CONFIG, --out and --set, shared by the console script and the job entry points
     (``run``: also --sequential)."""
     if config_flag:
         parser.add_argument("--config", required=True, help="YAML config file")
     else:
         parser.add_argument("config", help="YAML config file")
-    parser.add_argument("--out", required=True, type=out_dir, help="run directory")
+    parser.add_argument("--out", required=out_required, type=out_dir, help="run directory")
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                         metavar="KEY.PATH=VALUE", help="override any config key")
     if run:
@@ -115,21 +119,18 @@ def _stop_local_ray() -> None:
         ray.shutdown()
 
 
-def run_command(name: str, args: argparse.Namespace) -> int:
-    """Load the config and run the command. Bad input, a cluster that cannot be reached and
-    Ctrl-C end in one line (exit 2, 130 for Ctrl-C; ``--verbose`` adds the traceback); what
-    is finished stays in the run directory."""
+def guarded(name: str, args: argparse.Namespace, body: Callable[[], object], kept: Path) -> int:
+    """Run ``body`` as command ``name``: bad input, a cluster that cannot be reached and Ctrl-C
+    end in one line (exit 2, 130 for Ctrl-C; ``--verbose`` adds the traceback); what is
+    finished stays in ``kept``."""
     setup_console(args.verbose)
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_out_dir(args.out)
-        options = {"sequential": True} if getattr(args, "sequential", False) else {}
-        COMMANDS[name][0](cfg, args.out, **options)
+        body()
     except KeyboardInterrupt:
         _stop_local_ray()
         if args.verbose:
             traceback.print_exc()
-        print(f"ray-lt {name}: interrupted; what has finished is kept in {args.out}, and the "
+        print(f"ray-lt {name}: interrupted; what has finished is kept in {kept}, and the "
               f"same command resumes from there", file=sys.stderr)
         return 130
     except Exception as err:
@@ -143,13 +144,61 @@ def run_command(name: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_command(name: str, args: argparse.Namespace) -> int:
+    """Load the config and run the command (``guarded``)."""
+    if name == "plan" and args.out is None:
+        args.out = Path("plan") / Path(args.config).stem
+
+    def body() -> None:
+        cfg = load_config(args.config, args.overrides)
+        check_out_dir(args.out)
+        options = {"sequential": True} if getattr(args, "sequential", False) else {}
+        COMMANDS[name][0](cfg, args.out, **options)
+
+    return guarded(name, args, body, args.out)
+
+
+EXPORT_HELP = ("write a run's synthetic set (and with --with-real its real training set) for "
+               "other training code: an ImageFolder tree, WebDataset tar shards or Parquet, "
+               "with manifest.csv; a rerun skips what is written")
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="the run directory to export from")
+    parser.add_argument("--to", required=True, type=out_dir, help="where to write")
+    parser.add_argument("--format", required=True, choices=("imagefolder", "webdataset",
+                                                            "parquet"))
+    parser.add_argument("--with-real", action="store_true",
+                        help="also the real training images: a balanced copy")
+    parser.add_argument("--include-filtered", action="store_true",
+                        help="also the samples the filter dropped (their reason in the "
+                             "manifest)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                        metavar="KEY.PATH=VALUE", help="override a key of the run's config "
+                                                       "(e.g. ray.address)")
+    parser.add_argument("--verbose", action="store_true", help="Ray's INFO lines and tracebacks")
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """``ray-lt export`` (``guarded``)."""
+    def body() -> None:
+        check_out_dir(args.to)
+        commands.export(args.run_dir, args.to, args.format, args.with_real,
+                        args.include_filtered, args.overrides)
+
+    return guarded("export", args, body, args.to)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ray-lt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
         add_run_arguments(sub.add_parser(name, help=help_text, description=help_text),
-                          run=name == "run")
+                          run=name == "run", out_required=name != "plan")
+    add_export_arguments(sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP))
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export_command(args)
     return run_command(args.command, args)
 
 

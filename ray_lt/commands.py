@@ -144,3 +144,41 @@ def tune(cfg: Config, out_dir: Path) -> Any:
     from ray_lt.tune.search import tune as run_search
 
     return run_search(cfg, out_dir)
+
+
+def plan_run(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """``ray-lt plan``: read and check the data, print what a run of ``cfg`` will make and an
+    estimate of what its sampling costs (``ray_lt.planning``), and write the class-count
+    histogram and ``plan_summary.json`` into ``out_dir``. Starts no Ray, trains and samples
+    nothing."""
+    from ray_lt.planning import render, summarize
+
+    summary = summarize(cfg, out_dir)
+    print("\n".join(render(summary, cfg)), flush=True)
+    return summary
+
+
+def export(run_dir: Path, to: Path, fmt: str, with_real: bool = False,
+           include_filtered: bool = False, overrides: list[str] | None = None
+           ) -> dict[str, Any]:
+    """``ray-lt export``: write ``run_dir``'s synthetic set (with ``with_real`` also its real
+    training set) to ``to`` as an image folder, WebDataset shards or Parquet, on Ray Data
+    (``ray_lt.export``); a rerun skips what is written. Holds the run directory's lock, so
+    nothing writes the synthetic set meanwhile."""
+    from ray_lt.cluster import init_ray
+    from ray_lt.config import load_config
+    from ray_lt.data import load_dataset
+    from ray_lt.export import check_export, export_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a ray-lt run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", overrides or [])
+    check_export(run_dir, Path(to), fmt, with_real, include_filtered)
+    data = load_dataset(cfg.dataset, cfg.seed)
+    try:
+        with run_lock(run_dir, "export"):
+            init_ray(cfg.ray)
+            return export_run(cfg, run_dir, Path(to), fmt, with_real, include_filtered, data)
+    finally:
+        close_log_files()

@@ -229,8 +229,90 @@ class NicoData(Strict):
     fails with its metadata line."""
 
 
+class _HeldOut(Strict):
+    """Shared keys of the user's own layouts: how the images are read, and the fractions of
+    a seeded, stratified split where the data names no validation or test split."""
+
+    root: Path
+    contexts: bool = False
+    image_size: int = Field(224, ge=8)
+    """Side in pixels that images are read at: shorter side resized to it, then centre-cropped
+    to a square."""
+    channels: Literal[1, 3] = 3
+    """3 reads every image as RGB, 1 as grey, whatever its mode."""
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Where the data gives no validation split: the share of each class's (each group's)
+    training images held out for it, chosen by ``seed``; a class keeps at least one training
+    image."""
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Where the data gives no test split: the share of each class's (each group's) training
+    images held out for it, chosen by ``seed``."""
+    verify_images: bool = True
+    """Decode every image once on Ray before anything trains, naming each file that fails."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> _HeldOut:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction = "
+                             f"{self.val_fraction + self.test_fraction:g} leaves no training "
+                             f"image; keep the sum below 1")
+        return self
+
+
+class FolderData(_HeldOut):
+    """Your own images, a folder per class as torchvision's ``ImageFolder`` reads them:
+    ``root/train/<class>/*`` and ``root/val``, ``root/test`` in the same layout (each one
+    absent is cut from train)."""
+
+    kind: Literal["folder"]
+    """Selects this layout: class folders under ``root/train``."""
+    root: Path
+    """The data folder, holding ``train/`` and optionally ``val/`` and ``test/``; every image
+    (symbolic links followed) must lie inside it."""
+    contexts: bool = False
+    """True: the level below each class folder names a context
+    (``root/train/<class>/<context>/*``), and the class x context cells are the groups, as in
+    NICO++. Context names are the folder names, sorted."""
+
+
+class ManifestData(_HeldOut):
+    """Your own images listed in a table: a CSV or Parquet file with the columns ``path``,
+    ``label`` and optionally ``context`` (or ``group``) and ``split``."""
+
+    kind: Literal["manifest"]
+    """Selects this layout: a manifest table of paths and labels."""
+    root: Path
+    """The data folder: relative paths in the manifest are relative to it, and every image
+    (symbolic links followed) must lie inside it."""
+    manifest: Path
+    """The table, ``.csv`` (UTF-8, a header line) or ``.parquet``; a relative path is taken
+    from ``root``. ``split`` is train / val / test (or 0 / 1 / 2); without the column the
+    rows are split per class by ``val_fraction`` and ``test_fraction``."""
+    num_classes: int | None = Field(None, ge=2)
+    """Number of classes. Needed for integer labels (each in ``[0, num_classes)``) unless
+    ``class_names_file`` gives them; with name labels it checks their count."""
+    class_names_file: Path | None = None
+    """A UTF-8 text file with one class name per line, in label order. With name labels, every
+    label must be one of them; null: the names found in the table, sorted."""
+    contexts: bool = False
+    """True: the manifest's ``context`` (or ``group``) column names each image's context
+    within its class, and the class x context cells are the groups, as in NICO++."""
+    context_names: list[str] | None = None
+    """The context names, in index order: needed for integer contexts; with name contexts,
+    every one must be listed. Null: the names found in the table, sorted."""
+
+    def manifest_path(self) -> Path:
+        return self.manifest if self.manifest.is_absolute() else self.root / self.manifest
+
+
+def has_groups(dataset: Any) -> bool:
+    """Whether a data set config has class x context groups."""
+    return dataset.kind in GROUPED_KINDS or bool(getattr(dataset, "contexts", False))
+
+
 DatasetConfig = Annotated[
-    DigitsLTData | DigitsGroupsData | ListFileData | NicoData, Field(discriminator="kind")
+    DigitsLTData | DigitsGroupsData | ListFileData | NicoData | FolderData | ManifestData,
+    Field(discriminator="kind")
 ]
 
 
@@ -888,16 +970,17 @@ class Config(Strict):
                             f"{g.kind!r} makes RGB images for the classifier; set "
                             f"dataset.channels: 3")
         templates = getattr(g, "prompts", [])
-        if any("{context}" in t for t in templates) and self.dataset.kind not in GROUPED_KINDS:
+        if any("{context}" in t for t in templates) and not has_groups(self.dataset):
             problems.append(f"generator.prompts: {{context}} needs a data set with contexts "
-                            f"({', '.join(GROUPED_KINDS)}), not {self.dataset.kind!r}")
+                            f"({', '.join(GROUPED_KINDS)}, or folder / manifest with "
+                            f"dataset.contexts: true), not {self.dataset.kind!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
     def _groups_needed(self) -> Config:
-        if self.dataset.kind in GROUPED_KINDS:
+        if has_groups(self.dataset):
             final = self.final.group_objective or self.train.group_objective
             tuned = self.train.group_objective if self.rounds.count > 1 else "erm"
             if self.synthesis.balance == "class" and "dro" in (final, tuned):
@@ -922,7 +1005,8 @@ class Config(Strict):
             problems.append("tune.space.final_group_objective: searches a group objective")
         if problems:
             raise ValueError("; ".join(problems) + f", but dataset.kind {self.dataset.kind!r} "
-                             f"has no groups (those with groups: {', '.join(GROUPED_KINDS)})")
+                             f"has no groups (those with groups: {', '.join(GROUPED_KINDS)}, and "
+                             f"folder / manifest with dataset.contexts: true)")
         return self
 
 
@@ -983,7 +1067,8 @@ def _switch_kind(node: dict[str, Any], section: str, kind: Any) -> None:
 
 
 DATASET_KINDS: dict[str, type[Strict]] = {
-    kind: cls for cls in (DigitsLTData, DigitsGroupsData, ListFileData, NicoData)
+    kind: cls for cls in (DigitsLTData, DigitsGroupsData, ListFileData, NicoData, FolderData,
+                          ManifestData)
     for kind in cls.model_fields["kind"].annotation.__args__}
 
 

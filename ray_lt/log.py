@@ -43,6 +43,9 @@ def setup_console(verbose: bool = False) -> None:
         root.addHandler(handler)
     for name in RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    # Ray Data's one warning that its progress bars are off: they are off on purpose here.
+    logging.getLogger("ray.data._internal.progress").setLevel(
+        logging.INFO if verbose else logging.ERROR)
 
 
 def log_to_file(run_dir: Path) -> Path:

@@ -252,6 +252,31 @@ def trained(tmp_path_factory, ray_session):
     return out
 
 
+def copy_stages(trained: Path, target: Path, stages=("classifier", "generator")) -> Path:
+    """A new run directory ``target`` holding copies of ``stages`` of another run."""
+    target.mkdir()
+    for stage in stages:
+        shutil.copytree(trained / stage, target / stage)
+    return target
+
+
+SYNTHESIS = [*BASE, "synthesis.quota_scale=0.1"]
+SYNTHESIZED_ROWS = 73  # round(0.1 * (100 - n_c)) summed over the classes
+
+
+@pytest.fixture(scope="session")
+def synthesized(trained, tmp_path_factory):
+    """``trained``'s stages and their synthetic set (``SYNTHESIS``: 73 rows), drawn once by an
+    undisturbed ``ray-lt synthesize``: the synthesis tests check it, the fault tests compare
+    their shards with it. Copy it, never write into it."""
+    from ray_lt import commands
+    from ray_lt.config import load_config
+
+    out = copy_stages(trained, tmp_path_factory.mktemp("synthesized") / "run")
+    commands.synthesize(load_config(ROOT / "configs" / "digits_lt.yaml", SYNTHESIS), out)
+    return out
+
+
 # -- a cluster that grows ----------------------------------------------------------------------
 
 def autoscaler_config(gcs_address: str, idle_minutes: float) -> dict:

@@ -15,13 +15,15 @@ def test_shipped_configs_validate(name):
     assert cfg.dataset.kind == name
 
 
-def test_custom_config_is_the_digits_pipeline_over_a_list_file_folder(tmp_path):
-    cfg = load_config(ROOT / "configs" / "custom_lt.yaml",
-                      [f"dataset.root={tmp_path}", "dataset.num_classes=12"])
-    assert (cfg.dataset.kind, cfg.dataset.root, cfg.dataset.num_classes) == \
-        ("imagenet_lt", tmp_path, 12)
+def test_custom_config_is_the_digits_pipeline_over_class_folders(tmp_path):
+    cfg = load_config(ROOT / "configs" / "custom_lt.yaml", [f"dataset.root={tmp_path}"])
+    assert (cfg.dataset.kind, cfg.dataset.root, cfg.dataset.contexts) == \
+        ("folder", tmp_path, False)
     assert (cfg.model.name, cfg.generator.kind) == ("small_cnn", "pixel")
-    assert cfg.dataset.list_name("train") == "ImageNet_LT_train.txt"
+    listed = load_config(ROOT / "configs" / "custom_lt.yaml",
+                         ["dataset.kind=manifest", f"dataset.root={tmp_path}",
+                          "dataset.manifest=list.csv"])
+    assert listed.dataset.manifest_path() == tmp_path / "list.csv"
 
 
 def test_switching_a_kind_drops_the_keys_of_the_old_kind_and_says_which(caplog, tmp_path):

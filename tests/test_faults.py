@@ -19,9 +19,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import BASE, ROOT, run_cli, wait_for
+from conftest import ROOT, SYNTHESIS, SYNTHESIZED_ROWS, copy_stages, run_cli, wait_for
 from ray.util.state import list_actors
-from test_synthesis_e2e import _copy_stages, _rows
+from test_synthesis_e2e import _rows
 
 from ray_lt import commands
 from ray_lt.config import load_config
@@ -33,9 +33,9 @@ from ray_lt.generate.synthesize import SamplerStartError
 from ray_lt.train import fit_classifier
 
 DIGITS = ROOT / "configs" / "digits_lt.yaml"
-SYNTH = [*BASE, "synthesis.quota_scale=0.1", "synthesis.max_shard_size=2"]
+SYNTH = SYNTHESIS
 EPOCHS = 12  # after the first, a digits epoch takes about a second
-PLANNED_ROWS = 73  # round(0.1 * (100 - n_c)) summed over the classes
+PLANNED_ROWS = SYNTHESIZED_ROWS
 
 
 def content_hashes(out: Path) -> dict[str, str]:
@@ -77,17 +77,14 @@ def registered(run: Path, key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(trained, tmp_path_factory):
-    """Content hashes of the synthetic shards of an undisturbed run on one sampler actor."""
-    out = _copy_stages(trained, tmp_path_factory.mktemp("reference") / "run")
-    commands.synthesize(load_config(DIGITS, [*SYNTH, "synthesis.num_actors=1"]), out)
-    assert len(_rows(out)) == PLANNED_ROWS
-    return content_hashes(out)
+def reference(synthesized):
+    """Content hashes of the synthetic shards of an undisturbed run."""
+    return content_hashes(synthesized)
 
 
 def test_four_sampler_actors_of_five_asked_write_the_shards_of_one(trained, reference, tmp_path,
                                                                    caplog):
-    out = _copy_stages(trained, tmp_path / "four")
+    out = copy_stages(trained, tmp_path / "four")
     # 5 x 0.4 CPU asked on the session's 2-CPU head: 4 fit beside the 0.25-CPU writer, and
     # the pool goes on with those.
     caplog.set_level(logging.WARNING, logger="ray_lt")
@@ -100,7 +97,7 @@ def test_four_sampler_actors_of_five_asked_write_the_shards_of_one(trained, refe
 
 
 def test_a_killed_sampler_actor_loses_and_duplicates_nothing(trained, reference, tmp_path):
-    out = _copy_stages(trained, tmp_path / "kill")
+    out = copy_stages(trained, tmp_path / "kill")
     cfg = load_config(DIGITS, SYNTH)
     errors = []
 
@@ -136,7 +133,7 @@ def test_a_killed_sampler_actor_loses_and_duplicates_nothing(trained, reference,
 
 def test_a_killed_driver_mid_synthesis_reruns_only_the_unfinished_shards(
         trained, reference, tmp_path, ray_session):
-    out = _copy_stages(trained, tmp_path / "driver")
+    out = copy_stages(trained, tmp_path / "driver")
     args = ["synthesize", "configs/digits_lt.yaml", "--out", str(out), "--set", *SYNTH,
             f"ray.address={ray_session['address']}"]
     driver = popen_cli(*args)
@@ -226,7 +223,7 @@ def test_a_killed_generator_worker_then_a_killed_driver_resume_generator_trainin
 
 
 def test_a_sampler_actor_that_cannot_start_fails_fast_naming_the_cause(trained, tmp_path):
-    out = _copy_stages(trained, tmp_path / "broken")
+    out = copy_stages(trained, tmp_path / "broken")
     # Present (the driver's checks pass) but unreadable: found only by the actor loading it.
     (out / "generator" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 64)
     started = time.time()
@@ -304,7 +301,7 @@ cluster.shutdown()
 
 def test_a_worker_node_removed_during_synthesis_still_fills_the_exact_quota(trained, reference,
                                                                             tmp_path):
-    out = _copy_stages(trained, tmp_path / "node")
+    out = copy_stages(trained, tmp_path / "node")
     # One 0.75-CPU sampler actor fits per 1-CPU node: one runs on the node that goes.
     overrides = [*SYNTH, "synthesis.num_actors=2", "synthesis.cpus_per_actor=0.75"]
     done = subprocess.run([sys.executable, "-c", NODE_LOSS, str(out), json.dumps(overrides)],
@@ -335,7 +332,7 @@ def small_disk(tmp_path):
 
 def test_a_disk_that_fills_up_during_synthesis_stops_clearly_and_keeps_its_shards(
         trained, reference, tmp_path, small_disk):
-    out = _copy_stages(trained, tmp_path / "full")
+    out = copy_stages(trained, tmp_path / "full")
     (out / "synthetic").symlink_to(small_disk, target_is_directory=True)
     with pytest.raises(DataError, match=r"the disk holding .*synthetic is full \(No space left "
                                         r"on device.*finished shard\(s\) are kept") as err:

@@ -16,7 +16,7 @@ LAYERS = [
     ["ray_lt.train"],
     ["ray_lt.evaluate"],
     ["ray_lt.generate"],
-    ["ray_lt.pipeline", "ray_lt.report"],
+    ["ray_lt.pipeline", "ray_lt.report", "ray_lt.planning", "ray_lt.export"],
     ["ray_lt.tune"],
     ["ray_lt.commands", "ray_lt.cli"],
     # The package's face: the Python API (``import ray_lt``), and the tiny test parts that

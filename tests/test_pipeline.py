@@ -211,7 +211,7 @@ def test_the_readme_driver_runs_on_a_finished_run(digits_run, ray_session, capsy
 def test_tune_two_trials_and_run_the_best_config(digits_run, ray_session, tmp_path):
     out, _, _ = digits_run
     done = run_cli("tune", "configs/digits_lt.yaml", "--out", str(out), "--set", *SMALL,
-                   "tune.num_trials=2", "tune.quota_scale=0.3",
+                   "tune.num_trials=2", "tune.quota_scale=0.1",
                    "tune.space.criteria=[entropy, loss]", f"ray.address={ray_session['address']}",
                    timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]

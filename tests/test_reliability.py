@@ -52,7 +52,8 @@ def test_a_refused_command_leaves_the_users_config_yaml_as_it_was(tmp_path, caps
     assert own.read_bytes() == before
     root = imagenet_lt_folder(tmp_path / "data", counts=(3, 2, 1))
     code, err = _run(capsys, "train", "config.yaml", "--out", ".", "--set",
-                     f"dataset.root={root}", "dataset.num_classes=3")
+                     "dataset.kind=imagenet_lt", f"dataset.root={root}",
+                     "dataset.num_classes=3")
     assert code == 2, err  # the data is fine, but the run would overwrite config.yaml
     assert f"--out {tmp_path.resolve()}: {own.resolve()} is not a config that ray-lt wrote " \
            f"for a run" in err
@@ -68,7 +69,7 @@ def test_a_run_refused_by_a_finished_stage_keeps_that_runs_config(tmp_path, caps
     before = path.read_bytes()
     code, err = _run(capsys, "run", str(DIGITS), "--out", str(out))
     assert code == 2
-    assert "its classifier stage was made with another config: dataset.kind: 'imagenet_lt' " \
+    assert "its classifier stage was made with another config: dataset.kind: 'folder' " \
            "-> 'digits_lt'" in err, err
     assert path.read_bytes() == before
     assert load_config(path) == finished  # what ray-lt wrote reads back to the same config
@@ -356,8 +357,9 @@ def test_an_unreadable_image_without_verify_images_names_its_file_and_line(tmp_p
     image.write_bytes(image.read_bytes()[:200])  # truncated
     listing = root / "ImageNet_LT_train.txt"
     line = listing.read_text().splitlines().index("train/n0000/img_1.JPEG 0") + 1
-    cfg = load_config(CUSTOM, [f"dataset.root={root}", "dataset.num_classes=3",
-                               "dataset.verify_images=false", "train.epochs=1",
+    cfg = load_config(CUSTOM, ["dataset.kind=imagenet_lt", f"dataset.root={root}",
+                               "dataset.num_classes=3", "dataset.verify_images=false",
+                               "train.epochs=1",
                                f"ray.address={ray_session['address']}"])
     with pytest.raises(Exception) as err:
         commands.train(cfg, tmp_path / "run")

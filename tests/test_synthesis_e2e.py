@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import BASE, ROOT, run_cli
+from conftest import BASE, ROOT, SYNTHESIS, SYNTHESIZED_ROWS, copy_stages, run_cli
 from PIL import Image
 
 from ray_lt import commands, pipeline
@@ -21,13 +21,6 @@ from ray_lt.errors import ConfigError, StageError
 from ray_lt.generate.codec import decode_png
 from ray_lt.generate.filtering import filter_synthetic
 from ray_lt.generate.synthetic import load_synthetic
-
-
-def _copy_stages(trained: Path, target: Path) -> Path:
-    target.mkdir()
-    for stage in ("classifier", "generator"):
-        shutil.copytree(trained / stage, target / stage)
-    return target
 
 
 def _rows(out: Path) -> pd.DataFrame:
@@ -41,11 +34,12 @@ def test_generator_is_saved_with_safetensors(trained):
     assert (trained / "classifier" / "class_statistics.safetensors").is_file()
 
 
-def test_synthesis_fills_the_quota_and_resumes(trained, tmp_path, caplog):
-    out = _copy_stages(trained, tmp_path / "run")
-    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", [*BASE, "synthesis.quota_scale=0.1"])
-    commands.synthesize(cfg, out)
+def test_synthesis_fills_the_quota_and_resumes(synthesized, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(synthesized, out)  # drawn by `ray-lt synthesize` with SYNTHESIS
+    cfg = load_config(ROOT / "configs" / "digits_lt.yaml", SYNTHESIS)
     rows = _rows(out)
+    assert len(rows) == SYNTHESIZED_ROWS
     # quota_scale 0.1 of (100 - n_c): 0, 4, 6, 7, 8, 9, 9, 10, 10, 10
     assert rows.groupby("label").size().to_dict() == {1: 4, 2: 6, 3: 7, 4: 8, 5: 9, 6: 9,
                                                        7: 10, 8: 10, 9: 10}
@@ -147,7 +141,7 @@ def test_rounds_fine_tune_the_guide_between_shares_and_resume(trained, tmp_path,
     from ray_lt.generate.plan import plan
     from ray_lt.train.trainer import load_classifier
 
-    out = _copy_stages(trained, tmp_path / "rounds")
+    out = copy_stages(trained, tmp_path / "rounds")
     settings = [*BASE, "synthesis.quota_scale=0.05", "synthesis.criteria={entropy: 1.0}"]
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml",
                       [*settings, "rounds.count=2", "rounds.epochs=1",

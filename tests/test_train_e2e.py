@@ -32,10 +32,10 @@ def test_bad_override_fails_before_any_work(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_same_seed_same_weights_and_a_rerun_resumes_from_its_checkpoint(tmp_path, ray_session):
+def test_train_writes_its_outputs_and_a_longer_rerun_resumes_from_its_checkpoint(tmp_path,
+                                                                               ray_session):
     """``ray-lt train`` end to end (metrics, predictions, plot, history, one progress bar);
-    trained again elsewhere with the same config and seed it gives the same weights; a longer
-    run in its place continues where it stopped."""
+    a longer run in its place continues where it stopped."""
     out = tmp_path / "run"
     done = run_cli("train", "configs/digits_lt.yaml", "--out", str(out), "--set", *QUICK,
                    f"ray.address={ray_session['address']}")
@@ -64,13 +64,8 @@ def test_same_seed_same_weights_and_a_rerun_resumes_from_its_checkpoint(tmp_path
     first = pd.read_csv(folder / "history.csv")
     cfg = load_config(ROOT / "configs" / "digits_lt.yaml", QUICK)
     data = load_dataset(cfg.dataset, cfg.seed)
-    # The same config and seed elsewhere: the same weights (ordered ingest, seeded shuffles).
-    twin = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, tmp_path / "twin",
-                          "classifier", evaluate=cfg.evaluate)
-    weights = [torch.load(f / "model.pt", weights_only=True) for f in (folder, twin)]
-    assert weights[0].keys() == weights[1].keys()
-    for key in weights[0]:
-        assert torch.equal(weights[0][key], weights[1][key]), key
+    # (The same config and seed giving the same weights elsewhere is checked byte for byte by
+    # test_pipeline.py's sequential twin of the graph run.)
     # A longer run in the same place continues where the first one stopped.
     cfg.train.epochs = 3
     folder = fit_classifier(data, cfg.model, cfg.train, cfg.scaling, cfg.seed, out,

@@ -14,9 +14,17 @@ import numpy as np
 import pandas as pd
 import ray
 
-from ray_lt.config import DatasetConfig, DigitsGroupsData, DigitsLTData, ListFileData
+from ray_lt.config import (
+    DatasetConfig,
+    DigitsGroupsData,
+    DigitsLTData,
+    FolderData,
+    ListFileData,
+    ManifestData,
+)
 from ray_lt.data.digits import DIGIT_NAMES, digits_groups_tables, digits_lt_tables
 from ray_lt.data.files import read_class_names, read_nico_metadata, read_split_list
+from ray_lt.data.folders import UserTables, read_image_folders, read_manifest
 from ray_lt.data.images import DECODE_BLOCK_ROWS, decode_batch, row_blocks, verify_images
 from ray_lt.errors import DataError
 
@@ -145,8 +153,10 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
             np.bincount(tables["train"]["group"], minlength=n_groups), seed=seed)
     if not cfg.root.is_dir():
         raise DataError(f"dataset.root: data folder {cfg.root} does not exist")
-    class_names = read_class_names(cfg.class_names_file, cfg.num_classes)
     shape = (cfg.image_size, cfg.image_size, cfg.channels)
+    if isinstance(cfg, FolderData | ManifestData):
+        return _user_data(cfg, seed, shape)
+    class_names = read_class_names(cfg.class_names_file, cfg.num_classes)
     if isinstance(cfg, ListFileData):
         tables = {split: read_split_list(cfg.root / cfg.list_name(split), cfg.root,
                                          cfg.num_classes) for split in SPLITS}
@@ -160,3 +170,41 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> LongTailData:
     group_counts = np.bincount(tables["train"]["group"], minlength=cfg.num_classes * n_ctx)
     return LongTailData(tables, counts, class_names, shape, list(cfg.context_names),
                         group_counts, root=cfg.root, seed=seed)
+
+
+def _user_data(cfg: FolderData | ManifestData, seed: int, shape: tuple[int, int, int]
+               ) -> LongTailData:
+    """The user's class folders or manifest, read and checked (``ray_lt.data.folders``)."""
+    if isinstance(cfg, FolderData):
+        read = read_image_folders(cfg.root, cfg.contexts, cfg.val_fraction, cfg.test_fraction,
+                                  seed)
+        where = str(cfg.root / "train")
+    else:
+        names = (read_class_names(cfg.class_names_file, cfg.num_classes or
+                                  _line_count(cfg.class_names_file))
+                 if cfg.class_names_file is not None else None)
+        read = read_manifest(cfg.manifest_path(), cfg.root, cfg.num_classes, names,
+                             cfg.contexts, cfg.context_names, cfg.val_fraction,
+                             cfg.test_fraction, seed)
+        where = f"{cfg.manifest_path()} (split train)"
+    return user_data(read, seed, shape, cfg.root, where)
+
+
+def user_data(read: UserTables, seed: int, shape: tuple[int, int, int], root: Path,
+              where: str) -> LongTailData:
+    """``LongTailData`` of what a folder or manifest reader returned."""
+    num_classes = len(read.class_names)
+    counts = _require_every_class(read.tables["train"]["label"].to_numpy(), num_classes, where)
+    group_counts = None
+    if read.context_names:
+        group_counts = np.bincount(read.tables["train"]["group"],
+                                   minlength=num_classes * len(read.context_names))
+    return LongTailData(read.tables, counts, read.class_names, shape, read.context_names,
+                        group_counts, root=root, seed=seed)
+
+
+def _line_count(path: Path) -> int:
+    """Class names in a names file, for a manifest that gives no ``num_classes``."""
+    if not path.is_file():
+        raise DataError(f"class names file {path} does not exist")
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())

@@ -46,3 +46,35 @@ def plot_per_class_accuracy(per_class: dict[str, list[float | None]], class_coun
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_class_counts(class_counts: np.ndarray, quotas: np.ndarray | None, many_threshold: int,
+                      few_threshold: int, path: Path, title: str = "") -> Path:
+    """The long tail: training images per class, sorted from the largest class (bars coloured
+    Many / Medium / Few), with the synthetic quota stacked on top where one is given."""
+    counts = np.asarray(class_counts)
+    order = np.argsort(-counts, kind="stable")
+    splits = class_splits(counts, many_threshold, few_threshold)
+    colours = np.empty(len(counts), dtype=object)
+    for split, mask in splits.items():
+        colours[mask] = SPLIT_COLOURS[split]
+    x = np.arange(len(counts))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 1.0 if len(counts) > 50 else 0.8
+    ax.bar(x, counts[order], width=width, color=list(colours[order]), linewidth=0)
+    if quotas is not None:
+        ax.bar(x, np.asarray(quotas)[order], width=width, bottom=counts[order], color="0.8",
+               linewidth=0, label="synthetic quota")
+    for split, colour in SPLIT_COLOURS.items():
+        ax.bar([0], [0], color=colour, label=f"{split}: {int(splits[split].sum())} classes")
+    ax.set_yscale("log")
+    top = (counts + (np.asarray(quotas) if quotas is not None else 0)).max()
+    ax.set_ylim(0.8, max(2.0, float(top)) * 1.6)
+    ax.set_xlabel("classes, largest first")
+    ax.set_ylabel("training images" + (" + synthetic quota" if quotas is not None else ""))
+    ax.set_title(title or "training images per class")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -210,9 +210,8 @@ def render(summary: dict[str, Any], cfg: Config) -> list[str]:
     else:
         lines.append(f"sampler time, an ESTIMATE at {sampler['size']} px, {sampler['steps']} "
                      f"steps ({sampler['from']}):")
-        header = "  GPU     " + "".join(f"{n:>4} GPU{'s' if n > 1 else ' '}  "
-                                         for n in GPU_COUNTS)
-        lines.append(header.rstrip())
+        lines.append("  GPU     " + "".join(f"{f'{n} GPU' + ('s' if n > 1 else ''):>11}"
+                                             for n in GPU_COUNTS))
         for gpu, by_count in sampler["estimate"].items():
             lines.append(f"  {gpu:7s} " + "".join(f"{_hours(h):>11}" for h in
                                                   by_count.values()))

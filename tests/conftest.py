@@ -375,10 +375,12 @@ while not stop.exists():
                 samplers[a.actor_id] = a.node_id or samplers.get(a.actor_id)
     except Exception:  # the state API answers once the dashboard is up
         pass
+    part = log.with_suffix(".part")
+    part.write_text(json.dumps({"timeline": timeline, "sampler_actors": len(samplers),
+                                "sampler_nodes": sorted(set(samplers.values()) - {None}),
+                                "removed": sorted(gone)}))
+    part.replace(log)  # what was seen so far, readable while the watch goes on
     time.sleep(0.5)
-log.write_text(json.dumps({"timeline": timeline, "sampler_actors": len(samplers),
-                           "sampler_nodes": sorted(set(samplers.values()) - {None}),
-                           "removed": sorted(gone)}))
 ray.shutdown()
 """
 
@@ -389,12 +391,13 @@ def watch_cluster(cluster: dict, folder: Path):
     every half second: ``timeline`` ([seconds, worker nodes alive] at each change),
     ``sampler_actors`` (the sampler pool's actors, placed or still waiting for a node),
     ``sampler_nodes`` (the nodes those placed ran on) and
-    ``removed`` (worker nodes that went away)."""
+    ``removed`` (worker nodes that went away). Inside the block, ``seen["now"]()`` reads what
+    the watcher has seen so far."""
     log, stop = folder / "watch.json", folder / "watch.stop"
     watcher = subprocess.Popen([sys.executable, "-c", WATCH, cluster["address"], str(log),
                                 str(stop)], env=cluster["env"], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen: dict = {}
+    seen: dict = {"now": lambda: json.loads(log.read_text()) if log.is_file() else {}}
     try:
         yield seen
     finally:

@@ -360,3 +360,18 @@ def test_the_performance_page_shows_the_cost_table_plan_uses():
                f"{row.images_per_second} | {row.setting} |" in page, row
     for card, peak in PEAK_BF16_TFLOPS.items():
         assert f"| {card} | {peak:.1f} |" in page, card
+
+
+def test_a_corrupt_image_in_a_folder_is_named_before_training(tmp_path, ray_session):
+    from ray_lt.data import check_images
+
+    root = tmp_path / "data"
+    write_shapes(root, {"train": [3, 2], "val": [1, 1], "test": [1, 1]})
+    bad = sorted((root / "train" / "square").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    cfg = folder_config(root)
+    data = load_dataset(cfg.dataset, seed=0)  # the index is fine: every file exists
+    with pytest.raises(DataError) as err:
+        check_images(cfg.dataset, data)
+    assert "1 image(s) cannot be read" in str(err.value)
+    assert f"{bad}: unreadable image" in str(err.value)

@@ -58,9 +58,10 @@ DEFAULT_SIZE = {"unclip": 768, "sd": 512, "sdxl": 1024}
 PNG_PROBES = 16
 
 
-def sampler_cost(cfg: Config) -> tuple[SamplerCost, float] | None:
-    """The cost row for the config's generator and its scale to the config's image size and
-    steps (work grows with the pixels and the steps); None where nothing was measured."""
+def sampler_cost(cfg: Config) -> tuple[SamplerCost, float, int] | None:
+    """The cost row for the config's generator, its scale to the config's image size and
+    steps (work grows with the pixels and the steps) and that size; None where nothing was
+    measured."""
     kind = cfg.generator.kind
     rows = [r for r in SAMPLER_COSTS if kind in r.models]
     if not rows:
@@ -68,7 +69,7 @@ def sampler_cost(cfg: Config) -> tuple[SamplerCost, float] | None:
     size = generator_size(cfg)
     row = min(rows, key=lambda r: abs(r.size - size))
     scale = (size / row.size) ** 2 * cfg.synthesis.num_steps / row.steps
-    return row, scale
+    return row, scale, size
 
 
 def generator_size(cfg: Config) -> int:
@@ -156,13 +157,13 @@ def sampler_estimate(cfg: Config, total: int) -> dict[str, Any]:
         return {"estimate": None,
                 "why": f"no GPU cost is measured for generator.kind {cfg.generator.kind}; "
                        f"bench/sampling.py measures this config's rate"}
-    row, scale = found
+    row, scale, size = found
     seconds = scale / row.images_per_second  # per image on an H100
     hours = {gpu: {n: round(total * seconds * PEAK_BF16_TFLOPS[MEASURED_ON] / peak / n / 3600,
                             2) for n in GPU_COUNTS}
              for gpu, peak in PEAK_BF16_TFLOPS.items()}
     return {"estimate": hours, "seconds_per_image_h100": round(seconds, 4),
-            "size": generator_size(cfg), "steps": cfg.synthesis.num_steps,
+            "size": size, "steps": cfg.synthesis.num_steps,
             "from": f"{row.images_per_second} img/s measured on one {MEASURED_ON} at {row.size} "
                     f"px, {row.steps} steps ({row.setting}), scaled by pixels and steps; "
                     f"other cards scaled by peak bf16 FLOP/s"}

@@ -12,8 +12,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.colors import is_color_like, to_rgb
-from sklearn.datasets import load_digits
 
 from ray_lt.errors import ConfigError
 
@@ -56,6 +54,9 @@ def digits_lt_tables(
     test_per_class: int, image_size: int, channels: int,
 ) -> dict[str, pd.DataFrame]:
     """Long-tailed train split, balanced val/test; class 0 is the head, class 9 the tail."""
+    from sklearn.datasets import load_digits  # imported where used: a worker that never reads
+    # the digits does not pay for scikit-learn
+
     digits = load_digits()
     ink = digits.images / 16.0
     by_class = _shuffled_indices_by_class(digits.target, seed)
@@ -79,6 +80,8 @@ def digits_lt_tables(
 
 def context_colours(names: list[str]) -> np.ndarray:
     """RGB in [0, 1] of each context name (any matplotlib colour name)."""
+    from matplotlib.colors import is_color_like, to_rgb
+
     for i, name in enumerate(names):
         if not is_color_like(name):
             raise ConfigError(f"dataset.context_names[{i}]: {name!r} is not a colour name")
@@ -113,6 +116,8 @@ def digits_groups_tables(
     """White digits on coloured backgrounds; ``group = label * contexts + context``."""
     colours = context_colours(context_names)
     n_ctx = len(context_names)
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     ink = digits.images / 16.0
     by_class = _shuffled_indices_by_class(digits.target, seed)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from diffusers import DDIMScheduler
 
 from ray_lt.errors import StageError
+
+if TYPE_CHECKING:  # diffusers is imported by the generators that build one
+    from diffusers import DDIMScheduler
 
 SPEC_FILE = "generator.json"
 # synthesis.precision -> the autocast / weights dtype on a GPU (None: float32)

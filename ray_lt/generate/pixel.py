@@ -20,7 +20,6 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -200,6 +199,8 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
         build_unet(config["image_size"], config["channels"], config["num_conditions"],
                    hp["block_out_channels"], hp["layers_per_block"], hp["attention"],
                    embedded_outside=n_ctx > 0), config["num_conditions"], n_ctx)
+    from diffusers.training_utils import EMAModel  # imports transformers: training only
+
     ema = EMAModel(net.parameters(), decay=hp["ema_decay"])
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=0.0)
@@ -291,6 +292,8 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: PixelSection, scaling: Sca
                    cfg.layers_per_block, cfg.attention, embedded_outside=num_contexts > 0),
         num_conditions, num_contexts)
     net.load_state_dict(state["model"])
+    from diffusers.training_utils import EMAModel
+
     ema = EMAModel(net.parameters(), decay=cfg.ema_decay)
     ema.load_state_dict(state["ema"])
     ema.copy_to(net.parameters())

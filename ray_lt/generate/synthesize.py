@@ -29,7 +29,6 @@ from ray_lt.config import Config
 from ray_lt.data import LongTailData
 from ray_lt.errors import DataError, RayLTError
 from ray_lt.evaluate.predict import predict
-from ray_lt.generate.actor import GuidedSampler
 from ray_lt.generate.factory import check_generator, check_scorer, generator_info
 from ray_lt.generate.kinds import generator_kind
 from ray_lt.generate.plan import (
@@ -180,6 +179,9 @@ def _sample(cfg: Config, pending: list[dict[str, Any]], kwargs: dict[str, Any], 
             name: str, done: int) -> None:
     """The sampler pool over the ``pending`` shards, each shard's manifest line written once
     its file is; ``done`` shards were finished before."""
+    # The sampler's module imports diffusers (seconds): a driver pays for it only here.
+    from ray_lt.generate.actor import GuidedSampler
+
     s = cfg.synthesis
     results = ray.data.from_items(
         pending, override_num_blocks=min(len(pending), MAX_BLOCKS)).map_batches(

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 
 from ray_lt.errors import ConfigError
@@ -57,6 +56,8 @@ def small_cnn(in_channels: int, width: int) -> tuple[nn.Module, int]:
 
 def _torchvision(name: str, attr: str) -> Callable[[int, int], tuple[nn.Module, int]]:
     def build(in_channels: int, width: int) -> tuple[nn.Module, int]:
+        import torchvision.models  # imported by the models that need it: 2 s in every worker
+
         net = getattr(torchvision.models, name)(weights=None)
         if attr == "fc":
             dim = net.fc.in_features

@@ -148,7 +148,10 @@ BASELINES = {"ERM": "train.balanced_softmax_weight=0",
              "balanced softmax": "train.balanced_softmax_weight=1"}
 # The loss of the final model, also that of the guiding baseline.
 FINAL_LOSS = {"digits_lt": "train.balanced_softmax_weight=1",
-              "digits_groups": "train.balanced_softmax_weight=0"}
+              "digits_groups": "train.balanced_softmax_weight=0",
+              # the same data sets with the generator trained on an external pool
+              "digits_external": "train.balanced_softmax_weight=1",
+              "digits_groups_external": "train.balanced_softmax_weight=0"}
 
 
 def cell_dir(out: Path, dataset: str, seed: int, setting: str) -> Path:
@@ -342,7 +345,7 @@ def paired(table: pd.DataFrame) -> pd.DataFrame:
 
 def plot(summary: pd.DataFrame, path: Path) -> None:
     """Few accuracy (digits_lt) and worst-group accuracy (digits_groups), mean +- std."""
-    panels = [(d, "worst_group" if d == "digits_groups" else "few")
+    panels = [(d, "worst_group" if d.startswith("digits_groups") else "few")
               for d in summary.index.get_level_values("dataset").unique()]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (dataset, metric) in zip(axes[0], panels, strict=True):
@@ -406,7 +409,7 @@ def main() -> None:
         for seed in args.seeds:
             for dataset in args.datasets:
                 rows = dict(settings)
-                if args.group_guide and dataset == "digits_groups":
+                if args.group_guide and dataset.startswith("digits_groups"):
                     rows.update(group_rows(args.group_rows))
                 new = pd.DataFrame(run_seed(dataset, seed, args.out, args.overrides, rows))
                 table = merge(table, new)

@@ -72,7 +72,8 @@ def train(cfg: Config, out_dir: Path) -> dict[str, Any]:
 @command("train-generator")
 def train_generator(cfg: Config, out_dir: Path) -> Path:
     """Train the generator from scratch: ``pixel`` on the long-tailed images (DiffuLT, Ray
-    Train), ``feature`` on the baseline classifier's training features (LDMLR, a Ray task)."""
+    Train) or on an external pool (``generator.train_on``), ``feature`` on the baseline
+    classifier's training features (LDMLR, a Ray task)."""
     if not cfg.generator.TRAINED:
         raise ConfigError(f"generator.kind: {cfg.generator.kind!r} is not trained by "
                           f"train-generator (it loads pretrained weights from "

@@ -512,6 +512,23 @@ class PixelSection(GeneratorSection):
     """Steps between checkpoints (where an interrupted training resumes) and loss reports."""
     threads: int | None = Field(None, ge=1)
     """Torch threads of the training worker; null: torch's default."""
+    train_on: Literal["long_tail", "external"] = "long_tail"
+    """What the generator learns from: ``long_tail``, the classifier's own long-tailed
+    training split (DiffuLT's setting: for a rare class it can only recombine a few images);
+    ``external``, a pool of real images that none of the classifier's splits holds (as Stable
+    Diffusion has seen the web), so that guidance has different images to choose between. The
+    digits build their pool from the digits their splits leave over
+    (``generator.external_per_class``); the file data sets read ``generator.external``."""
+    external: Path | None = None
+    """With ``train_on: external`` on a file data set: the pool, as a folder
+    ``<class>/<image>`` (``<class>/<context>/<image>`` with contexts) or a manifest (.csv or
+    .parquet with the columns path, label and, with contexts, context; paths relative to the
+    manifest's folder). Its classes (contexts) are names of the data set's; no file of it may
+    be one of the data set's."""
+    external_per_class: int = Field(40, ge=1)
+    """With ``train_on: external`` on the digits: digits per class in the pool, taken from
+    those no split holds (on ``digits_groups`` each is drawn once in every context, so every
+    class x context group is in the pool, the empty ones included)."""
 
 
 class FeatureSection(GeneratorSection):
@@ -709,8 +726,24 @@ class SynthesisConfig(Strict):
     refused above 2 GiB), or ``tied``, one shared by the classes."""
     filter: FilterConfig = Field(default_factory=FilterConfig)
     """Filtering of the generated samples (DiffuLT)."""
-    grid_scales: list[float] = Field(default_factory=lambda: [0.0, 0.01, 0.03, 0.1])
-    """Guidance scales of the sample grid's columns."""
+    grid_scales: list[float] | None = None
+    """Guidance scales of the sample grid's columns; null: chosen from the guidance sweep,
+    from 0 up to the first of ``sweep_scales`` where the judge's in-class rate has fallen by
+    ``sweep_drop`` (at most ``grid_columns`` of them)."""
+    grid_columns: int = Field(5, ge=2)
+    """The most columns a grid chosen from the sweep has."""
+    sweep_scales: list[float] = Field(
+        default_factory=lambda: [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+    """Guidance scales of the guidance sweep (``report/guidance_sweep.csv`` and ``.png``):
+    the grid's class drawn with the same seeds at each, per grid criterion, and measured: the
+    guide's criterion, the guide's and an independent judge's in-class rates, the distance to
+    the nearest training image. ``grid_scales`` are added to them."""
+    sweep_samples: int = Field(8, ge=1)
+    """Samples per criterion and scale of the sweep (the grid shows the first
+    ``grid_samples``)."""
+    sweep_drop: float = Field(0.1, gt=0.0, le=1.0)
+    """How far the judge's in-class rate (mean over the grid criteria) falls from its value at
+    the smallest scale where a grid chosen from the sweep ends."""
     grid_criteria: list[str] = Field(
         default_factory=lambda: ["entropy", "loss", "hardness", "total_uncertainty"])
     """Criteria of the sample grid's rows."""
@@ -755,7 +788,18 @@ class SynthesisConfig(Strict):
         if self.num_steps * self.strength < 1:
             raise ValueError(f"strength: {self.strength:g} x num_steps {self.num_steps} leaves "
                              f"no denoising step; raise it to at least {1 / self.num_steps:.3g}")
+        if self.grid_samples > self.sweep_samples:
+            raise ValueError(f"grid_samples: {self.grid_samples} samples per grid cell, but the "
+                             f"sweep draws sweep_samples: {self.sweep_samples}; raise it")
+        if any(x < 0 for x in self.sweep_scales + (self.grid_scales or [])) or \
+                not self.sweep_scales:
+            raise ValueError("sweep_scales, grid_scales: guidance scales are >= 0 (and the "
+                             "sweep has at least one)")
         return self
+
+    def sweep_and_grid_scales(self) -> list[float]:
+        """The sweep's scales with the grid's fixed ones added, sorted."""
+        return sorted(set(self.sweep_scales) | set(self.grid_scales or []))
 
 
 class FinalConfig(Strict):
@@ -976,6 +1020,37 @@ class Config(Strict):
                             f"dataset.contexts: true), not {self.dataset.kind!r}")
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _external_pool(self) -> Config:
+        g = self.generator
+        if getattr(g, "train_on", "long_tail") != "external":
+            if getattr(g, "external", None) is not None:
+                raise ValueError("generator.external: a pool is named, but generator.train_on "
+                                 "is 'long_tail'; set generator.train_on: external to use it")
+            return self
+        d = self.dataset
+        if isinstance(d, DigitsLTData | DigitsGroupsData):
+            if g.external is not None:
+                raise ValueError(f"generator.external: dataset.kind {d.kind!r} builds its pool "
+                                 f"from the digits its splits leave over; remove the key "
+                                 f"(generator.external_per_class sets the pool's size)")
+            if isinstance(d, DigitsLTData):
+                used, keys = (d.max_per_class + d.val_per_class + d.test_per_class,
+                              "dataset.max_per_class + val_per_class + test_per_class")
+            else:
+                used = d.train_per_class + (d.val_per_group + d.test_per_group) * len(
+                    d.context_names)
+                keys = "dataset.train_per_class + (val_per_group + test_per_group) * contexts"
+            if used + g.external_per_class > DIGITS_PER_CLASS_MIN:
+                raise ValueError(
+                    f"generator.external_per_class: {g.external_per_class}, but {keys} = {used} "
+                    f"leave {DIGITS_PER_CLASS_MIN - used} of the rarest digit's "
+                    f"{DIGITS_PER_CLASS_MIN} images for the pool")
+        elif g.external is None:
+            raise ValueError(f"generator.external: generator.train_on: external on dataset.kind "
+                             f"{d.kind!r} needs the pool's folder or manifest")
         return self
 
     @model_validator(mode="after")

@@ -34,6 +34,7 @@ from ray_lt.cluster import (
 )
 from ray_lt.config import Config, Pool, check_paths, final_train_config
 from ray_lt.data import LongTailData, check_images, load_dataset
+from ray_lt.data.external import attach_external
 from ray_lt.errors import ConfigError, require_stage
 from ray_lt.evaluate.classifier import METRICS_FILE, evaluate_classifier
 from ray_lt.evaluate.metrics import HEADLINE
@@ -72,7 +73,14 @@ from ray_lt.generate.synthetic import (
     synthetic_count,
 )
 from ray_lt.log import banner, format_summary, log_to_file
-from ray_lt.report import QUALITY_FILE, REPORT_DIR, synthetic_quality, write_report
+from ray_lt.report import (
+    QUALITY_FILE,
+    REPORT_DIR,
+    SWEEP_FILE,
+    SWEEP_PLOT,
+    synthetic_quality,
+    write_report,
+)
 from ray_lt.rundir import check_run_config_file, write_run_config
 from ray_lt.stages import (
     Stage,
@@ -178,6 +186,7 @@ def prepare(cfg: Config, out_dir: Path, needs: tuple[str, ...] = (), command: st
     the log."""
     out_dir = Path(out_dir).resolve()
     data = load_dataset(cfg.dataset, cfg.seed)
+    attach_external(cfg, data)
     check_inputs(cfg, data)
     if check is not None:
         check(data)
@@ -419,8 +428,20 @@ def _grid_path(cfg: Config, out: Path, data: LongTailData) -> Path:
 
 
 def _grid(session: Session) -> Path:
-    """PNG grid of one class's samples: rows = criteria, columns = guidance scales."""
-    from ray_lt.generate.grid import render_grid, save_grid
+    """The guidance sweep of one class (``ray_lt.generate.sweep``: ``report/guidance_sweep``
+    .csv and .png) and its PNG grid: rows = criteria, columns = guidance scales (fixed, or
+    chosen from the sweep)."""
+    from ray_lt.generate.grid import save_grid, tile
+    from ray_lt.generate.sweep import (
+        Judge,
+        class_images,
+        draw_sweep,
+        grid_columns,
+        judge_images,
+        nearest_distance,
+        plot_sweep,
+        sweep_table,
+    )
 
     cfg, out, data = session.cfg, session.out_dir, session.data
     criterion_support(cfg, out, data, criteria=set(cfg.synthesis.grid_criteria))
@@ -428,21 +449,41 @@ def _grid(session: Session) -> Path:
     s = cfg.synthesis
     label = grid_label(cfg, data)
     prepare_inputs(cfg, data, out)
-    group, title = -1, data.class_names[label]
+    group, title, contexts = -1, data.class_names[label], len(data.context_names)
     if data.num_groups:  # the class's rarest context (an empty group where there is one)
-        contexts = len(data.context_names)
         group = label * contexts + int(np.argmin(
             data.group_counts[label * contexts:(label + 1) * contexts]))
         title += f" on {data.context_names[group % contexts]} " \
                  f"({int(data.group_counts[group])} training images)"
-    task = ray.remote(render_grid).options(num_cpus=s.pool.cpus, num_gpus=s.pool.gpus)
+    else:
+        title += f" ({int(data.class_counts[label])} training images)"
+    scales = s.sweep_and_grid_scales()
+    task = ray.remote(draw_sweep).options(num_cpus=s.pool.cpus, num_gpus=s.pool.gpus)
     info = generator_info(data.class_names, data.context_names, data.image_shape[0])
-    images = ray.get(task.remote(cfg.model_dump(mode="json"), str(out), info, label,
-                                 s.pool.use_gpu, group))
-    path = save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in s.grid_scales],
+    drawn = task.remote(cfg.model_dump(mode="json"), str(out), info, label, group, scales,
+                        s.pool.use_gpu)
+    # The judge and the training images are made on the driver while the task draws.
+    judge = Judge(*judge_images(data))
+    train = class_images(data, "train", label)
+    held_out = class_images(data, "val", label)
+    reference = float(np.median(nearest_distance(held_out, train))) if len(held_out) \
+        else float("nan")
+    drawn = ray.get(drawn)
+    table = sweep_table(drawn, list(s.grid_criteria), scales, label, group, contexts, judge,
+                        train)
+    columns = s.grid_scales or grid_columns(table, s.sweep_drop, s.grid_columns)
+    folder = out / REPORT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    table.assign(in_grid=table["scale"].isin(columns), held_out_nearest_train=reference
+                 ).to_csv(folder / SWEEP_FILE, index=False)
+    plot_sweep(table, reference, folder / SWEEP_PLOT, f"{title}: what guidance does")
+    picked = [scales.index(x) for x in columns]
+    images = np.stack([np.stack([tile(drawn["images"][i, j, :s.grid_samples]) for j in picked])
+                       for i in range(len(s.grid_criteria))])
+    path = save_grid(images, list(s.grid_criteria), [f"scale {x:g}" for x in columns],
                      _grid_path(cfg, out, data),
                      title=f"{title}: criterion x guidance scale")
-    log.info(f"sample grid: {path}")
+    log.info(f"sample grid: {path}; guidance sweep: {folder / SWEEP_PLOT}")
     return path
 
 

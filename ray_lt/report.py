@@ -28,6 +28,8 @@ from ray_lt.generate.synthetic import FILTER_FILE, SYNTHETIC_DIR, shard_file, sy
 
 REPORT_DIR = "report"
 QUALITY_FILE = "quality.csv"
+SWEEP_FILE = "guidance_sweep.csv"
+SWEEP_PLOT = "guidance_sweep.png"
 MOSAIC_CLASSES = 20
 """Classes shown in the synthetic-sample mosaic: the rarest ones."""
 CLASS_TABLE_ROWS = 50
@@ -246,6 +248,32 @@ def rounds_blocks(cfg: Config, run_dir: Path) -> list[Block]:
     return blocks
 
 
+def generator_source(run_dir: Path, data: LongTailData) -> str:
+    """What the trained generator learnt from (its ``training.json``), in a sentence; empty for
+    a pretrained generator or one trained before this was recorded."""
+    try:
+        trained_on = json.loads((run_dir / "generator" / "training.json").read_text())[
+            "trained_on"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    if not trained_on:
+        return ""
+    if trained_on["source"] != "external":
+        return (f"The generator learnt from the classifier's own long-tailed training split "
+                f"({trained_on['images']} images).")
+    per_class = trained_on["per_class"]
+    text = (f"The generator learnt from an external pool of {trained_on['images']} real images "
+            f"that none of the classifier's splits holds ({trained_on['pool']}): "
+            f"{min(per_class)} to {max(per_class)} per class")
+    per_group = trained_on.get("per_group")
+    if per_group and data.group_counts is not None:
+        empty = np.asarray(data.group_counts) == 0
+        covered = int((np.asarray(per_group)[empty] > 0).sum())
+        text += (f", {sum(g > 0 for g in per_group)} of {len(per_group)} class x context "
+                 f"groups, {covered} of the {int(empty.sum())} empty in training among them")
+    return text + "."
+
+
 def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[str, Any],
                  final: dict[str, Any],
                  times: dict[str, tuple[float, float, float]] | None = None
@@ -287,6 +315,9 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
                           f"the {cfg.generator.kind} generator, guidance scale "
                           f"{s.guidance_scale:g} every {s.guidance_every} of {s.num_steps} "
                           f"steps, CFG {s.cfg_scale:g}, criteria {json.dumps(s.criteria)}.")]
+    trained_on = generator_source(run_dir, data)
+    if trained_on:
+        blocks.append(Block("p", trained_on))
     per_class = pd.DataFrame({"class": data.class_names, "real": data.class_counts,
                               "synthetic": counts, "total": data.class_counts + counts})
     if len(per_class) > CLASS_TABLE_ROWS:
@@ -303,9 +334,28 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
     if mosaic is not None:
         blocks.append(Block("image", str(mosaic.relative_to(run_dir)), "synthetic samples"))
     blocks += rounds_blocks(cfg, run_dir)
-    for grid in sorted(run_dir.glob("grid_class*.png")):
+    grids = sorted(run_dir.glob("grid_class*.png"))
+    sweep = folder / SWEEP_FILE
+    if grids or sweep.is_file():
+        blocks.append(Block("h2", "What guidance does"))
+    for grid in grids:
         blocks.append(Block("image", grid.name, "one class: criteria (rows) x guidance scales "
                                                 "(columns), same seeds in every cell"))
+    if sweep.is_file():
+        table = pd.read_csv(sweep)
+        reference = table.pop("held_out_nearest_train").iloc[0]
+        table = table.drop(columns="in_grid")
+        if table["judge_in_group"].isna().all():
+            table = table.drop(columns="judge_in_group")
+        blocks += [Block("p", "The grid's class drawn with the same seeds at every scale, per "
+                              "criterion: the guide's criterion on the final sample (what "
+                              "guidance raises), the share the guide and an independent judge "
+                              "(an SVM on real validation and pool images) put in the class, "
+                              "and the RMS pixel distance to the nearest training image of the "
+                              f"class (held-out real images of it: {reference:.3f}; far below "
+                              f"that, samples are near-copies)."),
+                   Block("image", f"{REPORT_DIR}/{SWEEP_PLOT}", "what guidance does, per scale"),
+                   Block("table", table.round(3))]
     quality = folder / QUALITY_FILE
     if cfg.report.quality and quality.is_file():
         blocks += [Block("h2", "Synthetic-data quality"),

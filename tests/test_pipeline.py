@@ -32,6 +32,7 @@ SMALL = ["train.epochs=2", "generator.train_steps=16", "generator.block_out_chan
          "generator.batch_size=16", "synthesis.num_steps=4", "synthesis.guidance_every=2",
          "synthesis.quota_scale=0.2", "synthesis.cpus_per_actor=0.5",
          "synthesis.grid_samples=1", "synthesis.grid_scales=[0, 0.1]",
+         "synthesis.sweep_scales=[0, 1]", "synthesis.sweep_samples=3",
          "synthesis.grid_criteria=[entropy, loss]", "evaluate.cpus_per_actor=0.5"]
 
 
@@ -118,6 +119,16 @@ def test_run_writes_every_stage_and_the_report(digits_run):
     for image in ("report/per_class_accuracy.png", "report/synthetic_samples.png",
                   "grid_class9.png"):
         assert (out / image).stat().st_size > 3000, image
+    # The guidance sweep: the grid's two scales and the sweep's, per grid criterion.
+    sweep = pd.read_csv(out / "report" / "guidance_sweep.csv")
+    assert sweep["criterion"].tolist() == ["entropy"] * 3 + ["loss"] * 3
+    assert sweep["scale"].tolist() == [0, 0.1, 1] * 2 and (sweep["samples"] == 3).all()
+    assert sweep["in_grid"].tolist() == [True, True, False] * 2
+    for column in ("guide_in_class", "judge_in_class"):
+        assert sweep[column].between(0, 1).all() and (sweep[column] * 3 % 1 == 0).all()
+    assert (sweep["nearest_train"] > 0).all() and sweep["judge_in_group"].isna().all()
+    assert "## What guidance does" in report and "report/guidance_sweep.png" in report
+    assert (out / "report" / "guidance_sweep.png").stat().st_size > 3000
     quality = pd.read_csv(out / "report" / "quality.csv")
     assert quality["criterion"].tolist() == ["all"]
     assert quality["samples"].iloc[0] == len(synthetic)
@@ -256,21 +267,28 @@ def test_run_on_a_folder_with_contexts(tmp_path, ray_session):
     """Every stage on the user's own images: a folder per class and a context level below it
     (drawn shapes on coloured grounds, made here), with groups as NICO++ has them. The
     group-aware guide: trained with group DRO, guiding with the group criteria; the final
-    model reweights the groups; the class x context generator fills each group."""
+    model reweights the groups; the class x context generator, trained on an external pool of
+    other shapes, fills each group."""
     from ray_lt.data.shapes import write_shapes
 
     root = tmp_path / "shapes"
     write_shapes(root, {"train": [24, 12, 6, 3], "val": [6] * 4, "test": [9] * 4},
                  contexts=["sand", "sky", "grass"], size=16)
+    # The generator learns from a pool of other shapes in every class x context, the groups
+    # empty in training included (generator.train_on: external).
+    write_shapes(tmp_path / "pool", {"pool": [6] * 4}, contexts=["sand", "sky", "grass"],
+                 size=16, seed=5)
     out = tmp_path / "groups"
     # Submitted to the session's head as a Ray job (jobs/balance.py), as on a cluster.
     settings = [*SMALL, f"dataset.root={root}", "dataset.contexts=true",
                 "dataset.image_size=16", "scaling.cpus_per_worker=0.5",
-                "generator.condition_on=class+context", "synthesis.balance=group",
+                "generator.condition_on=class+context", "generator.train_on=external",
+                f"generator.external={tmp_path / 'pool' / 'pool'}", "synthesis.balance=group",
                 "synthesis.target=4", "train.group_objective=dro",
                 "final.group_objective=reweight",
                 "synthesis.criteria={target_group: 0.5, group_entropy: 0.5}",
-                "synthesis.grid_criteria=[target_group, entropy]", "train.epochs=1",
+                "synthesis.grid_criteria=[target_group, entropy]", "synthesis.grid_scales=null",
+                "train.epochs=1",
                 "evaluate.many_threshold=20", "evaluate.few_threshold=5", "report.quality=false"]
     logs = submit_and_wait(ray_session, f"jobs/balance.py --config configs/custom_lt.yaml "
                                         f"--out {out} --set " + " ".join(
@@ -290,6 +308,9 @@ def test_run_on_a_folder_with_contexts(tmp_path, ray_session):
     assert baseline["class_counts"] == [24, 3, 12, 6]
     spec = json.loads((out / "generator" / "generator.json").read_text())
     assert spec["num_contexts"] == 3 and spec["num_conditions"] == 4
+    trained_on = json.loads((out / "generator" / "training.json").read_text())["trained_on"]
+    assert trained_on["source"] == "external" and trained_on["images"] == 24
+    assert trained_on["per_group"] == [2] * 12
     counts = np.asarray(final["group_counts"])
     synthetic = pd.concat(pd.read_parquet(p) for p in (out / "synthetic").glob("shard_*"))
     written = synthetic.groupby("group").size().reindex(range(12), fill_value=0).to_numpy()
@@ -303,6 +324,12 @@ def test_run_on_a_folder_with_contexts(tmp_path, ray_session):
     assert synthetic.groupby("criterion")["criterion_after"].mean()["target_group"] < 0
     report = (out / "report.md").read_text()
     assert "ray_lt report: folder" in report and "five worst groups" in report
+    assert "external pool of 24 real images" in report and "12 of 12 class x context groups, " \
+        "4 of the 4 empty in training among them" in report
     assert f"{final['worst_group']:.3f} |" in report
     # The grid draws the rarest class (diamond) in its empty context.
     assert "grid_class1.png" in report and (out / "grid_class1.png").stat().st_size > 3000
+    # Its columns were chosen from the sweep (both of its scales: the judge's rate can only
+    # have fallen at the last one), and the judge also tells the group.
+    sweep = pd.read_csv(out / "report" / "guidance_sweep.csv")
+    assert sweep["in_grid"].all() and sweep["judge_in_group"].between(0, 1).all()

@@ -113,7 +113,8 @@ def test_the_reference_lists_every_key_of_a_default_config(reference):
 
 @pytest.mark.parametrize("heading, key, type_, default", [
     ("synthesis", "synthesis.guidance_scale", "float >= 0", "0.03"),
-    ("synthesis", "synthesis.grid_scales", "list[float]", "[0.0, 0.01, 0.03, 0.1]"),
+    ("synthesis", "synthesis.grid_scales", "list[float] | null", "null"),
+    ("synthesis", "synthesis.sweep_scales", "list[float]", "[0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0]"),
     ("synthesis", "synthesis.criteria", "dict[str, float]", '{"entropy": 1.0}'),
     ("synthesis", "synthesis.guidance_micro_batch", "int >= 1 | null", "null"),
     ("synthesis", "synthesis.filter.confidence_threshold", "float in (0, 1]", "0.9"),

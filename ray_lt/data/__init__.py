@@ -50,6 +50,10 @@ class LongTailData:
     group_counts: np.ndarray | None = None
     root: Path | None = None
     seed: int = 0
+    external: pd.DataFrame | None = None
+    """The generator's external pool (``generator.train_on: external``; ``ray_lt.data.external``):
+    rows like the splits', paths under ``external_root`` (or images, for the digits)."""
+    external_root: Path | None = None
     _datasets: dict[str, ray.data.Dataset] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,13 +68,19 @@ class LongTailData:
         return table[["label", "group", column]].reset_index(drop=True)
 
     def split(self, name: str) -> ray.data.Dataset:
-        """The Ray Dataset of split ``name`` (the training split shuffled by the seed)."""
+        """The Ray Dataset of split ``name`` (the training split and the external pool shuffled
+        by the seed)."""
         if name not in self._datasets:
-            table = self.tables[name]
-            if name == "train":
+            if name == "external":
+                if self.external is None:
+                    raise ValueError("this data set has no external pool")
+                table, root = self.external, self.external_root
+            else:
+                table, root = self.tables[name], self.root
+            if name in ("train", "external"):
                 table = table.sample(frac=1.0, random_state=self.seed).reset_index(drop=True)
-            self._datasets[name] = (_from_files(table, self) if self.root is not None
-                                    else _from_memory(table))
+            self._datasets[name] = (_from_files(table, root, self.image_shape)
+                                    if root is not None else _from_memory(table))
         return self._datasets[name]
 
     @property
@@ -110,12 +120,13 @@ def _from_memory(table: pd.DataFrame) -> ray.data.Dataset:
     return ray.data.from_items(table.to_dict("records"), override_num_blocks=blocks)
 
 
-def _from_files(table: pd.DataFrame, data: LongTailData) -> ray.data.Dataset:
-    size, _, channels = data.image_shape
+def _from_files(table: pd.DataFrame, root: Path, shape: tuple[int, int, int]
+                ) -> ray.data.Dataset:
+    size, _, channels = shape
     blocks = row_blocks(table[["path", "label", "group", "source"]], DECODE_BLOCK_ROWS)
     return ray.data.from_pandas(blocks).map_batches(
         decode_batch, batch_format="pandas", batch_size=DECODE_BLOCK_ROWS,
-        fn_kwargs={"root": str(data.root), "size": size, "channels": channels})
+        fn_kwargs={"root": str(root), "size": size, "channels": channels})
 
 
 def check_images(cfg: DatasetConfig, data: LongTailData) -> None:

@@ -146,3 +146,47 @@ def digits_groups_tables(
         tables[split] = _table(images, labels, labels * n_ctx + ctx,
                                [f"digits/{i}/{context_names[a]}" for i, a in pairs])
     return tables
+
+
+def _pool_indices(seed: int, per_class: int) -> list[np.ndarray]:
+    """Each class's last ``per_class`` digits in the seed's order: the splits take theirs from
+    the front, so the pool never shares an image with them while the config's check holds."""
+    from sklearn.datasets import load_digits
+
+    by_class = _shuffled_indices_by_class(load_digits().target, seed)
+    return [idx[len(idx) - per_class:] for idx in by_class]
+
+
+def digits_lt_pool(seed: int, per_class: int, image_size: int, channels: int) -> pd.DataFrame:
+    """The external pool of ``digits_lt``: ``per_class`` real digits of every class that no
+    split holds, drawn as the splits are (white on black)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    idx = np.concatenate(_pool_indices(seed, per_class))
+    images = _render(digits.images[idx] / 16.0, image_size, np.zeros((len(idx), channels)),
+                     np.ones((len(idx), channels)))
+    return _table(images, digits.target[idx], np.full(len(idx), -1),
+                  [f"digits/{i}" for i in idx])
+
+
+def digits_groups_pool(seed: int, context_names: list[str], per_class: int, image_size: int
+                       ) -> pd.DataFrame:
+    """The external pool of ``digits_groups``: ``per_class`` digits of every class that no
+    split holds, each drawn once in every context, so every class x context group is in it,
+    those empty in training too (as the web holds the combinations a data set lacks)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    colours = context_colours(context_names)
+    n_ctx = len(context_names)
+    idx = np.repeat(np.concatenate(_pool_indices(seed, per_class)), n_ctx)
+    ctx = np.tile(np.arange(n_ctx), len(idx) // n_ctx)
+    rng = np.random.default_rng(seed + 3)
+    background = np.clip(colours[ctx] + rng.normal(0, 0.06, (len(idx), 3)), 0, 1)
+    images = _render(digits.images[idx] / 16.0, image_size, background,
+                     np.ones((len(idx), 3)))
+    labels = digits.target[idx]
+    return _table(images, labels, labels * n_ctx + ctx,
+                  [f"digits/{i}/{context_names[a]}" for i, a in zip(idx, ctx, strict=True)])
+

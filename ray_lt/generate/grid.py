@@ -106,21 +106,3 @@ class Drawer:
         _, images, _ = sample_finite(self.generator, self.scorer, label, group, ids, seeds, s,
                                      Guidance.of(s, scale), f"class {label}")
         return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-
-
-def render_grid(config: dict, run_dir: str, info: dict, label: int, use_gpu: bool,
-                group: int = -1) -> np.ndarray:
-    """Samples of one class (of one class x context ``group`` on data sets with groups):
-    (criteria, scales, H', W', C) uint8 mosaics, the same seeds in every cell so that only the
-    criterion and the guidance scale differ (Figure 3 of the FG paper)."""
-    import torch
-
-    from ray_lt.config import Config
-
-    cfg = Config.model_validate(config)
-    s = cfg.synthesis
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    drawer = Drawer(cfg, Path(run_dir), info, list(s.grid_criteria), device)
-    seeds = [cfg.seed * 7919 + i for i in range(s.grid_samples)]
-    return np.stack([np.stack([tile(drawer.draw(label, group, name, scale, seeds))
-                               for scale in s.grid_scales]) for name in s.grid_criteria])

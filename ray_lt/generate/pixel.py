@@ -272,8 +272,11 @@ def generator_loop_per_worker(config: dict[str, Any]) -> None:
 
 def fit_pixel_generator(train: ray.data.Dataset, cfg: PixelSection, scaling: ScalingSection,
                         image_shape: tuple[int, int, int], num_conditions: int, seed: int,
-                        out_dir: Path, name: str = "generator", num_contexts: int = 0) -> Path:
-    """Train the pixel generator on Ray Train and export its EMA weights to ``out_dir/name``."""
+                        out_dir: Path, name: str = "generator", num_contexts: int = 0,
+                        trained_on: dict | None = None) -> Path:
+    """Train the pixel generator on Ray Train and export its EMA weights to ``out_dir/name``;
+    ``trained_on`` (what ``train`` is: the long tail or the external pool, with its sizes) is
+    kept in its ``training.json``."""
     by_group = cfg.condition_on == "group"
     loop_config = {"generator": cfg.model_dump(mode="json"), "seed": seed,
                    "image_size": image_shape[0], "channels": image_shape[2],
@@ -304,5 +307,6 @@ def fit_pixel_generator(train: ray.data.Dataset, cfg: PixelSection, scaling: Sca
         np.savetxt(tmp / "loss.csv", np.asarray(state["losses"]), fmt="%.6f", header="loss")
         # The step each worker group started at: more than one entry after a restore.
         (tmp / TRAINING_FILE).write_text(json.dumps({"steps": state["step"],
-                                                     "starts": state["starts"]}))
+                                                     "starts": state["starts"],
+                                                     "trained_on": trained_on}))
     return folder

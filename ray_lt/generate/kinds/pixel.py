@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ray_lt.config import Config
+from ray_lt.data.external import pool_summary
 from ray_lt.errors import ConfigError
 from ray_lt.generate.kinds.base import TrainedKind
 
@@ -26,8 +27,15 @@ class PixelKind(TrainedKind):
         by_group = g.condition_on == "group"
         num_contexts = len(data.context_names) if g.condition_on == "class+context" else 0
         num_conditions = data.num_groups if by_group else data.num_classes
-        return fit_pixel_generator(data.train, g, cfg.scaling, data.image_shape, num_conditions,
-                                   cfg.seed, out_dir, num_contexts=num_contexts)
+        pool = pool_summary(cfg, data)
+        if g.train_on == "external" and pool is None:
+            raise ConfigError("generator.train_on: external, but no pool was read (load the "
+                              "data with ray_lt.data.external.attach_external)")
+        trained_on = ({"source": "long_tail", "images": int(data.class_counts.sum())}
+                      if pool is None else {"source": "external", **pool.as_dict()})
+        return fit_pixel_generator(data.split("external") if pool else data.train, g,
+                                   cfg.scaling, data.image_shape, num_conditions, cfg.seed,
+                                   out_dir, num_contexts=num_contexts, trained_on=trained_on)
 
     def build(self, cfg: Config, run_dir: Path, device: torch.device, info: dict[str, Any],
               sources: Any = None) -> Any:

@@ -25,10 +25,12 @@ COMMANDS: dict[str, tuple[Callable[..., object], str]] = {
                             "best_config.yaml"),
     "train": (commands.train, "train the classifier on the real data and evaluate it"),
     "train-generator": (commands.train_generator,
-                        "train the pixel diffusion model on the long-tailed training set"),
+                        "train the pixel diffusion model on the long-tailed training set or an "
+                        "external pool (generator.train_on)"),
     "synthesize": (commands.synthesize,
                    "sample feedback-guided synthetic images to the quotas (Ray Data actors)"),
-    "grid": (commands.grid, "PNG grid of one class's samples: criteria x guidance scales"),
+    "grid": (commands.grid, "one class at every guidance scale: the guidance sweep's plot and "
+                            "the sample grid"),
     "plan": (commands.plan_run, "read and check the data, then print the class-count profile, "
                                 "the synthetic quota, its disk size and an estimate of the "
                                 "sampler's GPU time; trains and samples nothing (--out: where "

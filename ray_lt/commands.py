@@ -101,8 +101,9 @@ def synthesize(cfg: Config, out_dir: Path) -> Path:
 
 @command("grid")
 def grid(cfg: Config, out_dir: Path) -> Path | None:
-    """PNG grid of one class's samples: rows = criteria, columns = guidance scales (drawn
-    whatever ``report.grid`` says)."""
+    """The guidance sweep of one class (``report/guidance_sweep.csv`` and ``.png``) and its
+    PNG grid: rows = criteria, columns = guidance scales (drawn whatever ``report.grid``
+    says)."""
     session = prepare(cfg, out_dir, needs=("synthesis",), command="grid")
     return run_stage(GRID, session, enabled=cfg.generator.OUTPUTS == "images")
 

@@ -456,7 +456,8 @@ def _grid(session: Session) -> Path:
         title += f" on {data.context_names[group % contexts]} " \
                  f"({int(data.group_counts[group])} training images)"
     else:
-        title += f" ({int(data.class_counts[label])} training images)"
+        count = int(data.class_counts[label])
+        title += f" ({count} training image{'s' if count != 1 else ''})"
     scales = s.sweep_and_grid_scales()
     task = ray.remote(draw_sweep).options(num_cpus=s.pool.cpus, num_gpus=s.pool.gpus)
     info = generator_info(data.class_names, data.context_names, data.image_shape[0])

@@ -349,7 +349,8 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
             table = table.drop(columns="judge_in_group")
         blocks += [Block("p", "The grid's class drawn with the same seeds at every scale, per "
                               "criterion: the guide's criterion on the final sample (what "
-                              "guidance raises), the share the guide and an independent judge "
+                              "guidance raises; mean and standard deviation over the samples), "
+                              "the share the guide and an independent judge "
                               "(an SVM on real validation and pool images) put in the class, "
                               "and the RMS pixel distance to the nearest training image of the "
                               f"class (held-out real images of it: {reference:.3f}; far below "

@@ -115,14 +115,15 @@ def test_the_report_shows_the_sweep_beside_the_grid(tmp_path):
                  str(out))
     (tmp_path / "report").mkdir()
     pd.DataFrame([{"criterion": "entropy", "scale": 0.1, "samples": 8, "guide_criterion": 0.5,
-                   "guide_in_class": 0.25, "judge_in_class": 0.875, "judge_in_group": None,
+                   "guide_criterion_sd": 0.0625, "guide_in_class": 0.25, "judge_in_class": 0.875,
+                   "judge_in_group": None,
                    "nearest_train": 0.1234, "in_grid": True, "held_out_nearest_train": 0.2}]
                  ).to_csv(tmp_path / "report" / "guidance_sweep.csv", index=False)
     metrics = {"overall": 0.8, "many": 0.9, "few": 0.4, "per_class": [0.8] * 10,
                "num_rows": 500}
     text = write_report(cfg, tmp_path, data, metrics, metrics).read_text()
     assert "## What guidance does" in text and "(held-out real images of it: 0.200;" in text
-    assert "| entropy | 0.100 | 8 | 0.500 | 0.250 | 0.875 | 0.123 |" in text
+    assert "| entropy | 0.100 | 8 | 0.500 | 0.062 | 0.250 | 0.875 | 0.123 |" in text
 
 
 @pytest.mark.parametrize("overrides, message", [

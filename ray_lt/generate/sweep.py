@@ -74,7 +74,7 @@ def _flat(images: np.ndarray) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255
     if x.shape[-1] > JUDGE_SIDE:
         x = F.adaptive_avg_pool2d(x, JUDGE_SIDE)
     return x.reshape(len(x), -1).numpy()
@@ -121,6 +121,7 @@ def sweep_table(drawn: dict[str, np.ndarray], criteria: list[str], scales: list[
             rows.append({
                 "criterion": name, "scale": scale, "samples": len(images),
                 "guide_criterion": float(drawn["criterion"][i, j].mean()),
+                "guide_criterion_sd": float(drawn["criterion"][i, j].std()),
                 "guide_in_class": float((drawn["guide"][i, j] == label).mean()),
                 "judge_in_class": float((label_of == label).mean()),
                 "judge_in_group": float((group_of == group).mean()) if group >= 0 else None,
@@ -144,7 +145,8 @@ def grid_columns(table: pd.DataFrame, drop: float, most: int) -> list[float]:
 
 
 def plot_sweep(table: pd.DataFrame, reference: float, path: Path, title: str) -> Path:
-    """Three panels against the guidance scale: the guide's criterion, the in-class rates
+    """Three panels against the guidance scale: the guide's criterion (its change from the
+    smallest scale, in that scale's standard deviations), the in-class rates
     (judge solid, guide dashed; judge in-group dotted), the distance to the nearest training
     image with the held-out images' distance as a line."""
     import matplotlib
@@ -160,7 +162,12 @@ def plot_sweep(table: pd.DataFrame, reference: float, path: Path, title: str) ->
     for k, (name, rows) in enumerate(table.groupby("criterion", sort=False)):
         colour = f"C{k}"
         rows = rows.sort_values("scale")
-        axes[0].plot(rows["scale"], rows["guide_criterion"], "o-", color=colour, label=name)
+        # Criteria differ in size by orders (hardness is a squared distance): each is shown
+        # as its mean's change from the smallest scale, in that scale's standard deviations.
+        first = rows.iloc[0]
+        change = (rows["guide_criterion"] - first["guide_criterion"]) / max(
+            first["guide_criterion_sd"], 1e-12)
+        axes[0].plot(rows["scale"], change, "o-", color=colour, label=name)
         axes[1].plot(rows["scale"], rows["judge_in_class"], "o-", color=colour,
                      label=f"{name}: judge")
         axes[1].plot(rows["scale"], rows["guide_in_class"], "s--", color=colour, alpha=0.6,
@@ -172,7 +179,7 @@ def plot_sweep(table: pd.DataFrame, reference: float, path: Path, title: str) ->
     if np.isfinite(reference):
         axes[2].axhline(reference, color="grey", linestyle="--",
                         label="held-out real images of the class")
-    labels = ("guide's criterion on the sample", "in-class rate",
+    labels = ("guide's criterion: change from unguided (SDs)", "in-class rate",
               "RMS distance to nearest training image")
     for ax, ylabel in zip(axes, labels, strict=True):
         ax.set_xscale("symlog", linthresh=linthresh)
@@ -180,7 +187,9 @@ def plot_sweep(table: pd.DataFrame, reference: float, path: Path, title: str) ->
         ax.set_xlabel("guidance scale")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=1.0)  # a few SDs and hundreds on one axis
     axes[1].set_ylim(-0.05, 1.05)
+    axes[2].set_ylim(bottom=0)
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=6, ncol=1)
     axes[2].legend(fontsize=7)

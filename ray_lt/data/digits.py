@@ -148,13 +148,11 @@ def digits_groups_tables(
     return tables
 
 
-def _pool_indices(seed: int, per_class: int) -> list[np.ndarray]:
+def _pool_indices(target: np.ndarray, seed: int, per_class: int) -> np.ndarray:
     """Each class's last ``per_class`` digits in the seed's order: the splits take theirs from
     the front, so the pool never shares an image with them while the config's check holds."""
-    from sklearn.datasets import load_digits
-
-    by_class = _shuffled_indices_by_class(load_digits().target, seed)
-    return [idx[len(idx) - per_class:] for idx in by_class]
+    by_class = _shuffled_indices_by_class(target, seed)
+    return np.concatenate([idx[len(idx) - per_class:] for idx in by_class])
 
 
 def digits_lt_pool(seed: int, per_class: int, image_size: int, channels: int) -> pd.DataFrame:
@@ -163,7 +161,7 @@ def digits_lt_pool(seed: int, per_class: int, image_size: int, channels: int) ->
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    idx = np.concatenate(_pool_indices(seed, per_class))
+    idx = _pool_indices(digits.target, seed, per_class)
     images = _render(digits.images[idx] / 16.0, image_size, np.zeros((len(idx), channels)),
                      np.ones((len(idx), channels)))
     return _table(images, digits.target[idx], np.full(len(idx), -1),
@@ -180,7 +178,7 @@ def digits_groups_pool(seed: int, context_names: list[str], per_class: int, imag
     digits = load_digits()
     colours = context_colours(context_names)
     n_ctx = len(context_names)
-    idx = np.repeat(np.concatenate(_pool_indices(seed, per_class)), n_ctx)
+    idx = np.repeat(_pool_indices(digits.target, seed, per_class), n_ctx)
     ctx = np.tile(np.arange(n_ctx), len(idx) // n_ctx)
     rng = np.random.default_rng(seed + 3)
     background = np.clip(colours[ctx] + rng.normal(0, 0.06, (len(idx), 3)), 0, 1)

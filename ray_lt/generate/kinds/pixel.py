@@ -33,7 +33,7 @@ class PixelKind(TrainedKind):
                               "data with ray_lt.data.external.attach_external)")
         trained_on = ({"source": "long_tail", "images": int(data.class_counts.sum())}
                       if pool is None else {"source": "external", **pool.as_dict()})
-        return fit_pixel_generator(data.split("external") if pool else data.train, g,
+        return fit_pixel_generator(data.split("external") if pool is not None else data.train, g,
                                    cfg.scaling, data.image_shape, num_conditions, cfg.seed,
                                    out_dir, num_contexts=num_contexts, trained_on=trained_on)
 

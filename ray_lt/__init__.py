@@ -2,9 +2,9 @@
 train and tune the classifier on the mix, on Ray.
 
 ``import ray_lt`` gives the Python API (``ray_lt.api``): ``load_config``, ``run``, ``train``,
-``train_generator``, ``synthesize``, ``grid``, ``tune`` and ``open_run``. They are imported on
-first use, so that importing a part of the package (the sampler, on a machine without Ray)
-stays light.
+``train_generator``, ``synthesize``, ``grid``, ``mine``, ``tune`` and ``open_run``. They are
+imported on first use, so that importing a part of the package (the sampler, on a machine
+without Ray) stays light.
 
 ``ray_lt.train`` and ``ray_lt.tune`` are the API's functions; the subpackages of the same
 names are imported by their full names (``from ray_lt.train import fit_classifier``).
@@ -15,7 +15,7 @@ import types
 
 __version__ = "0.1.0"
 
-__all__ = ["Run", "grid", "load_config", "open_run", "run", "synthesize", "train",
+__all__ = ["Run", "grid", "load_config", "mine", "open_run", "run", "synthesize", "train",
            "train_generator", "tune"]
 
 

@@ -26,7 +26,7 @@ from ray_lt.errors import ConfigError, require_stage
 from ray_lt.log import setup_console
 from ray_lt.stages import timings
 
-__all__ = ["Run", "grid", "load_config", "open_run", "run", "synthesize", "train",
+__all__ = ["Run", "grid", "load_config", "mine", "open_run", "run", "synthesize", "train",
            "train_generator", "tune"]
 
 ConfigLike = Config | str | Path | dict[str, Any]
@@ -84,6 +84,12 @@ def grid(config: ConfigLike, out: str | Path, overrides: list[str] | None = None
          ) -> Path | None:
     """``ray-lt grid``: the sample grid PNG (criteria x guidance scales)."""
     return _command(commands.grid, config, out, overrides)
+
+
+def mine(config: ConfigLike, out: str | Path, overrides: list[str] | None = None) -> Path:
+    """``ray-lt mine``: the last round's gaps in words and prompts made of them; the prompts
+    file ``out/mining/round<r>/prompts.jsonl``."""
+    return _command(commands.mine, config, out, overrides)
 
 
 def tune(config: ConfigLike, out: str | Path, overrides: list[str] | None = None) -> Any:

@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[Callable[..., object], str]] = {
                    "sample feedback-guided synthetic images to the quotas (Ray Data actors)"),
     "grid": (commands.grid, "one class at every guidance scale: the guidance sweep's plot and "
                             "the sample grid"),
+    "mine": (commands.mine, "describe the hardest and easiest samples of the mined classes "
+                            "with a local vision-language model, score the keywords that set "
+                            "them apart and write prompts from them (mining/round<r>/)"),
     "plan": (commands.plan_run, "read and check the data, then print the class-count profile, "
                                 "the synthetic quota, its disk size and an estimate of the "
                                 "sampler's GPU time; trains and samples nothing (--out: where "

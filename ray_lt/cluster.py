@@ -350,6 +350,8 @@ def check_cluster_resources(cfg: Config, capacity: Capacity | dict[str, float],
             log.warning(f"synthesis.num_actors: {s.num_actors} asked, {fit} fit beside the "
                         f"writer ({has}); the sampler pool runs with {fit}")
     pool("evaluate", cfg.evaluate.pool)
+    if "mining" in needs or (cfg.mining.enabled and "synthesis" in needs):
+        pool("mining", cfg.mining.pool)
     if problems:
         raise ConfigError("the Ray cluster cannot run this config\n  " + "\n  ".join(problems))
 

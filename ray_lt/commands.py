@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ray_lt.config import Config
-from ray_lt.errors import ConfigError, require_stage
+from ray_lt.errors import ConfigError, StageError, require_stage
 from ray_lt.generate.factory import check_generator
 from ray_lt.generate.plan import plan
 from ray_lt.log import close_log_files
@@ -25,6 +25,7 @@ from ray_lt.pipeline import (
     FILTER,
     GENERATOR,
     GRID,
+    MINING,
     RUN_STAGES,
     STATISTICS,
     SYNTHESIS,
@@ -92,11 +93,39 @@ def synthesize(cfg: Config, out_dir: Path) -> Path:
     """
     require_stage(Path(out_dir) / "classifier" / MODEL_FILE, "classifier", "ray-lt train")
     check_generator(cfg, Path(out_dir))
+    if cfg.mining.enabled:
+        from ray_lt.generate.mining import check_models
+
+        check_models(cfg)
     session = prepare(cfg, out_dir, needs=("synthesis",), command="synthesize",
                       stages=(SYNTHESIS, FILTER), check=lambda data: plan(cfg, data))
     for stage in (STATISTICS, SYNTHESIS, FILTER):
         run_stage(stage, session)
     return session.results[SYNTHESIS.name]
+
+
+@command("mine")
+def mine(cfg: Config, out_dir: Path) -> Path:
+    """Mine a finished synthesis (its last round, ``rounds.count``): the hardest and easiest
+    samples of each mined class described by ``mining.vlm``, the keywords between them scored
+    and ``mining.prompts`` prompts per class written to ``mining/round<r>/prompts.jsonl``,
+    which ``generator.prompts_file`` can name for a later ``ray-lt synthesize``. The models
+    and the finished round are checked before Ray starts."""
+    from ray_lt.generate.mining import check_models, round_shards
+    from ray_lt.generate.rounds import stored_plan
+
+    out_dir = Path(out_dir)
+    check_models(cfg, key="generator.kind")
+    require_stage(out_dir / "synthetic" / "plan.json", "synthesis", "ray-lt synthesize")
+    index = cfg.rounds.count
+    planned = [sh for sh in stored_plan(out_dir) if sh.get("round", 1) == index]
+    written = round_shards(out_dir, index)
+    if len(written) < len(planned) or not planned:
+        raise StageError(f"{out_dir / 'synthetic'}: round {index}'s synthesis is not finished "
+                         f"({len(written)} of {len(planned)} shards); run `ray-lt synthesize` "
+                         f"with the same --out first")
+    session = prepare(cfg, out_dir, needs=("mining",), command="mine")
+    return run_stage(MINING, session, f"mining.round{index}", index=index)
 
 
 @command("grid")

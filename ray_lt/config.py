@@ -837,6 +837,56 @@ class RoundsConfig(Strict):
     """Learning rate of those fine-tunes (no warm-up); null: ``train.lr``."""
 
 
+class MiningConfig(Strict):
+    """Generative data mining (LTG, docs/method.md §7): after each round but the last, a local
+    vision-language model describes each mined class's hardest and easiest samples, the
+    keywords that set the hard ones apart are scored, and prompts written from them drive the
+    next round (``ray-lt mine`` does the same on a finished run). Text-conditioned generators
+    only (unclip, sd, sdxl); nothing is downloaded."""
+
+    enabled: bool = False
+    """Mine between rounds (``rounds.count`` > 1)."""
+    classes: Literal["few", "all"] | list[int | str] = "few"
+    """The classes mined: ``few`` (fewer training images than evaluate.few_threshold),
+    ``all``, or a list of class names or indices."""
+    k: int = Field(8, ge=1)
+    """Samples in each of a class's two sets: the k its guide scored hardest (highest
+    criterion on the final sample) and the k easiest (fewer when the round drew fewer than 2k
+    of the class)."""
+    vlm: Path | None = None
+    """Local folder of a vision-language model for ``AutoProcessor`` +
+    ``AutoModelForImageTextToText`` (e.g. a LLaVA-1.6 or Qwen2-VL); required when mining."""
+    describe_prompt: str = Field("Describe this image in one sentence.", min_length=1)
+    """What the vision-language model is asked of every image."""
+    max_new_tokens: int = Field(48, ge=1)
+    """Tokens generated per description (and per prompt by ``mining.llm``), greedily."""
+    keywords: int = Field(8, ge=1)
+    """Keywords kept per class, best first."""
+    min_count: int = Field(2, ge=1)
+    """A keyword must be in at least this many of the hard set's descriptions."""
+    prior: float = Field(0.5, gt=0.0)
+    """Pseudo-count added to each count of the keywords' log-odds ratio."""
+    prompts: int = Field(40, ge=1)
+    """Prompts written per mined class (LTG's P = 40)."""
+    llm: Path | None = None
+    """Local folder of an instruct language model (``AutoModelForCausalLM`` with a chat
+    template) that writes the prompts from the keywords; null: templates over the
+    keywords."""
+    num_actors: int = Field(1, ge=1)
+    """Actors of the mining pool (each loads the models once)."""
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    """CPUs of each mining actor."""
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    """GPUs of each mining actor (0: the models run on CPUs)."""
+    batch_size: int = Field(8, ge=1)
+    """Images described per forward pass."""
+
+    @property
+    def pool(self) -> Pool:
+        """The mining actor pool."""
+        return Pool(self.num_actors, self.cpus_per_actor, self.gpus_per_actor, self.batch_size)
+
+
 class ReportConfig(Strict):
     """What ``ray-lt run`` puts in ``report.md`` / ``report.html`` besides the metrics."""
 
@@ -978,6 +1028,8 @@ class Config(Strict):
     """The classifier trained on real + synthetic data."""
     rounds: RoundsConfig = Field(default_factory=RoundsConfig)
     """Closed-loop synthesis rounds."""
+    mining: MiningConfig = Field(default_factory=MiningConfig)
+    """What the guide's hardest samples have in common, in words, and the prompts made of it."""
     report: ReportConfig = Field(default_factory=ReportConfig)
     """What the report shows."""
     tune: TuneSection = Field(default_factory=TuneSection)
@@ -1051,6 +1103,26 @@ class Config(Strict):
         elif g.external is None:
             raise ValueError(f"generator.external: generator.train_on: external on dataset.kind "
                              f"{d.kind!r} needs the pool's folder or manifest")
+        return self
+
+    @model_validator(mode="after")
+    def _mining_fits(self) -> Config:
+        m = self.mining
+        if not m.enabled:
+            return self
+        if not isinstance(self.generator, PretrainedSection):
+            kinds = [k for k, cls in GENERATOR_SECTIONS.items()
+                     if issubclass(cls, PretrainedSection)]
+            raise ValueError(f"mining.enabled: mining writes prompts, and generator.kind "
+                             f"{self.generator.kind!r} takes none; use a kind that takes "
+                             f"prompts ({', '.join(kinds)}) or set mining.enabled: false")
+        if self.rounds.count < 2:
+            raise ValueError("mining.enabled: mining runs between rounds, and rounds.count is "
+                             "1; set rounds.count to 2 or more, or run `ray-lt mine` on the "
+                             "finished run")
+        if m.vlm is None:
+            raise ValueError("mining.vlm: mining.enabled needs the local folder of a "
+                             "vision-language model (AutoModelForImageTextToText)")
         return self
 
     @model_validator(mode="after")

@@ -43,6 +43,15 @@ from ray_lt.generate.criteria import check_covariance_size
 from ray_lt.generate.factory import check_generator, generator_info
 from ray_lt.generate.filtering import filter_synthetic
 from ray_lt.generate.kinds import generator_kind
+from ray_lt.generate.mining import (
+    MINING_DIR,
+    PROMPTS_FILE,
+    check_models,
+    mine,
+    mined,
+    mining_dir,
+    next_round_prompts,
+)
 from ray_lt.generate.plan import check_counts
 from ray_lt.generate.rounds import (
     ROUNDS_DIR,
@@ -229,6 +238,8 @@ def check_run_config(cfg: Config) -> None:
     kind.check_config(cfg)
     if not cfg.generator.TRAINED:
         kind.check(cfg, None)
+    if cfg.mining.enabled:
+        check_models(cfg)
 
 
 # -- what each stage does ---------------------------------------------------------------------
@@ -355,17 +366,30 @@ def _synthesis(session: Session) -> Path:
     if count == 1:
         counts = run_synthesis(cfg, data, out)
     else:
+        sampling = cfg
         for index in range(1, count + 1):
-            run_synthesis(cfg, data, out, index, round_guide(out, index))
+            run_synthesis(sampling, data, out, index, round_guide(out, index))
             if index < count:
                 guide = run_stage(FINE_TUNE, session, f"fine_tune.round{index}", index=index)
                 criterion_support(cfg, out, data, guide)
+                if cfg.mining.enabled:
+                    run_stage(MINING, session, f"mining.round{index}", index=index)
+                    sampling = cfg.model_copy(update={"generator": cfg.generator.model_copy(
+                        update={"prompts_file": next_round_prompts(cfg, out, index,
+                                                          data.class_names)})})
         counts = check_counts(out / SYNTHETIC_DIR, stored_plan(out))
         table = write_round_summary(out, count)
         log.info(f"rounds:\n{table.to_string(index=False)}\n-> "
                  f"{out / ROUNDS_DIR / 'rounds.csv'}")
     log.info(f"synthetic rows: {int(counts['written'].sum())} in {out / SYNTHETIC_DIR}")
     return out / SYNTHETIC_DIR
+
+
+def _mine(session: Session, index: int) -> Path:
+    """After round ``index``: its hardest and easiest samples per mined class described, the
+    keywords between them scored, and the next round's prompts written (``mining/round<r>``)."""
+    data = session.data
+    return mine(session.cfg, data.class_names, data.class_counts, session.out_dir, index)
 
 
 def _filter(session: Session) -> Path:
@@ -511,6 +535,7 @@ def _report(session: Session) -> Path:
 # -- the registry -------------------------------------------------------------------------------
 
 _DATA_EXCLUDED = ("dataset.verify_images", "generator.threads")
+_MINING_RESOURCES = ("mining.num_actors", "mining.cpus_per_actor", "mining.gpus_per_actor")
 _SAMPLER_RESOURCES = ("synthesis.num_actors", "synthesis.cpus_per_actor",
                       "synthesis.gpus_per_actor", "synthesis.writer_cpus",
                       "synthesis.writer_actors", "synthesis.batch_size",
@@ -585,8 +610,9 @@ GENERATOR = Stage(
     after=_generator_reads, note=lambda cfg: cfg.generator.kind, done="already trained")
 SYNTHESIS = Stage(
     "synthesis", "synthesis", _synthesis,
-    keys=(("seed", "dataset.", "generator.", "synthesis.", "rounds."),
-          _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.filter.", "synthesis.grid_")),
+    keys=(("seed", "dataset.", "generator.", "synthesis.", "rounds.", "mining."),
+          _DATA_EXCLUDED + _SAMPLER_RESOURCES + _MINING_RESOURCES + ("synthesis.filter.",
+                                                                       "synthesis.grid_")),
     output=lambda cfg, out: out / SYNTHETIC_DIR if (out / SYNTHETIC_DIR).exists()
     or not (out / ROUNDS_DIR).exists() else out / ROUNDS_DIR,
     needs=("synthesis",), after=("statistics", "generator"),
@@ -598,6 +624,13 @@ FINE_TUNE = Stage(
     "fine_tune", "guide fine-tune", _fine_tune, keys=(("rounds.epochs", "rounds.lr"), ()),
     complete=_fine_tuned, load=lambda s, index: round_dir(s.out_dir, index) / "classifier",
     needs=("train",), holds=_training, after=("synthesis",))
+MINING = Stage(
+    "mining", "mining", _mine, keys=(("mining.",), _MINING_RESOURCES + ("mining.enabled",)),
+    output=lambda cfg, out: out / MINING_DIR,
+    complete=lambda s, index: mined(s.out_dir, index),
+    load=lambda s, index: mining_dir(s.out_dir, index) / PROMPTS_FILE,
+    needs=("mining",), holds=lambda cfg: _total(cfg.mining.pool), after=("synthesis",),
+    done="already done")
 FILTER = Stage(
     "filter", "filter", _filter, keys=(("synthesis.filter.",), ()),
     output=lambda cfg, out: out / SYNTHETIC_DIR / FILTER_FILE,
@@ -606,7 +639,8 @@ FILTER = Stage(
 FINAL = Stage(
     "final", "final classifier", _final,
     keys=(("seed", "dataset.", "model.", "train.", "final.", "generator.", "synthesis.",
-           "rounds."), _DATA_EXCLUDED + _SAMPLER_RESOURCES + ("synthesis.grid_",)),
+           "rounds.", "mining."),
+          _DATA_EXCLUDED + _SAMPLER_RESOURCES + _MINING_RESOURCES + ("synthesis.grid_",)),
     output=lambda cfg, out: out / FINAL_DIR,
     complete=lambda s: (s.out_dir / FINAL_DIR / "classifier" / MODEL_FILE).is_file(),
     load=lambda s: s.out_dir / FINAL_DIR / "classifier",
@@ -635,7 +669,8 @@ REPORT = Stage(
     "report", "report", _report, after=("baseline_evaluation", "evaluation", "grid", "quality"))
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    CLASSIFIER, BASELINE_EVALUATION, STATISTICS, GENERATOR, SYNTHESIS, FINE_TUNE, FILTER,
-    FINAL, EVALUATION, GRID, QUALITY, REPORT)}
-"""Every stage, in the order ``ray-lt run`` runs them (``fine_tune`` inside ``synthesis``)."""
-RUN_STAGES = tuple(stage for stage in STAGES.values() if stage is not FINE_TUNE)
+    CLASSIFIER, BASELINE_EVALUATION, STATISTICS, GENERATOR, SYNTHESIS, FINE_TUNE, MINING,
+    FILTER, FINAL, EVALUATION, GRID, QUALITY, REPORT)}
+"""Every stage, in the order ``ray-lt run`` runs them (``fine_tune`` and ``mining`` inside
+``synthesis``)."""
+RUN_STAGES = tuple(stage for stage in STAGES.values() if stage not in (FINE_TUNE, MINING))

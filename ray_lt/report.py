@@ -248,6 +248,52 @@ def rounds_blocks(cfg: Config, run_dir: Path) -> list[Block]:
     return blocks
 
 
+def mining_blocks(run_dir: Path, class_names: list[str]) -> list[Block]:
+    """"What the model misses": per mined round, each class's keywords (the words that mark
+    the guide's hardest samples against its easiest, with their scores), three of the prompts
+    written from them, the hardest samples beside the easiest, and the guide's Few accuracy
+    per round."""
+    from ray_lt.generate.mining import FIGURE_FILE, MINING_DIR, PROMPTS_FILE, read_entries
+
+    folders = sorted((Path(run_dir) / MINING_DIR).glob("round*"),
+                     key=lambda p: int(p.name.removeprefix("round") or 0))
+    folders = [f for f in folders if (f / PROMPTS_FILE).is_file()]
+    if not folders:
+        return []
+    blocks = [Block("h2", "What the model misses"),
+              Block("p", "After a round, the guide's hardest samples of each mined class "
+                         "(highest criterion on the final sample) and its easiest were "
+                         "described by a vision-language model; the keywords are the words "
+                         "that mark the hard descriptions against the easy ones (a smoothed "
+                         "log-odds z-score each), and the prompts written from them drove the "
+                         "next round.")]
+    rounds_csv = Path(run_dir) / ROUNDS_DIR / SUMMARY_FILE
+    if rounds_csv.is_file():
+        table = pd.read_csv(rounds_csv)
+        if "val_few" in table and table["val_few"].notna().any():
+            few = ", ".join(f"round {int(r)}: {v:.3f}" for r, v in
+                            zip(table["round"], table["val_few"], strict=True) if pd.notna(v))
+            blocks.append(Block("p", f"Few accuracy (validation) of each round's guide: "
+                                     f"{few}."))
+    for folder in folders:
+        entries = read_entries(folder / PROMPTS_FILE)
+        rows = [{"class": e["class"],
+                 "keywords (score)": ", ".join(f"{w} ({score:.2f})" for w, score
+                                               in e.get("keywords", [])),
+                 "new prompts (3 of {})".format(len(e["prompts"])): " / ".join(
+                     p.format(class_name=e["class"], context="") for p in e["prompts"][:3])}
+                for e in entries]
+        blocks.append(Block("p", f"Mined after {folder.name.replace('round', 'round ')}: "
+                                 f"{len(entries)} classes (mining/{folder.name}/)."))
+        if rows:
+            blocks.append(Block("table", pd.DataFrame(rows)))
+        if (folder / FIGURE_FILE).is_file():
+            blocks.append(Block("image", f"{MINING_DIR}/{folder.name}/{FIGURE_FILE}",
+                                "per class: the four hardest samples (left) beside the four "
+                                "easiest (right)"))
+    return blocks
+
+
 def generator_source(run_dir: Path, data: LongTailData) -> str:
     """What the trained generator learnt from (its ``training.json``), in a sentence; empty for
     a pretrained generator or one trained before this was recorded."""
@@ -334,6 +380,7 @@ def write_report(cfg: Config, run_dir: Path, data: LongTailData, baseline: dict[
     if mosaic is not None:
         blocks.append(Block("image", str(mosaic.relative_to(run_dir)), "synthetic samples"))
     blocks += rounds_blocks(cfg, run_dir)
+    blocks += mining_blocks(run_dir, data.class_names)
     grids = sorted(run_dir.glob("grid_class*.png"))
     sweep = folder / SWEEP_FILE
     if grids or sweep.is_file():

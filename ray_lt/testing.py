@@ -189,3 +189,89 @@ def save_tiny(out: Path, kind: str = "sd", seed: int = 0, prediction_type: str =
         pipeline = StableDiffusionXLPipeline(**tiny_sdxl_components(seed), add_watermarker=False)
     pipeline.save_pretrained(out)
     return Path(out)
+
+
+# -- tiny language models for mining -----------------------------------------------------------
+
+WORDS = ("a an the of that with and in on at photo image describe this one sentence shows dark "
+         "light red green blue white black grey small large round thin thick bright blurry "
+         "stroke digit shape background left right top bottom curved straight line lines loop "
+         "open closed sharp faint pale wide narrow tilted upright corner center edge ground "
+         "sky sand grass texture pattern smooth rough . , :").split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}user : "
+    "{% if m['content'] is string %}{{ m['content'] }} {% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% endif %}{% else %}assistant : {% if m['content'] is string %}{{ m['content'] }} "
+    "{% else %}{% for c in m['content'] %}{{ c['text'] }} {% endfor %}{% endif %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def word_tokenizer() -> Any:
+    """A word-level fast tokenizer over ``WORDS`` (and ``user``, ``assistant``, ``<image>``)
+    with a chat template, built in memory: a tiny random model's text is then words."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*special, "user", "assistant", *WORDS]))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # words joined by spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                   pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens={"image_token": "<image>"})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _llama_config(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                       max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def save_tiny_vlm(out: Path, seed: int = 0) -> Path:
+    """A tiny random LLaVA (CLIP vision tower, Llama text model, word-level tokenizer) saved
+    with its processor, where ``mining.vlm`` can name it."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = word_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=16, patch_size=8,
+                              projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=_llama_config(tokenizer),
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                           crop_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)
+
+
+def save_tiny_llm(out: Path, seed: int = 0) -> Path:
+    """A tiny random Llama causal language model with the word-level tokenizer and its chat
+    template, where ``mining.llm`` can name it."""
+    from transformers import LlamaForCausalLM
+
+    tokenizer = word_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(_llama_config(tokenizer))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return Path(out)

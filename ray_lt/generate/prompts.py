@@ -1,6 +1,7 @@
 """Text prompts of the pretrained generators: templates with ``{class_name}`` and ``{context}``,
 one drawn per sample by its seed, and a per-class prompt file (JSON lines) that overrides the
-templates for the classes it names.
+templates for the classes it names (``ray-lt mine`` writes one, each line with the keywords and
+samples its prompts came from).
 
     {"class": "goldfish", "prompts": ["a photo of a {class_name} in a bowl", "a goldfish"]}
     {"class": 7, "prompts": ["a close-up photo of a {class_name}"]}
@@ -17,6 +18,7 @@ from ray_lt.errors import ConfigError
 from ray_lt.generate.base import sample_generators
 
 PROMPT_STREAM = 2  # the per-sample generator stream of the template draw
+MINED_KEYS = ("keywords", "hard", "easy")  # what `ray-lt mine` adds to each line
 
 
 def _check_template(template: str, where: str) -> None:
@@ -89,9 +91,11 @@ def read_prompts_file(path: str | Path, class_names: list[str]) -> dict[int, lis
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{where}: not a JSON object ({err.msg})") from None
-        if not isinstance(entry, dict) or set(entry) != {"class", "prompts"}:
+        if not isinstance(entry, dict) or not {"class", "prompts"} <= set(entry) or \
+                set(entry) - {"class", "prompts", *MINED_KEYS}:
             raise ConfigError(f'{where}: expected {{"class": NAME or INDEX, "prompts": '
-                              f'[TEMPLATE, ...]}}')
+                              f'[TEMPLATE, ...]}} (a mined file may add '
+                              f'{", ".join(MINED_KEYS)})')
         key, prompts = entry["class"], entry["prompts"]
         if isinstance(key, bool) or not isinstance(key, int | str):
             raise ConfigError(f"{where}: class {key!r} is not a class name or index")

@@ -24,10 +24,24 @@ log = logging.getLogger(__name__)
 _state = {"verbose": False}
 # Ray's driver-side loggers kept below WARNING on the console unless verbose.
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
+# "ray" and "ray.data" pass nothing on to their parents: the run's log file is on both.
 
 
 def verbose() -> bool:
     return _state["verbose"]
+
+
+class _NoCpuSnapshot(logging.Filter):
+    """Ray Data's warning that the cluster "does not have any available CPUs" and "the
+    Dataset job will hang": a snapshot, true for a moment while stages run side by side or
+    an autoscaling cluster adds its nodes, after ``check_cluster_resources`` has refused any
+    config the cluster can never run. Turned into a DEBUG line: the log file keeps it, the
+    terminal does not show it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "Dataset job will hang" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
 
 
 def setup_console(verbose: bool = False) -> None:
@@ -46,6 +60,11 @@ def setup_console(verbose: bool = False) -> None:
     # Ray Data's one warning that its progress bars are off: they are off on purpose here.
     logging.getLogger("ray.data._internal.progress").setLevel(
         logging.INFO if verbose else logging.ERROR)
+    dataset = logging.getLogger("ray.data.dataset")
+    for existing in [f for f in dataset.filters if isinstance(f, _NoCpuSnapshot)]:
+        dataset.removeFilter(existing)
+    if not verbose:
+        dataset.addFilter(_NoCpuSnapshot())
 
 
 def log_to_file(run_dir: Path) -> Path:
@@ -58,7 +77,7 @@ def log_to_file(run_dir: Path) -> Path:
     name = f"{_FILE}{path}"
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     close_log_files(keep=name)
-    for logger_name in ("ray_lt", *RAY_LOGGERS[:1]):
+    for logger_name in ("ray_lt", *RAY_LOGGERS[:2]):
         logger = logging.getLogger(logger_name)
         if any(h.get_name() == name for h in logger.handlers):
             continue
@@ -72,7 +91,7 @@ def log_to_file(run_dir: Path) -> Path:
 
 def close_log_files(keep: str | None = None) -> None:
     """Remove and close every run directory's file handler (but ``keep``'s)."""
-    for logger_name in ("ray_lt", *RAY_LOGGERS[:1]):
+    for logger_name in ("ray_lt", *RAY_LOGGERS[:2]):
         logger = logging.getLogger(logger_name)
         for handler in list(logger.handlers):
             name = handler.get_name() or ""

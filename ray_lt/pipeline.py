@@ -389,7 +389,8 @@ def _mine(session: Session, index: int) -> Path:
     """After round ``index``: its hardest and easiest samples per mined class described, the
     keywords between them scored, and the next round's prompts written (``mining/round<r>``)."""
     data = session.data
-    return mine(session.cfg, data.class_names, data.class_counts, session.out_dir, index)
+    return mine(session.cfg, data.class_names, data.class_counts, session.out_dir, index,
+                data.context_names)
 
 
 def _filter(session: Session) -> Path:

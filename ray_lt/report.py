@@ -281,7 +281,8 @@ def mining_blocks(run_dir: Path, class_names: list[str]) -> list[Block]:
                  "keywords (score)": ", ".join(f"{w} ({score:.2f})" for w, score
                                                in e.get("keywords", [])),
                  "new prompts (3 of {})".format(len(e["prompts"])): " / ".join(
-                     p.format(class_name=e["class"], context="") for p in e["prompts"][:3])}
+                     p.format(class_name=e["class"], context="<context>")
+                     for p in e["prompts"][:3])}
                 for e in entries]
         blocks.append(Block("p", f"Mined after {folder.name.replace('round', 'round ')}: "
                                  f"{len(entries)} classes (mining/{folder.name}/)."))

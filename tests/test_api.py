@@ -5,6 +5,7 @@ disk-full check."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 
@@ -19,7 +20,7 @@ from ray_lt.commands import command
 from ray_lt.config import load_config
 from ray_lt.data import load_dataset
 from ray_lt.errors import ConfigError, StageError
-from ray_lt.log import LOG_DIR, LOG_FILE, log_to_file
+from ray_lt.log import LOG_DIR, LOG_FILE, close_log_files, log_to_file
 
 CONFIG = ROOT / "configs" / "digits_lt.yaml"
 
@@ -148,3 +149,29 @@ def test_a_full_disk_is_recognised_through_the_error_that_carries_it():
     assert _disk_full(RuntimeError("... OSError: [Errno 28] No space left on device: 'x'"))
     assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
     assert not _disk_full(RuntimeError("a writer failed"))
+
+
+def test_ray_datas_no_cpu_snapshot_goes_to_the_log_file_not_the_terminal(tmp_path, capsys):
+    """Ray Data's "no available CPUs ... the Dataset job will hang" warning is a moment's
+    snapshot while stages share the cluster: the run's log file keeps it as a DEBUG line, the
+    terminal does not show it; other Ray Data warnings still show."""
+    import ray.data  # noqa: F401  (Ray Data's own logging set up, as in a run)
+
+    from ray_lt.log import setup_console
+
+    setup_console()
+    path = log_to_file(tmp_path)
+    emitter = logging.getLogger("ray.data.dataset")
+    capture = logging.StreamHandler(stream := io.StringIO())
+    capture.setLevel(logging.INFO)  # a terminal handler, as Ray's own
+    emitter.addHandler(capture)
+    try:
+        emitter.warning("Warning: The Ray cluster currently does not have any available CPUs. "
+                        "The Dataset job will hang unless more CPUs are freed up.")
+        emitter.warning("another Ray Data warning")
+    finally:
+        emitter.removeHandler(capture)
+        close_log_files()
+    shown = stream.getvalue() + capsys.readouterr().out
+    assert "will hang" not in shown and "another Ray Data warning" in shown
+    assert "DEBUG ray.data.dataset: Warning: The Ray cluster" in path.read_text()

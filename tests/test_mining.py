@@ -192,6 +192,12 @@ def test_mining_refuses_generators_without_prompts_and_bad_model_folders(tmp_pat
     with pytest.raises(ConfigError, match="mining.llm: .*bare: its tokenizer has no chat "
                                           "template"):
         check_models(_mining_config(tmp_path, tiny_models, f"mining.llm={bare}"))
+    from ray_lt.tune.search import search_space
+
+    with pytest.raises(ConfigError, match=r"tune.space.rounds: \[1, 3\] holds 1 round, and "
+                                          r"mining.enabled mines between rounds"):
+        search_space(_mining_config(tmp_path, tiny_models, "rounds.count=3",
+                                    "tune.space.rounds=[3, 1]"))
     digits = load_config(ROOT / "configs" / "digits_lt.yaml")
     with pytest.raises(ConfigError, match="generator.kind: mining writes prompts, and "
                                           "generator.kind 'pixel' takes none"):

@@ -132,7 +132,7 @@ def test_mining_between_rounds_prompts_the_next_round_and_reruns_nothing(run, tm
     mining = [*settings, "synthesis.quota_scale=0.008", "rounds.count=2", "rounds.epochs=1",
               "scaling.num_workers=1", "scaling.cpus_per_worker=0.5",
               "scaling.gpus_per_worker=0", "train.batch_size=32", "train.warmup_epochs=0",
-              "tune.space.criteria=[entropy]",  # no class statistics to fit for the guides
+              "tune.space.criteria=null",  # no class statistics to fit for the guides
               "mining.enabled=true", f"mining.vlm={vlm}", f"mining.llm={llm}",
               "mining.classes=all", "mining.k=2", "mining.min_count=1", "mining.prompts=4",
               "mining.max_new_tokens=6",

@@ -287,7 +287,9 @@ class Describer:
         for chunk_rows, chunk_images in zip(batch["rows"], batch["images"], strict=True):
             images = [Image.open(io.BytesIO(b)).convert("RGB") for b in chunk_images]
             inputs = self.processor(images=images, text=[self.text] * len(images),
-                                    return_tensors="pt", padding=True).to(self.device)
+                                    return_tensors="pt", padding=True)
+            # pixel values in the model's precision (bf16 on a GPU); token ids stay integers
+            inputs = inputs.to(self.device, dtype=self.model.dtype)
             with torch.inference_mode():
                 out = self.model.generate(**inputs, do_sample=False, num_beams=1,
                                           max_new_tokens=self.max_new_tokens)
@@ -519,9 +521,10 @@ def write_prompts_file(path: Path, entries: list[dict[str, Any]]) -> Path:
 
 
 def mine(cfg: Config, class_names: list[str], class_counts: np.ndarray, run_dir: Path,
-         index: int) -> Path:
+         index: int, context_names: list[str] | None = None) -> Path:
     """The mining after round ``index`` into ``mining/round<index>/``; returns its prompts
-    file."""
+    file. With ``context_names`` (a data set of class x context groups) every prompt ends in
+    ", {context}", so that each group's samples are still prompted with their context."""
     import logging
 
     log = logging.getLogger(__name__)
@@ -578,6 +581,8 @@ def mine(cfg: Config, class_names: list[str], class_counts: np.ndarray, run_dir:
         have += [t for t in template_prompts(words, m.prompts) if t not in have][
             :m.prompts - len(have)]
 
+    if context_names:
+        prompts = {label: [f"{p}, {{context}}" for p in texts] for label, texts in prompts.items()}
     entries = []
     for label, words in chosen.items():
         if not prompts.get(label):

@@ -88,6 +88,10 @@ def search_space(cfg: Config) -> dict[str, Any]:
             raise ConfigError(f"tune.space.rounds: the {cfg.generator.kind} generator's "
                               f"pseudo-features train a head, not a guide to fine-tune; set it "
                               f"to null")
+        if cfg.mining.enabled and min(sp.rounds) < 2:
+            raise ConfigError(f"tune.space.rounds: {sorted(set(sp.rounds))} holds 1 round, and "
+                              f"mining.enabled mines between rounds; search 2 rounds or more, "
+                              f"or set mining.enabled: false")
         space.setdefault("rounds", {})["count"] = tune.choice(sorted(set(sp.rounds)))
     if sp.final_group_objective:
         space.setdefault("final", {})["group_objective"] = tune.choice(

@@ -562,7 +562,7 @@ class PretrainedSection(GeneratorSection):
     are filled in (``{context}`` needs a data set with contexts)."""
     prompts_file: Path | None = None
     """JSON lines ``{"class": name or index, "prompts": [template, ...]}``: those classes use
-    these templates instead of ``prompts``; null: none."""
+    these templates instead of ``prompts`` (``ray-lt mine`` writes one); null: none."""
     negative_prompt: str = ""
     """The prompt of classifier-free guidance's unconditional branch (``synthesis.cfg_scale``);
     empty by default."""

@@ -280,7 +280,8 @@ def mining_blocks(run_dir: Path, class_names: list[str]) -> list[Block]:
         rows = [{"class": e["class"],
                  "keywords (score)": ", ".join(f"{w} ({score:.2f})" for w, score
                                                in e.get("keywords", [])),
-                 "new prompts (3 of {})".format(len(e["prompts"])): " / ".join(
+                 "prompts": len(e["prompts"]),
+                 "three of them": " / ".join(
                      p.format(class_name=e["class"], context="<context>")
                      for p in e["prompts"][:3])}
                 for e in entries]

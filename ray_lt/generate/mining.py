@@ -643,6 +643,7 @@ def plot_sets(sets: pd.DataFrame, images: list[bytes], class_names: list[str], p
     labels = sorted(sets["label"].unique())[:max_classes]
     if not labels:
         return None
+    per_set = min(per_set, int(sets.groupby(["label", "set"]).size().max()))
     cols = 2 * per_set + 1
     fig, axes = plt.subplots(len(labels), cols, figsize=(cols * 0.9, len(labels) * 1.0 + 0.5),
                              squeeze=False)

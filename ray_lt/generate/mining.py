@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
 import time
@@ -51,6 +52,7 @@ PROMPTS_FILE = "prompts.jsonl"
 FIGURE_FILE = "hard_easy.png"
 RECORD_FILE = "mining.json"
 NEXT_PROMPTS_FILE = "next_round_prompts.jsonl"
+log = logging.getLogger(__name__)
 PROMPT_START = "a photo of a {class_name} that"
 
 # Words that say nothing about an image's content; never keywords, and no word pair holds one.
@@ -300,12 +302,10 @@ class Describer:
         return {"row": np.asarray(rows, dtype=np.int64), "text": np.asarray(texts, dtype=object)}
 
 
-def _chunks(items: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
-    """``items`` cut into chunks of ``size`` in order, one Ray Data row per chunk."""
-    return [{"rows": [i for i in range(start, min(start + size, len(items)))],
-             "images": [items[i]["image"] for i in range(start, min(start + size,
-                                                                     len(items)))]}
-            for start in range(0, len(items), size)]
+def _chunks(images: list[bytes], size: int) -> list[dict[str, Any]]:
+    """``images`` cut into chunks of ``size`` in order, one Ray Data row per chunk."""
+    return [{"rows": list(range(start, min(start + size, len(images)))),
+             "images": images[start:start + size]} for start in range(0, len(images), size)]
 
 
 def describe(images: list[bytes], cfg: Config) -> list[str]:
@@ -315,7 +315,7 @@ def describe(images: list[bytes], cfg: Config) -> list[str]:
     m = cfg.mining
     if not images:
         return []
-    chunks = _chunks([{"image": b} for b in images], m.batch_size)
+    chunks = _chunks(images, m.batch_size)
     pool = m.pool
     dataset = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 4 * pool.size))
     args = {**pool.map_batches_args(), "batch_size": 1}
@@ -525,9 +525,6 @@ def mine(cfg: Config, class_names: list[str], class_counts: np.ndarray, run_dir:
     """The mining after round ``index`` into ``mining/round<index>/``; returns its prompts
     file. With ``context_names`` (a data set of class x context groups) every prompt ends in
     ", {context}", so that each group's samples are still prompted with their context."""
-    import logging
-
-    log = logging.getLogger(__name__)
     m, started = cfg.mining, time.perf_counter()
     folder = mining_dir(run_dir, index)
     folder.mkdir(parents=True, exist_ok=True)
@@ -567,8 +564,7 @@ def mine(cfg: Config, class_names: list[str], class_counts: np.ndarray, run_dir:
             for text in llm_requests(name, words, hard.tolist(), m.prompts):
                 requests.append({"label": label, "request": text,
                                  "start": f"A photo of {name} that"})
-        replies = llm_prompts([{"request": r["request"], "start": r["start"]}
-                               for r in requests], cfg)
+        replies = llm_prompts(requests, cfg)
         for r, reply in zip(requests, replies, strict=True):
             template = as_template(f"A photo of {class_names[r['label']]} that {reply}",
                                    class_names[r["label"]])

@@ -10,6 +10,10 @@ classifier is the run's baseline, trained by ``ray-lt train``::
 
 Scale (``--scale``): the tied fit streamed over Parquet files of ImageNet-LT's size (115,846
 random 2,048-d float32 features, 1,000 classes): wall time, peak RSS, statistics file size.
+With ``--head-epochs N`` also the epistemic head behind ``total_uncertainty`` (K =
+``--heads`` linear heads, the statistics stage's 30 epochs) over the same rows: N epochs timed,
+the 30 extrapolated. A run whose criteria are entropy + hardness fits the statistics alone;
+before, every run also fitted the head, in the driver.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ray_lt.generate.criteria import (
     ClassStatistics,
     fit_class_statistics,
     fit_class_statistics_streamed,
+    fit_epistemic_head_streamed,
     hardness,
 )
 from ray_lt.generate.statistics import FEATURES_DIR, feature_batches, feature_table
@@ -101,7 +106,11 @@ def digits(run: Path) -> None:
     print(f"| all | {counts.sum()} |{cells}")
 
 
-def scale(rows: int, dim: int, classes: int, chunk: int, seed: int) -> None:
+HEAD_EPOCHS = 30  # fit_epistemic_head_streamed's default, the statistics stage's setting
+
+
+def scale(rows: int, dim: int, classes: int, chunk: int, seed: int, head_epochs: int = 0,
+          heads: int = 5) -> None:
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / FEATURES_DIR
@@ -125,6 +134,11 @@ def scale(rows: int, dim: int, classes: int, chunk: int, seed: int) -> None:
         fitted = time.perf_counter() - start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
         size = path.stat().st_size
+        if head_epochs:
+            start = time.perf_counter()
+            fit_epistemic_head_streamed(feature_batches(Path(tmp)), classes, k=heads,
+                                        epochs=head_epochs, seed=seed)
+            head = time.perf_counter() - start
     full = classes * dim**2 * 4 + classes * dim * 4 + classes * 4
     print(f"scale: {rows} rows x {dim} float32 features, {classes} classes; Parquet "
           f"{features_size / 2**20:.0f} MiB written in {written:.1f} s")
@@ -133,6 +147,14 @@ def scale(rows: int, dim: int, classes: int, chunk: int, seed: int) -> None:
     print(f"peak RSS: {rss:.0f} MiB (before the fit: {rss_before:.0f} MiB)")
     print(f"statistics file: {size / 2**20:.1f} MiB tied; full form would be "
           f"{full / 2**30:.2f} GiB ({full / 1e9:.1f} GB)")
+    if head_epochs:
+        whole = head / head_epochs * HEAD_EPOCHS
+        print(f"epistemic head (K={heads}, {dim} -> {classes}), {head_epochs} of its "
+              f"{HEAD_EPOCHS} epochs: {head:.1f} s; all {HEAD_EPOCHS}: {whole:.0f} s "
+              f"(extrapolated)")
+        print(f"support for entropy + hardness: {fitted:.1f} s (statistics only) against "
+              f"{fitted + whole:.0f} s when the head is fitted too, "
+              f"{(fitted + whole) / fitted:.0f}x")
 
 
 def main() -> None:
@@ -145,13 +167,17 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-epochs", type=int, default=0,
+                        help="with --scale: also time this many epochs of the epistemic head")
+    parser.add_argument("--heads", type=int, default=5, help="K of the epistemic head")
     args = parser.parse_args()
     if args.run is None and not args.scale:
         parser.error("give --run DIR, --scale or both")
     if args.run is not None:
         digits(args.run)
     if args.scale:
-        scale(args.rows, args.dim, args.classes, args.chunk, args.seed)
+        scale(args.rows, args.dim, args.classes, args.chunk, args.seed, args.head_epochs,
+              args.heads)
 
 
 if __name__ == "__main__":

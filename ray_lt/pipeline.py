@@ -295,12 +295,19 @@ def criterion_support(cfg: Config, out_dir: Path, data: LongTailData,
     ensure_training_features(classifier_dir, data, cfg.evaluate)
     missing = missing_support(classifier_dir, data, needs, s.hardness_covariance)
     if missing:
-        # Placed like one prediction actor, which the capacity check has found room for.
-        task = ray.remote(fit_missing_support).options(num_cpus=cfg.evaluate.pool.cpus)
+        task = ray.remote(fit_missing_support).options(**support_task_options(cfg))
         report_support(classifier_dir, ray.get(task.remote(
             classifier_dir, SupportShape.of(data), s.epistemic_heads, cfg.seed,
             s.hardness_covariance, missing)))
     return classifier_dir
+
+
+def support_task_options(cfg: Config) -> dict[str, float]:
+    """The Ray task that fits the statistics and heads is placed like one prediction actor
+    (``evaluate.cpus_per_actor``, ``evaluate.gpus_per_actor``), which the capacity check has
+    found room for: on a GPU cluster the heads train on a GPU, not on the head node's CPU."""
+    pool = cfg.evaluate.pool
+    return {"num_cpus": pool.cpus, "num_gpus": pool.gpus}
 
 
 def _statistics(session: Session) -> Path:

@@ -278,7 +278,7 @@ def test_only_the_support_a_criterion_needs_is_fitted_and_a_later_need_fits_it(t
     whose criteria do not use it never fits it; a rerun that adds total_uncertainty does."""
     from ray_lt.config import load_config
     from ray_lt.generate.statistics import missing_support, support_pieces
-    from ray_lt.pipeline import scoring_criteria
+    from ray_lt.pipeline import scoring_criteria, support_task_options
 
     features, labels = _data(n=200)
     _write_features(tmp_path, features, labels)
@@ -305,3 +305,8 @@ def test_only_the_support_a_criterion_needs_is_fitted_and_a_later_need_fits_it(t
     assert scoring_criteria(cfg) == {"entropy"}
     grid = load_config("configs/digits_lt.yaml", ["synthesis.criteria={entropy: 1.0}"])
     assert scoring_criteria(grid) == {"entropy", "loss", "hardness", "total_uncertainty"}
+    # The fits run as a Ray task placed like one prediction actor: a GPU where a config
+    # gives the prediction actors one, so the heads do not train on the head node's CPU.
+    assert support_task_options(cfg) == {"num_cpus": 0.5, "num_gpus": 0.0}
+    imagenet = load_config("configs/imagenet_lt.yaml", ["evaluate.cpus_per_actor=2"])
+    assert support_task_options(imagenet) == {"num_cpus": 2.0, "num_gpus": 0.25}

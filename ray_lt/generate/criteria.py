@@ -351,12 +351,15 @@ def _minibatches(batches: Batches, k: int, seed: int, batch_size: int, buffer_ro
 def fit_epistemic_head_streamed(batches: Batches, num_classes: int, k: int = 5,
                                 epochs: int = 30, lr: float = 1e-2, seed: int = 0,
                                 batch_size: int = 256, buffer_rows: int = 16384,
-                                bootstrap: bool = True) -> EpistemicHead:
-    """Train K linear heads with cross-entropy (Adam, CPU), each from its own random
+                                bootstrap: bool = True,
+                                device: str | torch.device = "cpu") -> EpistemicHead:
+    """Train K linear heads with cross-entropy (Adam on ``device``), each from its own random
     initialisation on its own bootstrap of the rows (loss ``sum_i w_ki CE_ki``, weights from
     ``bootstrap_weights``; every w = 1 without ``bootstrap``: the context head, K = 1); each
-    epoch streams the batches through a seeded shuffle buffer. Deterministic given ``seed``
-    and the order of the batches."""
+    epoch streams the batches through a seeded shuffle buffer. The initialisation, shuffles
+    and weights are drawn on the CPU, so given ``seed`` and the order of the batches the fit is
+    deterministic on each device (a GPU's float sums differ from the CPU's in the last bits).
+    Returns the head on the CPU."""
     first = next(iter(batches()), None)
     if first is None:
         raise ValueError("epistemic head: no training samples")
@@ -367,16 +370,18 @@ def fit_epistemic_head_streamed(batches: Batches, num_classes: int, k: int = 5,
     with torch.no_grad():
         head.weight.uniform_(-bound, bound, generator=gen)
         head.bias.uniform_(-bound, bound, generator=gen)
+    head.to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(epochs):
         for x, y, w in _minibatches(batches, k, seed, batch_size, buffer_rows, gen, bootstrap):
+            x, y, w = x.to(device), y.to(device), w.to(device)
             logits = head(x)
             ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(k), reduction="none")
             step_loss = (ce.view(k, -1) * w.T).sum() / ce.numel()
             optimizer.zero_grad()
             step_loss.backward()
             optimizer.step()
-    return head.requires_grad_(False)
+    return head.cpu().requires_grad_(False)
 
 
 def fit_epistemic_head(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int = 5,

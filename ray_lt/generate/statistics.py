@@ -196,24 +196,26 @@ def report_support(classifier_dir: Path, fitted: dict[str, float | None]) -> Non
 def fit_missing_support(classifier_dir: Path, shape: SupportShape, heads: int, seed: int,
                         covariance: Covariance, missing: set[str]) -> dict[str, float | None]:
     """Fit the ``missing`` pieces from the feature files beside the classifier (no Ray: the
-    pipeline runs this as a Ray task on the cluster); returns what it fitted (for the context
-    head, the share of training contexts it reads from the embedding)."""
+    pipeline runs this as a Ray task on the cluster); the heads train on the task's GPU where
+    it was given one. Returns what it fitted (for the context head, the share of training
+    contexts it reads from the embedding)."""
     classifier_dir = Path(classifier_dir)
     batches = feature_batches(classifier_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     fitted: dict[str, float | None] = {}
     if "statistics" in missing:
         fit_class_statistics_streamed(batches, shape.num_classes, covariance).save(
             classifier_dir / STATISTICS_FILE)
         fitted["statistics"] = None
     if "epistemic_head" in missing:
-        fit_epistemic_head_streamed(batches, shape.num_classes, k=heads, seed=seed).save(
-            classifier_dir / HEAD_FILE)
+        fit_epistemic_head_streamed(batches, shape.num_classes, k=heads, seed=seed,
+                                    device=device).save(classifier_dir / HEAD_FILE)
         fitted["epistemic_head"] = None
     contexts = len(shape.context_names) if shape.num_groups else 0
     if contexts and "context_head" in missing:
         by_context = feature_batches(classifier_dir, contexts=contexts)
         head = fit_epistemic_head_streamed(by_context, contexts, k=1, seed=seed,
-                                           bootstrap=False)
+                                           bootstrap=False, device=device)
         head.save(classifier_dir / CONTEXT_HEAD_FILE)
         right = seen = 0
         with torch.no_grad():

@@ -500,10 +500,12 @@ def suite_phases(scale: str, compiled: bool, small: int | None = None
     return phases
 
 
-def run_suite(parts: Parts, args: argparse.Namespace, report: dict[str, Any]) -> list[Result]:
-    """Every setting of ``suite_phases`` in order, one line each as it finishes, the JSON
-    rewritten after each, so a run stopped from outside keeps what it measured. A setting is
-    not started once ``--budget-s`` has passed; it is listed under ``skipped``."""
+def run_suite(parts: Parts, args: argparse.Namespace, report: dict[str, Any],
+              size: int | None = None) -> list[Result]:
+    """Every setting of ``suite_phases`` in order (at ``size`` px and 1.5 x, default the
+    model's native size), one line each as it finishes, the JSON rewritten after each, so a
+    run stopped from outside keeps what it measured. A setting is not started once
+    ``--budget-s`` has passed; it is listed under ``skipped``."""
     if args.compile_static:
         # one static graph per batch size, as an actor with a fixed batch size compiles
         torch._dynamo.config.automatic_dynamic_shapes = False
@@ -513,7 +515,7 @@ def run_suite(parts: Parts, args: argparse.Namespace, report: dict[str, Any]) ->
     generators: dict[tuple, LatentDiffusion] = {}
     results: list[Result] = []
     report["skipped"], report["results"] = [], []
-    native = MODELS[parts.model].size if parts.scale == "full" else None
+    native = size or (MODELS[parts.model].size if parts.scale == "full" else None)
     for phase, settings in suite_phases(parts.scale, not args.no_compile, native):
         for setting in settings:
             elapsed = time.perf_counter() - started
@@ -563,7 +565,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--suite", action="store_true",
                         help="the settings of docs/performance.md, most wanted first "
-                             "(ignores --sizes, --batches, --decoders, --micro-batch)")
+                             "(ignores --batches, --decoders, --micro-batch; --sizes S: the "
+                             "suite at S and 1.5 x S px instead of the model's native size)")
     parser.add_argument("--no-compile", action="store_true",
                         help="--suite without its compiled settings")
     parser.add_argument("--compile-static", action="store_true",
@@ -575,6 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scale_name = "full" if args.full or (device.type == "cuda" and not args.tiny) else "tiny"
     # tiny: 64 px through a VAE of factor 2 -> a 32 x 32 latent; the classifier sees 32 px
+    suite_size = args.sizes[0] if args.suite and args.sizes else None
     args.sizes = args.sizes or ([MODELS[args.model].size] if scale_name == "full" else [64])
     args.batches = args.batches or ([8, 16] if scale_name == "full" else [4])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -594,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "steps": args.steps,
                               "parameters_millions": millions}
     if args.suite:
-        return finish_suite(parts, args, report, run_suite(parts, args, report))
+        return finish_suite(parts, args, report, run_suite(parts, args, report, suite_size))
     flops: dict[tuple, float] = {}
     results = with_ratios([measure(parts, s, args.steps, args.repeats, flops)
                            for s in settings_for(args)])

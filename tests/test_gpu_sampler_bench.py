@@ -12,13 +12,15 @@ import pytest
 import torch
 from conftest import ROOT, load_bench
 
-# The smallest setting the tests below use: one DDIM step, one timed batch of two.
-MINIMAL = ["--tiny", "--steps", "1", "--repeats", "1", "--batches", "2"]
+# The smallest setting the tests below use: one DDIM step, one timed batch of two, 32 px
+# (half the tiny parts' default size).
+MINIMAL = ["--tiny", "--steps", "1", "--repeats", "1", "--batches", "2", "--sizes", "32"]
 
 
 def test_bench_reports_speed_ratios_and_flops(tmp_path, capsys):
     bench = load_bench("gpu_sampler")
-    report = bench.main(["--tiny", "--steps", "5", "--repeats", "1", "--batches", "2",
+    # at the tiny parts' 64 px: at 32 the quarter-size decode rounds to no FLOPs
+    report = bench.main(["--tiny", "--steps", "1", "--repeats", "1", "--batches", "2",
                          "--decoders", "vae", "latent_resize", "--micro-batch", "1",
                          "--one-by-one", "--json", str(tmp_path / "out.json")])
     printed = capsys.readouterr().out
@@ -74,12 +76,15 @@ def test_full_shapes_have_the_published_parameter_counts():
 def test_suite_runs_its_settings_in_order_and_keeps_them_in_the_json(tmp_path, capsys):
     bench = load_bench("gpu_sampler")
     out = tmp_path / "suite.json"
+    # at half the tiny parts' size (32 and 48 px), which the suite takes from --sizes
     report = bench.main(["--tiny", "--suite", "--no-compile", "--steps", "1", "--repeats", "1",
-                         "--json", str(out)])
-    expected = [(s.size, s.batch, s.name) for _, settings in bench.suite_phases("tiny", False)
+                         "--sizes", "32", "--json", str(out)])
+    expected = [(s.size, s.batch, s.name) for _, settings in bench.suite_phases("tiny", False, 32)
                 for s in settings]
     assert [(r["size"], r["batch"], r["name"]) for r in report["results"]] == expected
-    assert expected[:2] == [(64, 2, "unguided"), (64, 2, "guided k=5 (vae, micro-batch 1)")]
+    assert expected[:2] == [(32, 2, "unguided"), (32, 2, "guided k=5 (vae, micro-batch 1)")]
+    assert {size for size, _, _ in expected} == {32, 48}
+    assert [s.size for s in bench.suite_phases("tiny", False)[0][1]] == [64] * 4  # default
     assert not any(r["out_of_memory"] or r["compiled"] for r in report["results"])
     assert report["skipped"] == []
     assert set(report["batched_vs_one"]) == {"2", "4"}
@@ -88,7 +93,7 @@ def test_suite_runs_its_settings_in_order_and_keeps_them_in_the_json(tmp_path, c
     assert "[eager, " in printed and "unguided batch 4 vs one by one" in printed
     # a spent budget starts nothing more and names what it left out
     bench.main(["--tiny", "--suite", "--no-compile", "--steps", "1", "--repeats", "1",
-                "--budget-s", "0", "--json", str(out)])
+                "--sizes", "32", "--budget-s", "0", "--json", str(out)])
     left = json.loads(out.read_text())
     assert len(left["skipped"]) == len(expected) and left["results"] == []
 
